@@ -1,0 +1,1 @@
+"""doconv.mxnet: placeholder until the mxnet backend lands."""

@@ -1,0 +1,1 @@
+"""doconv.tf: placeholder until the tf backend lands."""

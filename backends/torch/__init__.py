@@ -1,0 +1,1 @@
+"""doconv.torch: placeholder until the torch backend lands."""

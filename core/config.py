@@ -1,0 +1,297 @@
+"""The validated hyper-parameters of one DO-Conv layer, and the arithmetic of its shapes.
+
+Paper symbols and the names used here (NCHW world):
+
+==============  =====================  ==========================================
+paper           here                   meaning
+==============  =====================  ==========================================
+C_in            ``in_channels``        input channels
+C_out           ``out_channels``       output channels (``filters``/``channels``)
+M x N           ``kernel_size``        spatial size of the kernel / the patch
+M*N             ``MN``                 patch length, ``m = i*N + j``
+D_mul           ``D_mul`` (``S``)      depth multiplier of D, ``S >= MN``
+--              ``groups`` (``g``)     1: DO-Conv, C_in: DO-DConv, else DO-GConv
+==============  =====================  ==========================================
+
+Every check raises ``ValueError``/``TypeError`` whose message names the argument, what is
+allowed, and the value received (the PyTorch ``_ConvNd`` / Keras ``standardize_tuple`` rule).
+The same shape arithmetic (:meth:`DOConvConfig.pads`, :meth:`DOConvConfig.output_shape`) serves
+validation, the reference convolution and the cost model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Literal, Sequence, Tuple, Union
+
+Pair = Tuple[int, int]
+Pads = Tuple[Pair, Pair]  # ((top, bottom), (left, right))
+PaddingSpec = Union[Literal["same", "valid"], Pads]
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+PADDING_STRINGS = ("same", "valid")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def standardize_pair(value: Any, name: str, *, minimum: int = 1) -> Pair:
+    """Return ``(a, b)`` from an int or a length-2 sequence of ints, each ``>= minimum``.
+
+    >>> standardize_pair(3, "kernel_size")
+    (3, 3)
+    >>> standardize_pair((3, 1), "kernel_size")
+    (3, 1)
+    """
+    if _is_int(value):
+        items = (int(value), int(value))
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, but got {name}={value!r} "
+                             f"of length {len(value)}")
+        if not all(_is_int(v) for v in value):
+            raise TypeError(f"{name} must be an int or a pair of ints, but got {name}={value!r}")
+        items = (int(value[0]), int(value[1]))
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, but got {name}={value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, but got {name}={value!r}")
+    return items
+
+
+def standardize_padding(value: Any) -> PaddingSpec:
+    """Normalise every padding form to ``'same'``, ``'valid'`` or per-side ``((top, bottom), (left, right))``.
+
+    Accepted: an int (all sides), a pair ``(h, w)`` (symmetric per axis, as ``nn.Conv2d``),
+    per-side pairs ``((top, bottom), (left, right))``, or the strings ``'same'``/``'valid'``
+    (case-insensitive).
+    """
+    if isinstance(value, str):
+        lowered = value.lower()
+        if lowered not in PADDING_STRINGS:
+            raise ValueError(f"padding must be one of {PADDING_STRINGS}, an int, a pair or "
+                             f"((top, bottom), (left, right)), but got padding={value!r}")
+        return lowered  # type: ignore[return-value]
+    if _is_int(value) or (isinstance(value, Sequence) and all(_is_int(v) for v in value)):
+        h, w = standardize_pair(value, "padding", minimum=0)
+        return ((h, h), (w, w))
+    if isinstance(value, Sequence) and len(value) == 2:
+        sides = tuple(standardize_pair(v, "padding", minimum=0) for v in value)
+        return sides  # type: ignore[return-value]
+    raise TypeError(f"padding must be 'same', 'valid', an int, a pair or ((top, bottom), (left, right)), "
+                    f"but got padding={value!r}")
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int) -> Pair:
+    """TensorFlow's SAME rule for one axis: output ``ceil(size/stride)``, the odd pixel at the end.
+
+    ``total = max((out - 1)*stride + dilation*(kernel - 1) + 1 - size, 0)``, split as
+    ``(total // 2, total - total // 2)``. At stride 1 this is PyTorch's ``padding='same'`` too.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+    return (total // 2, total - total // 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DOConvConfig:
+    """Validated configuration of a DO-Conv / DO-DConv / DO-GConv layer.
+
+    Arguments follow ``torch.nn.Conv2d`` plus ``D_mul`` (paper: D_mul, here also ``S``), which
+    defaults to ``M*N``. ``D_mul < M*N`` is refused (Section 3: the composite could then not
+    express every conventional kernel) unless ``depthwise_separable=True`` opts in to the
+    depthwise-separable mode of the end of Section 3. A 1x1 kernel has no D (Section 4: "DO-Conv
+    is not applied"), so ``D_mul`` must be 1 or None there.
+
+    Canonical shapes (see :mod:`doconv.compose`)::
+
+        W         (C_out, C_in/g, S)       paper W in R^{C_out x D_mul x C_in}
+        D         (C_in, MN, S)            paper D in R^{(MxN) x D_mul x C_in}
+        kernel W' (C_out, C_in/g, M, N)    OIHW, m = i*N + j
+        bias      (C_out,)
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: Pair
+    stride: Pair = (1, 1)
+    padding: PaddingSpec = ((0, 0), (0, 0))
+    dilation: Pair = (1, 1)
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+    D_mul: int = None  # type: ignore[assignment]  # resolved to M*N in __post_init__
+    depthwise_separable: bool = False
+
+    def __post_init__(self) -> None:
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        for name in ("in_channels", "out_channels", "groups"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise TypeError(f"{name} must be a positive int, but got {name}={value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be a positive int, but got {name}={value!r}")
+            put(name, int(value))
+        put("kernel_size", standardize_pair(self.kernel_size, "kernel_size"))
+        put("stride", standardize_pair(self.stride, "stride"))
+        put("dilation", standardize_pair(self.dilation, "dilation"))
+        put("padding", standardize_padding(self.padding))
+        for name in ("in_channels", "out_channels"):
+            if getattr(self, name) % self.groups:
+                raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(self, name)} "
+                                 f"and groups={self.groups}")
+        if not isinstance(self.bias, (bool, numbers.Integral)) or self.bias not in (0, 1):
+            raise TypeError(f"bias must be True or False, but got bias={self.bias!r}")
+        put("bias", bool(self.bias))
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {set(PADDING_MODES)}, "
+                             f"but got padding_mode={self.padding_mode!r}")
+        if not isinstance(self.depthwise_separable, bool):
+            raise TypeError(f"depthwise_separable must be True or False, "
+                            f"but got depthwise_separable={self.depthwise_separable!r}")
+        put("D_mul", self._resolve_D_mul(self.D_mul))
+
+    def _resolve_D_mul(self, value: Any) -> int:
+        mn = self.MN
+        if value is None:
+            return mn
+        if not _is_int(value) or value < 1:
+            raise (TypeError if not _is_int(value) else ValueError)(
+                f"D_mul must be a positive int or None (meaning M*N={mn}), but got D_mul={value!r}")
+        value = int(value)
+        if mn == 1 and value != 1:
+            raise ValueError(f"D_mul must be 1 or None for a 1x1 kernel, which has no spatial patch to "
+                             f"over-parameterize (paper Section 4), but got D_mul={value} with "
+                             f"kernel_size={self.kernel_size}")
+        if value < mn and not self.depthwise_separable:
+            raise ValueError(
+                f"D_mul must be >= M*N = {mn} for kernel_size={self.kernel_size}, but got D_mul={value}: "
+                f"with fewer columns, W' = D^T W has rank <= {value} per input channel and cannot express "
+                f"every conventional kernel (paper Section 3). Pass depthwise_separable=True to train a "
+                f"depthwise-separable layer by kernel composition on purpose.")
+        return value
+
+    # ---- derived sizes ------------------------------------------------------------------
+    @property
+    def MN(self) -> int:
+        """Patch length M*N."""
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def S(self) -> int:
+        """Alias of ``D_mul`` (the paper's depth multiplier), as in the shape formulas."""
+        return self.D_mul
+
+    @property
+    def in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def has_D(self) -> bool:
+        """False for 1x1 kernels: no D, and W' is W."""
+        return self.MN > 1
+
+    @property
+    def kind(self) -> str:
+        if self.groups == 1:
+            return "DO-Conv"
+        if self.groups == self.in_channels:
+            return "DO-DConv"
+        return "DO-GConv"
+
+    @property
+    def W_shape(self) -> Tuple[int, int, int]:
+        return (self.out_channels, self.in_per_group, self.D_mul)
+
+    @property
+    def D_shape(self) -> Tuple[int, int, int] | None:
+        return (self.in_channels, self.MN, self.D_mul) if self.has_D else None
+
+    @property
+    def kernel_shape(self) -> Tuple[int, int, int, int]:
+        return (self.out_channels, self.in_per_group, *self.kernel_size)
+
+    @property
+    def bias_shape(self) -> Tuple[int] | None:
+        return (self.out_channels,) if self.bias else None
+
+    # ---- geometry -----------------------------------------------------------------------
+    def pads(self, height: int, width: int) -> Pads:
+        """Per-side padding ``((top, bottom), (left, right))`` for an input of this size."""
+        if self.padding == "valid":
+            return ((0, 0), (0, 0))
+        if self.padding == "same":
+            return tuple(same_pads(size, k, s, d) for size, k, s, d in  # type: ignore[return-value]
+                         zip((height, width), self.kernel_size, self.stride, self.dilation))
+        return self.padding  # type: ignore[return-value]
+
+    def output_shape(self, input_shape: Sequence[int]) -> Tuple[int, int, int, int]:
+        """``(batch, C_out, H_out, W_out)`` for an NCHW input shape; ValueError if it cannot be convolved."""
+        if len(input_shape) != 4:
+            raise ValueError(f"input must be 4-D (N, C, H, W), but got input shape {tuple(input_shape)}")
+        batch, channels, height, width = (int(v) for v in input_shape)
+        if channels != self.in_channels:
+            raise ValueError(f"input has {channels} channels but in_channels={self.in_channels} "
+                             f"(input shape {tuple(input_shape)})")
+        out = []
+        for size, (lo, hi), k, s, d, axis in zip((height, width), self.pads(height, width), self.kernel_size,
+                                                 self.stride, self.dilation, ("height", "width")):
+            span = d * (k - 1) + 1
+            if size + lo + hi < span:
+                raise ValueError(f"input {axis} {size} padded by ({lo}, {hi}) is smaller than the dilated "
+                                 f"kernel extent {span} (kernel_size={self.kernel_size}, "
+                                 f"dilation={self.dilation}); input shape {tuple(input_shape)}")
+            if self.padding_mode == "reflect" and max(lo, hi) >= size:
+                raise ValueError(f"padding_mode='reflect' needs each pad < the input {axis} {size}, but got "
+                                 f"pads ({lo}, {hi})")
+            out.append((size + lo + hi - span) // s + 1)
+        return (batch, self.out_channels, out[0], out[1])
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-ready dict; ``DOConvConfig.from_dict(c.to_dict()) == c``."""
+        out = dataclasses.asdict(self)
+        for key in ("kernel_size", "stride", "dilation"):
+            out[key] = list(out[key])
+        if not isinstance(self.padding, str):
+            out["padding"] = [list(p) for p in self.padding]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DOConvConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"a layer config must be a dict, but got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
+        missing = sorted({"in_channels", "out_channels", "kernel_size"} - set(data))
+        if missing:
+            raise ValueError(f"config is missing required field(s) {missing}")
+        return cls(**data)
+
+    def fan_in(self) -> int:
+        """Fan-in of the composed kernel W' (C_in/g * M * N), as for the conventional layer."""
+        return self.in_per_group * self.MN
+
+    def __repr__(self) -> str:  # compact, non-default fields only (nn.Conv2d.extra_repr style)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults.update(D_mul=self.MN, padding=((0, 0), (0, 0)))
+        shown = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
+        for f in dataclasses.fields(self)[3:]:
+            value = getattr(self, f.name)
+            if value != defaults[f.name]:
+                shown.append(f"{f.name}={value!r}")
+        return f"DOConvConfig({', '.join(shown)})"
+
+
+def kaiming_bound(fan_in: int) -> float:
+    """PyTorch's default conv init bound: ``kaiming_uniform_(a=sqrt(5))`` is ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    return 1.0 / math.sqrt(fan_in)

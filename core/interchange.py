@@ -1,0 +1,121 @@
+"""The canonical interchange file: a whole model's DO-Conv layers, readable without any framework.
+
+A ``safetensors`` file (no pickle anywhere). For a layer named ``name`` (a PyTorch module path, a
+Keras layer name, a Gluon block name) the tensors are ``name.W``, ``name.D`` (the *full* D, in the
+canonical layout and the paper's pairing) and ``name.bias``; absent ones are simply not stored.
+The header's metadata holds one JSON document under the key ``"doconv"``::
+
+    {"format": "doconv-interchange", "version": 1, "pairing": "paper",
+     "layers": {name: DOConvConfig.to_dict(), ...}}
+
+Writing is atomic (a temporary file renamed over the target), so a crash never leaves half a file.
+Reading checks everything and raises ``ValueError`` naming the layer and the problem: an unknown
+version or field, a missing or unexpected tensor, a wrong shape, a damaged or truncated file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+
+from .compose import DOConvParams
+from .config import DOConvConfig
+
+FORMAT = "doconv-interchange"
+VERSION = 1
+HEADER_KEYS = {"format", "version", "pairing", "layers"}
+TENSORS = ("W", "D", "bias")
+
+Layers = Mapping[str, Tuple[DOConvConfig, DOConvParams]]
+
+
+def save(path, layers: Layers) -> None:
+    """Write ``{name: (config, params)}`` to ``path`` (shapes are checked against each config first)."""
+    from safetensors.numpy import save_file
+
+    tensors: Dict[str, np.ndarray] = {}
+    configs = {}
+    for name, (config, params) in layers.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"layer names must be non-empty strings, but got {name!r}")
+        if not isinstance(config, DOConvConfig) or not isinstance(params, DOConvParams):
+            raise TypeError(f"layer {name!r}: expected (DOConvConfig, DOConvParams), "
+                            f"but got ({type(config).__name__}, {type(params).__name__})")
+        params.check(config, where=f"layer {name!r}")
+        configs[name] = config.to_dict()
+        for key in TENSORS:
+            value = getattr(params, key)
+            if value is not None:
+                tensors[f"{name}.{key}"] = np.ascontiguousarray(value)
+    header = {"format": FORMAT, "version": VERSION, "pairing": "paper", "layers": configs}
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".doconv-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"doconv": json.dumps(header)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
+    """Read a file written by :func:`save`: ``{name: (config, params)}`` in canonical layout."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    where = f"interchange file {path!r}"
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for damaged headers/bodies
+        raise ValueError(f"{where} is damaged or not a safetensors file: {err}") from None
+    if "doconv" not in metadata:
+        raise ValueError(f"{where} has no 'doconv' metadata: not a DO-Conv interchange file")
+    try:
+        header = json.loads(metadata["doconv"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: its 'doconv' metadata is not valid JSON ({err})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{where}: format must be {FORMAT!r}, but got {header.get('format') if isinstance(header, dict) else header!r}")
+    unknown = sorted(set(header) - HEADER_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown header field(s) {unknown}; known: {sorted(HEADER_KEYS)}")
+    if header.get("version") != VERSION:
+        raise ValueError(f"{where}: unknown format version {header.get('version')!r}; this doconv reads version {VERSION}")
+    if header.get("pairing") != "paper":
+        raise ValueError(f"{where}: unknown pairing {header.get('pairing')!r}; expected 'paper'")
+    layers = header.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{where}: 'layers' must map layer names to configs")
+    out = {}
+    used = set()
+    for name, config_dict in layers.items():
+        try:
+            config = DOConvConfig.from_dict(config_dict)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}, layer {name!r}: bad config: {err}") from None
+        arrays = {}
+        for key, shape in (("W", config.W_shape), ("D", config.D_shape), ("bias", config.bias_shape)):
+            full = f"{name}.{key}"
+            if shape is None:
+                continue
+            if full not in tensors:
+                raise ValueError(f"{where}, layer {name!r}: tensor {key!r} is missing (expected shape {shape})")
+            if tensors[full].shape != tuple(shape):
+                raise ValueError(f"{where}, layer {name!r}: tensor {key!r} has shape {tensors[full].shape}, "
+                                 f"expected {tuple(shape)} for {config!r}")
+            arrays[key] = tensors[full]
+            used.add(full)
+        out[name] = (config, DOConvParams(arrays["W"], arrays.get("D"), arrays.get("bias")))
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"{where}: tensor(s) {extra} belong to no layer in the header")
+    return out

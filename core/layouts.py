@@ -1,0 +1,174 @@
+"""Pure NumPy converters between the canonical layout and the frameworks' and official code's layouts.
+
+Canonical (see :mod:`doconv.compose`): W ``(C_out, C_in/g, S)``, full D ``(C_in, MN, S)``, kernels
+OIHW ``(C_out, C_in/g, M, N)``, inputs NCHW.
+
+=====================  ====================================  =====================================
+where                  kernel / input                        DO-Conv parameters
+=====================  ====================================  =====================================
+PyTorch, Gluon         OIHW, NCHW (canonical)                our backends: W, delta D' = D - I_fill
+Keras Conv2D           HWIO ``(M, N, C_in/g, C_out)``, NHWC  (``channels_first`` is NCHW)
+Keras DepthwiseConv2D  ``(M, N, C_in, mult)``                output channel ``c*mult + k``
+official PyTorch       --                                    ``W (C_out, C_in/g, S)``, delta
+                                                             ``D (C_in, MN, S)``, ``d_diag`` = I_fill
+official TensorFlow    --                                    ``kernel (S, C_in/g, C_out)``, delta
+                                                             ``D (MN, S, C_in)``
+official GluonCV       --                                    conv ``weight (C_out, C_in/g, M, N)``
+                                                             as W with S = MN, delta ``D (MN, MN, C_in)``
+=====================  ====================================  =====================================
+
+The official layers pair D channels with W rows differently from the paper when ``1 < groups``
+(:func:`doconv.compose.pairing_index`). :func:`to_paper_pairing` moves their D slices to the
+paper's pairing, which reproduces their composed kernel exactly whenever every paper channel is
+served by a single official D slice: always for the TensorFlow/GluonCV pairing, and for the
+PyTorch pairing when ``groups == 1`` or ``C_out/groups == 1``. Otherwise (official PyTorch
+DO-GConv, and DO-DConv with a channel multiplier > 1) no D in the paper's pairing gives the same
+layer; ``refold=True`` then imports the official composed kernel W' itself (W = W' padded with
+zero columns, D = I_fill): identical outputs, but the split of W' into D and W is reset.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import numpy as np
+
+from .compose import DOConvParams, compose, identity_D, identity_fill, pairing_index, params_for_kernel
+from .config import DOConvConfig
+
+# ---- framework kernels and inputs ---------------------------------------------------------
+
+
+def oihw_to_hwio(kernel: np.ndarray) -> np.ndarray:
+    """PyTorch/Gluon OIHW kernel -> Keras Conv2D HWIO kernel."""
+    return np.ascontiguousarray(np.asarray(kernel).transpose(2, 3, 1, 0))
+
+
+def hwio_to_oihw(kernel: np.ndarray) -> np.ndarray:
+    """Keras Conv2D HWIO kernel -> OIHW."""
+    return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))
+
+
+def depthwise_hwcm_to_oihw(kernel: np.ndarray) -> np.ndarray:
+    """Keras DepthwiseConv2D kernel ``(M, N, C_in, mult)`` -> grouped OIHW ``(C_in*mult, 1, M, N)``."""
+    m, n, cin, mult = np.shape(kernel)
+    return np.ascontiguousarray(np.asarray(kernel).transpose(2, 3, 0, 1)).reshape(cin * mult, 1, m, n)
+
+
+def oihw_to_depthwise_hwcm(kernel: np.ndarray, in_channels: int) -> np.ndarray:
+    """Grouped OIHW ``(C_in*mult, 1, M, N)`` -> Keras DepthwiseConv2D ``(M, N, C_in, mult)``."""
+    cout, _, m, n = np.shape(kernel)
+    return np.ascontiguousarray(np.asarray(kernel).reshape(in_channels, cout // in_channels, m, n)
+                                .transpose(2, 3, 0, 1))
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+
+
+# ---- the trainable delta D' = D - I_fill ---------------------------------------------------
+
+def D_to_delta(D: Optional[np.ndarray], config: DOConvConfig) -> Optional[np.ndarray]:
+    """The trainable delta D' that backends store (zeros at identity init)."""
+    return None if D is None else np.asarray(D) - identity_fill(config.MN, config.S, np.asarray(D).dtype)
+
+
+def delta_to_D(delta: Optional[np.ndarray], config: DOConvConfig) -> Optional[np.ndarray]:
+    """The full D from a stored delta D'."""
+    return None if delta is None else np.asarray(delta) + identity_fill(config.MN, config.S, np.asarray(delta).dtype)
+
+
+# ---- official checkpoints ----------------------------------------------------------------
+
+OFFICIAL_FLAVOURS = ("torch", "tf", "gluon")
+
+
+def official_shapes(config: DOConvConfig, flavour: str) -> dict:
+    """Shapes of the official layer's arrays for this config (keys as in its checkpoints)."""
+    mn, s, cin, cin_g, cout = config.MN, config.S, config.in_channels, config.in_per_group, config.out_channels
+    if flavour == "torch":
+        shapes = {"W": (cout, cin_g, s), "D": (cin, mn, s), "d_diag": (cin, mn, s)}
+    elif flavour == "tf":
+        shapes = {"kernel": (s, cin_g, cout), "D": (mn, s, cin)}
+    elif flavour == "gluon":
+        if s != mn:
+            raise ValueError(f"the official GluonCV layer supports only D_mul = M*N = {mn}, but got D_mul={s}")
+        shapes = {"weight": config.kernel_shape, "D": (mn, mn, cin)}
+    else:
+        raise ValueError(f"flavour must be one of {OFFICIAL_FLAVOURS}, but got flavour={flavour!r}")
+    if not config.has_D:
+        shapes.pop("D"), shapes.pop("d_diag", None)
+    if config.bias:
+        shapes["bias"] = (cout,)
+    return shapes
+
+
+def _checked(arrays: Mapping[str, np.ndarray], shapes: dict, flavour: str) -> dict:
+    optional = {"d_diag"}
+    out = {}
+    for key, shape in shapes.items():
+        if key not in arrays:
+            if key in optional:
+                continue
+            raise ValueError(f"official {flavour} checkpoint is missing {key!r} (expected shape {shape}); "
+                             f"it has {sorted(arrays)}")
+        value = np.asarray(arrays[key])
+        if value.shape != tuple(shape):
+            raise ValueError(f"official {flavour} checkpoint: {key!r} has shape {value.shape}, expected {shape}")
+        out[key] = value
+    extra = sorted(set(arrays) - set(shapes))
+    if extra:
+        raise ValueError(f"official {flavour} checkpoint has unexpected entries {extra} for this config "
+                         f"(expected {sorted(shapes)})")
+    return out
+
+
+def official_params(arrays: Mapping[str, np.ndarray], config: DOConvConfig, flavour: str) -> DOConvParams:
+    """The official arrays in canonical layout, *still in the official pairing* (see :func:`to_paper_pairing`)."""
+    a = _checked(arrays, official_shapes(config, flavour), flavour)
+    bias = a.get("bias")
+    if flavour == "torch":
+        W = a["W"]
+        D = None if not config.has_D else a["D"] + (a["d_diag"] if "d_diag" in a else identity_D(config, a["D"].dtype))
+    elif flavour == "tf":
+        W = np.ascontiguousarray(a["kernel"].transpose(2, 1, 0))
+        D = None if not config.has_D else delta_to_D(a["D"].transpose(2, 0, 1), config)
+    else:
+        W = a["weight"].reshape(config.W_shape)
+        D = None if not config.has_D else delta_to_D(a["D"].transpose(2, 0, 1), config)
+    return DOConvParams(W, None if D is None else np.ascontiguousarray(D), bias)
+
+
+def to_paper_pairing(params: DOConvParams, config: DOConvConfig, pairing, *, refold: bool = False) -> DOConvParams:
+    """Re-express parameters composed in another ``pairing`` in the paper's, with the same W'.
+
+    Paper channel ``q`` must take the D slice of the official channel that serves every row
+    ``(o, c)`` with paper index ``q``; if two rows with the same ``q`` use different official
+    slices, no paper-pairing D exists and this raises, unless ``refold=True`` (see module doc).
+    """
+    if params.D is None:
+        return params
+    paper = pairing_index(config, "paper").ravel()
+    theirs = pairing_index(config, pairing).ravel()
+    source = np.empty(config.in_channels, dtype=np.int64)
+    source[paper] = theirs  # the last write wins; checked below
+    if np.array_equal(source[paper], theirs):
+        return DOConvParams(params.W, np.ascontiguousarray(params.D[source]), params.bias)
+    if refold:
+        return params_for_kernel(compose(params, config, pairing=pairing), config, params.bias)
+    raise ValueError(
+        f"pairing={pairing!r} cannot be expressed in the paper's pairing for {config!r}: rows of W that read the "
+        f"same input channel use different D slices there. Pass refold=True to import the composed kernel W' "
+        f"exactly (W = W', D = identity: same outputs, the D/W split is reset).")
+
+
+def from_official(arrays: Mapping[str, np.ndarray], config: DOConvConfig, flavour: str, *,
+                  refold: bool = False) -> DOConvParams:
+    """Import an official layer's arrays (``flavour`` in torch/tf/gluon) with the exact same composed kernel."""
+    pairing = {"torch": "official-torch", "tf": "official-tf", "gluon": "official-gluon"}[flavour] \
+        if flavour in OFFICIAL_FLAVOURS else flavour
+    return to_paper_pairing(official_params(arrays, config, flavour), config, pairing, refold=refold)

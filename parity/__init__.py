@@ -1,0 +1,1 @@
+"""doconv.parity: the cross-framework parity harness (placeholder until it lands)."""
