@@ -79,8 +79,11 @@ def standardize_padding(value: Any) -> PaddingSpec:
         h, w = standardize_pair(value, "padding", minimum=0)
         return ((h, h), (w, w))
     if isinstance(value, Sequence) and len(value) == 2:
-        sides = tuple(standardize_pair(v, "padding", minimum=0) for v in value)
-        return sides  # type: ignore[return-value]
+        try:
+            return tuple(standardize_pair(v, "padding", minimum=0) for v in value)  # type: ignore[return-value]
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"padding as ((top, bottom), (left, right)) needs two pairs of ints >= 0, "
+                            f"but got padding={value!r}") from None
     raise TypeError(f"padding must be 'same', 'valid', an int, a pair or ((top, bottom), (left, right)), "
                     f"but got padding={value!r}")
 

@@ -1,0 +1,10 @@
+"""Fixtures for the core tests."""
+
+import pytest
+
+from doconv.cases import CASES
+
+
+@pytest.fixture(params=CASES, ids=lambda c: c.id)
+def case(request):
+    return request.param

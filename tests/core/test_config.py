@@ -1,0 +1,116 @@
+"""DOConvConfig: every bad argument is rejected with its name and value; shapes and padding arithmetic."""
+
+import re
+
+import pytest
+from hypothesis import given, strategies as st
+
+import doconv
+from doconv import DOConvConfig
+
+GOOD = dict(in_channels=4, out_channels=6, kernel_size=3)
+
+
+@pytest.mark.parametrize("override, name, exc", [
+    (dict(in_channels=0), "in_channels", ValueError),
+    (dict(in_channels=2.0), "in_channels", TypeError),
+    (dict(out_channels=-1), "out_channels", ValueError),
+    (dict(out_channels=True), "out_channels", TypeError),
+    (dict(groups=0), "groups", ValueError),
+    (dict(groups=3), "in_channels", ValueError),               # 4 % 3
+    (dict(in_channels=6, groups=3, out_channels=4), "out_channels", ValueError),
+    (dict(kernel_size=0), "kernel_size", ValueError),
+    (dict(kernel_size=(3, 3, 3)), "kernel_size", ValueError),
+    (dict(kernel_size="3"), "kernel_size", TypeError),
+    (dict(kernel_size=(3, 1.5)), "kernel_size", TypeError),
+    (dict(stride=0), "stride", ValueError),
+    (dict(dilation=(1, 0)), "dilation", ValueError),
+    (dict(padding=-1), "padding", ValueError),
+    (dict(padding="full"), "padding", ValueError),
+    (dict(padding=((1, 2), (3,))), "padding", ValueError),
+    (dict(padding=1.5), "padding", TypeError),
+    (dict(padding_mode="mirror"), "padding_mode", ValueError),
+    (dict(bias="yes"), "bias", TypeError),
+    (dict(D_mul=8), "D_mul", ValueError),                      # < M*N = 9
+    (dict(D_mul=0), "D_mul", ValueError),
+    (dict(D_mul=9.0), "D_mul", TypeError),
+    (dict(kernel_size=1, D_mul=4), "D_mul", ValueError),       # 1x1: no D
+    (dict(depthwise_separable="no"), "depthwise_separable", TypeError),
+])
+def test_bad_arguments_name_argument_and_value(override, name, exc):
+    kwargs = {**GOOD, **override}
+    with pytest.raises(exc) as info:
+        DOConvConfig(**kwargs)
+    message = str(info.value)
+    assert name in message
+    # the message quotes the offending value (or the group count it conflicts with)
+    value = override.get(name, override.get("groups"))
+    assert re.search(re.escape(str(value)), message), message
+
+
+def test_D_mul_below_MN_explains_why_and_separable_mode_opts_in():
+    with pytest.raises(ValueError, match=r"D_mul must be >= M\*N = 9.*cannot express every conventional kernel"):
+        DOConvConfig(4, 6, 3, D_mul=4)
+    config = DOConvConfig(4, 6, 3, D_mul=4, depthwise_separable=True)
+    assert config.S == 4 and config.D_shape == (4, 9, 4)
+
+
+def test_defaults_and_shapes():
+    c = DOConvConfig(6, 9, (3, 5), groups=3, D_mul=20)
+    assert c.MN == 15 and c.S == 20 and c.in_per_group == 2 and c.out_per_group == 3
+    assert c.W_shape == (9, 2, 20) and c.D_shape == (6, 15, 20) and c.kernel_shape == (9, 2, 3, 5)
+    assert c.kind == "DO-GConv" and DOConvConfig(4, 8, 3, groups=4).kind == "DO-DConv"
+    assert DOConvConfig(4, 8, 3).D_mul == 9 and DOConvConfig(4, 8, 1).D_shape is None
+    assert DOConvConfig(4, 8, 3, bias=False).bias_shape is None
+
+
+@pytest.mark.parametrize("padding, expected", [
+    (1, ((1, 1), (1, 1))), ((1, 2), ((1, 1), (2, 2))), (((0, 1), (2, 3)), ((0, 1), (2, 3))),
+    ("VALID", "valid"), ("same", "same"),
+])
+def test_padding_forms(padding, expected):
+    assert DOConvConfig(2, 2, 3, padding=padding).padding == expected
+
+
+@pytest.mark.parametrize("size, k, s, d", [(7, 3, 1, 1), (8, 3, 2, 1), (9, 2, 2, 1), (10, 5, 3, 2), (5, 4, 1, 1),
+                                           (6, 1, 2, 1), (3, 5, 4, 1)])
+def test_same_padding_is_tensorflows_rule(size, k, s, d):
+    """Output ceil(size/stride); total pad from TF's formula; the odd pixel goes at the end."""
+    lo, hi = doconv.same_pads(size, k, s, d)
+    out = -(-size // s)
+    assert (size + lo + hi - d * (k - 1) - 1) // s + 1 == out
+    assert hi - lo in (0, 1)
+    assert lo + hi == max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+
+
+def test_output_shape_checks_input():
+    c = DOConvConfig(3, 4, 3, stride=2, padding=1)
+    assert c.output_shape((2, 3, 7, 9)) == (2, 4, 4, 5)
+    with pytest.raises(ValueError, match="5 channels but in_channels=3"):
+        c.output_shape((2, 5, 7, 9))
+    with pytest.raises(ValueError, match="4-D"):
+        c.output_shape((3, 7, 9))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        DOConvConfig(3, 4, 3, dilation=3).output_shape((1, 3, 5, 9))
+    with pytest.raises(ValueError, match="reflect"):
+        DOConvConfig(3, 4, 3, padding=3, padding_mode="reflect").output_shape((1, 3, 3, 9))
+
+
+@given(st.integers(1, 4), st.integers(1, 3), st.sampled_from([1, 2, 3]), st.sampled_from(["same", 0, ((1, 0), (2, 1))]),
+       st.sampled_from(doconv.PADDING_MODES), st.booleans())
+def test_dict_round_trip(k, stride, groups, padding, mode, bias):
+    c = DOConvConfig(2 * groups, 3 * groups, k, stride=stride, padding=padding, groups=groups,
+                     padding_mode=mode, bias=bias, D_mul=None if k == 1 else k * k + 1)
+    assert DOConvConfig.from_dict(c.to_dict()) == c
+
+
+def test_from_dict_rejects_unknown_and_missing_fields():
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['colour'\]"):
+        DOConvConfig.from_dict({**GOOD, "colour": "red"})
+    with pytest.raises(ValueError, match="missing"):
+        DOConvConfig.from_dict({"in_channels": 2})
+
+
+def test_repr_shows_non_defaults():
+    assert repr(DOConvConfig(4, 6, 3)) == "DOConvConfig(4, 6, kernel_size=(3, 3))"
+    assert "groups=2" in repr(DOConvConfig(4, 6, 3, groups=2)) and "D_mul=12" in repr(DOConvConfig(4, 6, 3, D_mul=12))

@@ -1,0 +1,121 @@
+"""The canonical interchange file: bit-exact round trips, and clear errors for every kind of damage."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+import doconv
+from doconv import DOConvConfig, DOConvParams
+from doconv.cases import CASES
+from doconv.testing import config_strategy, random_params
+
+
+def layers(dtype=np.float32):
+    return {f"features.{i}.conv": (c.config, c.params(i, dtype)) for i, c in enumerate(CASES)}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        (ca, pa), (cb, pb) = a[name], b[name]
+        assert ca == cb
+        for key in ("W", "D", "bias"):
+            x, y = getattr(pa, key), getattr(pb, key)
+            assert (x is None) == (y is None), (name, key)
+            if x is not None:
+                assert x.dtype == y.dtype and np.array_equal(x, y), (name, key)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    path = tmp_path / "model.safetensors"
+    original = layers(dtype)
+    doconv.save(path, original)
+    assert_same(doconv.load(path), original)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config_strategy())
+def test_round_trip_of_random_configs(tmp_path, drawn):
+    config, _ = drawn
+    path = tmp_path / "one.safetensors"
+    doconv.save(path, {"a.b": (config, random_params(config, 3))})
+    assert_same(doconv.load(path), {"a.b": (config, random_params(config, 3))})
+
+
+def rewrite_header(path, edit):
+    """Rewrite the safetensors header of ``path`` through ``edit(header_dict)``."""
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    open(path, "wb").write(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+def edit_doconv(fn):
+    def edit(header):
+        meta = json.loads(header["__metadata__"]["doconv"])
+        fn(meta)
+        header["__metadata__"]["doconv"] = json.dumps(meta)
+    return edit
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "m.safetensors"
+    doconv.save(path, {"conv1": (CASES[2].config, CASES[2].params(0)), "g": (CASES[23].config, CASES[23].params(1))})
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (edit_doconv(lambda m: m.update(version=2)), "unknown format version 2"),
+    (edit_doconv(lambda m: m.update(colour="red")), r"unknown header field\(s\) \['colour'\]"),
+    (edit_doconv(lambda m: m.update(format="other")), "format must be 'doconv-interchange'"),
+    (edit_doconv(lambda m: m.update(pairing="official-torch")), "unknown pairing"),
+    (edit_doconv(lambda m: m["layers"]["conv1"].update(groups=7)), "layer 'conv1': bad config.*divisible by groups"),
+    (edit_doconv(lambda m: m["layers"]["conv1"].update(speed=1)), r"layer 'conv1': bad config.*\['speed'\]"),
+    (edit_doconv(lambda m: m["layers"]["conv1"].update(D_mul=10)), "layer 'conv1': tensor 'W' has shape"),
+    (edit_doconv(lambda m: m["layers"].pop("g")), r"tensor\(s\) \['g.D', 'g.W', 'g.bias'\] belong to no layer"),
+    (edit_doconv(lambda m: m["layers"].update(extra=m["layers"]["conv1"])), "layer 'extra': tensor 'W' is missing"),
+    (lambda h: h.pop("__metadata__"), "no 'doconv' metadata"),
+    (lambda h: h["__metadata__"].update(doconv="{not json"), "not valid JSON"),
+])
+def test_damaged_header_gives_a_clear_error(saved, edit, message):
+    rewrite_header(saved, edit)
+    with pytest.raises(ValueError, match=message):
+        doconv.load(saved)
+
+
+def test_truncated_or_garbage_file(saved, tmp_path):
+    data = open(saved, "rb").read()
+    open(saved, "wb").write(data[:-10])
+    with pytest.raises(ValueError, match="damaged or not a safetensors file"):
+        doconv.load(saved)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 3)
+    with pytest.raises(ValueError, match="damaged"):
+        doconv.load(junk)
+    with pytest.raises(FileNotFoundError):
+        doconv.load(tmp_path / "absent.safetensors")
+
+
+def test_save_checks_shapes_and_never_leaves_a_partial_file(tmp_path):
+    path = tmp_path / "keep.safetensors"
+    good = {"a": (CASES[2].config, CASES[2].params(0))}
+    doconv.save(path, good)
+    before = path.read_bytes()
+    c = DOConvConfig(3, 5, 3)
+    bad = DOConvParams(np.zeros((5, 3, 8)), np.zeros((3, 9, 9)), np.zeros(5))
+    with pytest.raises(ValueError, match=r"layer 'a': W has shape \(5, 3, 8\)"):
+        doconv.save(path, {"a": (c, bad)})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
+    with pytest.raises(TypeError, match="expected \\(DOConvConfig, DOConvParams\\)"):
+        doconv.save(path, {"a": (c.to_dict(), bad)})
+    with pytest.raises(ValueError, match="non-empty strings"):
+        doconv.save(path, {"": good["a"]})
