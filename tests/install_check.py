@@ -18,7 +18,8 @@ for name, folder in expected.items():
         want = os.path.realpath(os.path.join(root, folder, "__init__.py"))
         assert origin == want, f"{name} resolves to {origin}, expected {want}"
     else:
-        assert origin.endswith(tail) and not origin.startswith(root + os.sep), f"{name} resolves to {origin}"
+        source = os.path.realpath(os.path.join(root, folder))
+        assert origin.endswith(tail) and not origin.startswith(source + os.sep), f"{name} resolves to {origin}"
 for entry in sys.path:
     assert os.path.basename(os.path.normpath(entry)) != "backends", f"sys.path holds {entry}"
 spec = importlib.util.find_spec("torch")
