@@ -8,6 +8,8 @@ configuration and would fetch CUDA torch.
 """
 
 import os
+import shutil
+import sys
 
 import nox
 
@@ -28,7 +30,7 @@ def install(session, constraints, *args):
 @nox.session(python=PYTHON, tags=["tests"])
 def tests(session):
     """Core, PyTorch, Keras and parity tests in the modern environment (installed with ``pip install .``)."""
-    install(session, MODERN, ".[torch,tf-cpu,test]")
+    install(session, MODERN, ".[torch,tf-cpu,test,export,experiments,parity]")
     session.run("pytest", "tests", "--ignore=tests/backend_mxnet", *session.posargs)
 
 
@@ -50,6 +52,24 @@ def install_check(session, editable):
 
 @nox.session(python=PYTHON)
 def parity(session):
-    """The main job: the DO-Conv self-check / parity report."""
-    install(session, MODERN, ".[parity]")
-    session.run("python", "-m", "doconv", *session.posargs)
+    """The main job: the cross-framework parity report over the core, PyTorch, Keras/TF and MXNet.
+
+    The modern environment exports its trained layers, the MXNet environment (built here on first use)
+    checks them and exports its own, then the modern environment checks those and prints the combined
+    report. Any mismatch, or a framework that could not take part, fails the session.
+    """
+    install(session, MODERN, ".[torch,tf-cpu,parity]")
+    exchange = os.path.join(session.create_tmp(), "parity")
+    shutil.rmtree(exchange, ignore_errors=True)
+    mx_env = os.path.join(HERE, ".nox", "parity-mxnet-env")
+    mx_python = os.path.join(mx_env, "bin", "python")
+    if not os.path.exists(mx_python):
+        session.run(sys.executable, "-m", "virtualenv", "--python", f"python{PYTHON}", mx_env, external=True)
+    session.run(mx_python, "-m", "pip", "install", "-q", "-c", MXNET, ".[mxnet,parity]",
+                external=True, env={"PIP_CONSTRAINT": MXNET})
+    args = session.posargs
+    session.run("doconv-parity", "export", exchange, "-f", "core,torch,tf", *args, success_codes=[0, 1])
+    session.run(mx_python, "-m", "doconv.parity", "export", exchange, "-f", "mxnet", *args,
+                external=True, success_codes=[0, 1])
+    session.run("doconv-parity", "check", exchange, "-f", "torch,tf", "--strict",
+                "--json", os.path.join(exchange, "report.json"), *args)

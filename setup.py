@@ -1,7 +1,7 @@
 """Packaging: one import namespace, ``doconv``, assembled from the top-level folders.
 
 ``core/`` is ``doconv`` (NumPy only), the backends are ``doconv.torch``, ``doconv.tf`` and
-``doconv.mxnet``, and ``parity/`` is ``doconv.parity``. Only ``package_dir`` maps them: nothing
+``doconv.mxnet``, ``parity/`` is ``doconv.parity`` and ``experiments/`` is ``doconv.experiments``. Only ``package_dir`` maps them: nothing
 puts ``backends/`` itself on ``sys.path`` (its ``torch`` folder would shadow the real torch).
 """
 
@@ -13,6 +13,7 @@ PACKAGES = {
     "doconv.tf": "backends/tf",
     "doconv.mxnet": "backends/mxnet",
     "doconv.parity": "parity",
+    "doconv.experiments": "experiments",
 }
 
 setup(
@@ -32,8 +33,13 @@ setup(
         "tf": ["tensorflow>=2.16", "keras>=3.0"],
         "tf-cpu": ["tensorflow-cpu>=2.16", "keras>=3.0"],
         "mxnet": ["mxnet>=1.9.1,<2", "gluoncv>=0.10", "numpy<1.24"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "parity": ["rich>=13"],
+        "experiments": ["torch>=2.1", "scikit-learn>=1.2", "matplotlib>=3.6", "tqdm>=4.60"],
         "test": ["pytest>=7", "hypothesis>=6", "rich>=13"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "doconv-parity = doconv.parity.__main__:main",
+        "doconv-experiment = doconv.experiments.__main__:main",
+    ]},
 )

@@ -235,6 +235,20 @@ class DOConvConfig:
                          zip((height, width), self.kernel_size, self.stride, self.dilation))
         return self.padding  # type: ignore[return-value]
 
+    def resolved(self) -> "DOConvConfig":
+        """The same layer with its padding made explicit wherever that does not depend on the input.
+
+        ``'valid'`` is zero pads and ``'same'`` at stride 1 is ``d*(k-1)`` split with the odd pixel at the
+        end, whatever the input size; ``'same'`` with stride > 1 stays ``'same'``. Two configs describe
+        the same layer exactly when their ``resolved()`` forms are equal (a Gluon layer records 'same'
+        as its explicit pads, a Keras layer keeps the string).
+        """
+        if self.padding == "valid" or (self.padding == "same" and self.stride == (1, 1)):
+            pads = tuple(same_pads(1, k, 1, d) if self.padding == "same" else (0, 0)
+                         for k, d in zip(self.kernel_size, self.dilation))
+            return dataclasses.replace(self, padding=pads)
+        return self
+
     def output_shape(self, input_shape: Sequence[int]) -> Tuple[int, int, int, int]:
         """``(batch, C_out, H_out, W_out)`` for an NCHW input shape; ValueError if it cannot be convolved."""
         if len(input_shape) != 4:

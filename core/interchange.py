@@ -119,3 +119,28 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
     if extra:
         raise ValueError(f"{where}: tensor(s) {extra} belong to no layer in the header")
     return out
+
+
+def load_matching(path, configs: Mapping[str, DOConvConfig], *, strict: bool = True) -> Dict[str, DOConvParams]:
+    """Read ``path`` for a model whose DO-Conv layers have ``configs`` (``{name: config}``): ``{name: params}``.
+
+    What every backend's ``import_canonical`` needs. ValueError when the file holds a layer the model
+    lacks, when (``strict``) a model layer is absent from the file, or when a layer's config differs
+    from the model's. Configs are compared by :meth:`DOConvConfig.resolved`, so a file written by
+    PyTorch with ``padding=1`` loads into a Keras layer with ``padding='same'`` (the same layer).
+    """
+    stored = load(path)
+    where = f"interchange file {os.fspath(path)!r}"
+    extra = sorted(set(stored) - set(configs))
+    absent = sorted(set(configs) - set(stored))
+    if extra or (strict and absent):
+        raise ValueError(f"{where} does not match the model: layers the model lacks {extra}, "
+                         f"model layers missing from the file {absent if strict else []} "
+                         f"(the model has {sorted(configs)})")
+    out = {}
+    for name, (config, params) in stored.items():
+        if config.resolved() != configs[name].resolved():
+            raise ValueError(f"{where}, layer {name!r}: the file holds {config!r} but the model's layer is "
+                             f"{configs[name]!r}")
+        out[name] = params
+    return out

@@ -6,7 +6,7 @@ import sys
 
 root, mode = os.path.abspath(sys.argv[1]), sys.argv[2]
 expected = {"doconv": "core", "doconv.torch": "backends/torch", "doconv.tf": "backends/tf",
-            "doconv.mxnet": "backends/mxnet", "doconv.parity": "parity"}
+            "doconv.mxnet": "backends/mxnet", "doconv.parity": "parity", "doconv.experiments": "experiments"}
 import doconv  # noqa: E402  (the core needs numpy and safetensors only)
 
 for name, folder in expected.items():

@@ -114,3 +114,15 @@ def test_from_dict_rejects_unknown_and_missing_fields():
 def test_repr_shows_non_defaults():
     assert repr(DOConvConfig(4, 6, 3)) == "DOConvConfig(4, 6, kernel_size=(3, 3))"
     assert "groups=2" in repr(DOConvConfig(4, 6, 3, groups=2)) and "D_mul=12" in repr(DOConvConfig(4, 6, 3, D_mul=12))
+
+
+def test_resolved_makes_input_independent_padding_explicit():
+    assert DOConvConfig(2, 2, 3, padding="same").resolved() == DOConvConfig(2, 2, 3, padding=1)
+    assert DOConvConfig(2, 2, 2, padding="same").resolved().padding == ((0, 1), (0, 1))
+    assert DOConvConfig(2, 2, 3, padding="same", dilation=2).resolved() == DOConvConfig(2, 2, 3, padding=2, dilation=2)
+    assert DOConvConfig(2, 2, 3, padding="valid").resolved() == DOConvConfig(2, 2, 3, padding=0)
+    strided = DOConvConfig(2, 2, 3, padding="same", stride=2)
+    assert strided.resolved() == strided and strided.resolved() != DOConvConfig(2, 2, 3, padding=1, stride=2)
+    for h in range(5, 12):  # 'same' at stride 1 resolves to the pads of every input size
+        assert DOConvConfig(2, 2, (2, 5), padding="same").resolved().padding == \
+            DOConvConfig(2, 2, (2, 5), padding="same").pads(h, h + 1)

@@ -119,3 +119,20 @@ def test_save_checks_shapes_and_never_leaves_a_partial_file(tmp_path):
         doconv.save(path, {"a": (c.to_dict(), bad)})
     with pytest.raises(ValueError, match="non-empty strings"):
         doconv.save(path, {"": good["a"]})
+
+
+def test_load_matching_checks_layers_and_compares_resolved_configs(tmp_path):
+    path = tmp_path / "m.safetensors"
+    torch_style = DOConvConfig(4, 6, 3, padding=1)
+    keras_style = DOConvConfig(4, 6, 3, padding="same")
+    params = doconv.init_params(torch_style, rng=0)
+    doconv.save(path, {"a": (torch_style, params)})
+    got = doconv.load_matching(path, {"a": keras_style})
+    np.testing.assert_array_equal(got["a"].W, params.W)
+    with pytest.raises(ValueError, match="layer 'a': the file holds"):
+        doconv.load_matching(path, {"a": DOConvConfig(4, 6, 3, padding=1, stride=2)})
+    with pytest.raises(ValueError, match=r"layers the model lacks \['a'\]"):
+        doconv.load_matching(path, {"b": torch_style})
+    with pytest.raises(ValueError, match=r"missing from the file \['b'\]"):
+        doconv.load_matching(path, {"a": torch_style, "b": torch_style})
+    assert set(doconv.load_matching(path, {"a": torch_style, "b": torch_style}, strict=False)) == {"a"}
