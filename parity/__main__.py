@@ -1,0 +1,148 @@
+"""``doconv-parity`` (``python -m doconv.parity``): the cross-framework parity report.
+
+Commands::
+
+    doconv-parity [run]      every installed framework against the core, and against each other
+    doconv-parity export DIR the same, and write the trained layers, inputs, outputs and results to DIR
+                             (also checks every other environment's layers already in DIR)
+    doconv-parity check DIR  read another environment's layers from DIR into the frameworks here, then
+                             print the combined report of every environment that wrote to DIR
+
+Exit status: 0 when every check passes, 1 on any failure (or, with ``--strict``, any missing
+framework), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import os
+import sys
+import tempfile
+import time
+import warnings
+from typing import List, Sequence
+
+from doconv import TOLERANCES, __version__
+from doconv.cases import CASES
+
+from . import checks, report
+from .frameworks import DEFAULT, ENV_VAR, KNOWN, load_frameworks, selection
+
+#: ``--quick``: one case per family of features (a first look in seconds).
+QUICK = ("k1x1", "k3", "k3-s2-same", "k5-Dmul+3", "dw-x2-k3", "g3-k3-s2-Dmul+3", "k3-reflect", "k3-zeros-asym")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="doconv-parity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("run", "export", "check"))
+    p.add_argument("dir", nargs="?", help="exchange folder of export/check")
+    p.add_argument("-f", "--frameworks", help=f"comma-separated subset of {','.join(KNOWN)} "
+                                              f"(default: ${ENV_VAR} or {','.join(DEFAULT)})")
+    p.add_argument("-k", dest="keyword", help="only cases whose id contains this text")
+    p.add_argument("--dtype", action="append", choices=("float64", "float32"), help="repeatable (default: both)")
+    p.add_argument("--seed", type=int, default=0, help="seed of parameters, inputs and updates (default 0)")
+    p.add_argument("--quick", action="store_true", help=f"only the cases {', '.join(QUICK)}")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--strict", action="store_true", help="a missing framework is a failure")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    return p
+
+
+def run_tasks(tasks: List[checks.Task], description: str, show: bool) -> List[checks.Result]:
+    """Run tasks under a rich progress bar (plain when rich is missing or --no-progress)."""
+    results: List[checks.Result] = []
+    progress = None
+    if show and tasks:
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            progress = Progress(TextColumn("{task.description:<48}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), transient=True)
+        except ImportError:
+            progress = None
+    with progress if progress is not None else contextlib.nullcontext():
+        task_id = progress.add_task(description, total=len(tasks)) if progress else None
+        for task in tasks:
+            if progress:
+                progress.update(task_id, description=task.label[:48])
+            results.extend(task.run())
+            if progress:
+                progress.advance(task_id)
+    return results
+
+
+def main(argv: Sequence[str] = None) -> int:
+    args = parser().parse_args(argv)
+    p = parser()
+    if args.command in ("export", "check") and not args.dir:
+        p.error(f"{args.command} needs a DIR")
+    if args.command == "run" and args.dir:
+        p.error(f"unexpected argument {args.dir!r} (did you mean 'export {args.dir}'?)")
+    try:
+        names = selection(args.frameworks)
+    except ValueError as err:
+        p.error(str(err))
+    cases = [c for c in CASES if (args.keyword is None or args.keyword in c.id) and (not args.quick or c.id in QUICK)]
+    if not cases:
+        p.error(f"no case matches -k {args.keyword!r}{' with --quick' if args.quick else ''}")
+    dtypes = tuple(dict.fromkeys(args.dtype or ("float64", "float32")))
+    start = time.perf_counter()
+
+    frameworks, missing = load_frameworks(names)
+    missing = [report.missing_dict(m) for m in missing]
+    for m in missing:
+        warnings.warn(f"skipping {m['name']}: {m['reason']}; install: {m['hint']}", stacklevel=1)
+    skipped = {fw.name: {"count": sum(bool(c.features & fw.unsupported) for c in cases),
+                         "features": sorted(fw.unsupported)} for fw in frameworks}
+
+    with tempfile.TemporaryDirectory(prefix="doconv-parity-") as tmp:
+        root = os.path.join(args.dir, "artifacts") if args.dir else os.path.join(tmp, "artifacts")
+        results: List[checks.Result] = []
+        show = not args.no_progress
+        if args.command != "check":
+            tasks = checks.core_tasks(cases, dtypes) if "core" in names else []
+            trained = []
+            for fw in frameworks:
+                fw_tasks, done = checks.framework_tasks(fw, cases, dtypes, args.seed, tmp, root)
+                tasks += fw_tasks
+                trained.append((fw, done))
+            results += run_tasks(tasks, "against the core", show)
+            for fw, done in trained:
+                checks.write_manifest(root, fw, done, args.seed)
+        manifests = checks.read_manifests(root)
+        if args.command == "check":
+            local = {fw.name for fw in frameworks}
+            manifests = [m for m in manifests if m["framework"] not in local]
+        cross = [t for fw in frameworks for t in checks.cross_tasks(fw, manifests, cases, dtypes)]
+        results += run_tasks(cross, "across frameworks", show)
+
+    elapsed = time.perf_counter() - start
+    meta = {"command": args.command, "seed": args.seed, "dtypes": list(dtypes), "cases": [c.id for c in cases],
+            "frameworks": [fw.name for fw in frameworks], "tolerances": TOLERANCES, "elapsed_s": round(elapsed, 1),
+            "doconv": __version__}
+    mine = report.to_json(results, missing=missing, skipped=skipped, meta=meta)
+    if args.dir:
+        tag = "+".join(sorted({fw.family for fw in frameworks} | ({"core"} & set(names)))) or "none"
+        report.write_json(os.path.join(args.dir, "results", f"{args.command}-{tag}.json"), mine)
+    if args.command == "check":  # the combined report of every environment that wrote to DIR
+        everything = [report.read_json(path) for path in sorted(glob.glob(os.path.join(args.dir, "results", "*.json")))]
+        results = [checks.Result.from_dict(r) for data in everything for r in data["results"]]
+        ran = {r.framework.split("/")[0] for r in results} | {fw.family for fw in frameworks}
+        missing = [m for data in everything for m in data["missing"] if m["name"] not in ran]
+        missing = list({m["name"]: m for m in missing}.values())
+        skipped = {k: v for data in everything for k, v in data["skipped"].items()}
+        mine = report.to_json(results, missing=missing, skipped=skipped, meta={**meta, "combined": len(everything)})
+    if args.json:
+        report.write_json(args.json, mine)
+    where = f" (combined from {mine.get('combined')} run(s) in {args.dir})" if args.command == "check" else ""
+    title = (f"doconv {__version__} parity: {len(cases)} case(s), dtypes {'/'.join(dtypes)}, seed {args.seed}, "
+             f"{len(results)} comparisons in {elapsed:.0f} s{where}")
+    report.render(results, title=title, missing=missing, skipped=skipped)
+    failed = not all(r.passed for r in results) or (args.strict and missing) or not results
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

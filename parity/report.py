@@ -1,0 +1,141 @@
+"""The report: one row per (framework, check) with runs, worst error per dtype, tolerance and verdict.
+
+The same data goes to the terminal (a rich table, plain text without rich) and to ``--json PATH``
+(every single comparison plus the summary rows), so CI and people read one source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from .checks import CHECK_ORDER, Result
+from .frameworks import Missing
+
+DTYPES = ("float64", "float32")
+FORMAT, VERSION = "doconv-parity-report", 1
+
+
+def _framework_key(name: str):
+    order = ["core", "numpy", "torch", "tf", "mxnet"]
+    src, _, dst = name.partition("→")
+    rank = lambda n: order.index(n.split("/")[0]) if n.split("/")[0] in order else len(order)  # noqa: E731
+    return (bool(dst), rank(src), src, rank(dst) if dst else 0, dst)
+
+
+def _check_key(name: str):
+    return (CHECK_ORDER.index(name) if name in CHECK_ORDER else -1, name)
+
+
+def summarize(results: Sequence[Result]) -> List[dict]:
+    """One dict per (framework, check): runs, failures, worst error per dtype, tolerances."""
+    groups: Dict[tuple, List[Result]] = {}
+    for r in results:
+        groups.setdefault((r.framework, r.check), []).append(r)
+    rows = []
+    for (framework, check) in sorted(groups, key=lambda k: (_framework_key(k[0]), _check_key(k[1]))):
+        mine = groups[(framework, check)]
+        worst = {d: max((r.error for r in mine if r.dtype == d), default=None) for d in DTYPES}
+        rows.append({"framework": framework, "check": check, "runs": len(mine),
+                     "cases": len({r.case for r in mine}),
+                     "failed": sum(not r.passed for r in mine), "worst": worst,
+                     "tolerance": {d: max((r.tolerance for r in mine if r.dtype == d), default=None) for d in DTYPES}})
+    return rows
+
+
+def _fmt(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1e}" if math.isfinite(value) else str(value)
+
+
+def _tol(row: dict) -> str:
+    return "/".join(f"{row['tolerance'][d]:g}" for d in DTYPES if row["tolerance"][d] is not None)
+
+
+def environment() -> dict:
+    import numpy
+    out = {"python": platform.python_version(), "numpy": numpy.__version__, "platform": platform.platform()}
+    for module in ("torch", "tensorflow", "keras", "mxnet"):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            out[module] = getattr(mod, "__version__", "?")
+    return out
+
+
+def to_json(results: Sequence[Result], *, missing: Sequence[dict], skipped: Dict[str, dict], meta: dict) -> dict:
+    return {"format": FORMAT, "version": VERSION, **meta, "environment": environment(),
+            "passed": all(r.passed for r in results), "missing": list(missing), "skipped": skipped,
+            "summary": summarize(results), "results": [r.to_dict() for r in results]}
+
+
+def write_json(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ValueError(f"{path!r} is not a {FORMAT} version {VERSION} file")
+    return data
+
+
+def missing_dict(err: Missing) -> dict:
+    return {"name": err.name, "reason": err.reason, "hint": err.hint}
+
+
+def render(results: Sequence[Result], *, title: str, missing: Iterable[dict] = (), skipped: Dict[str, dict] = None,
+           console=None, max_failures: int = 30) -> None:
+    """Print the summary table, then the missing frameworks, skipped cases and failures (rich when available)."""
+    rows = summarize(results)
+    header = ("framework", "check", "runs", "worst f64", "worst f32", "tol f64/f32", "result")
+    lines = [(r["framework"], r["check"], str(r["runs"]), _fmt(r["worst"]["float64"]), _fmt(r["worst"]["float32"]),
+              _tol(r), "PASS" if not r["failed"] else f"FAIL {r['failed']}/{r['runs']}") for r in rows]
+    notes = [f"missing {m['name']}: {m['reason']} -> {m['hint']}" for m in missing]
+    notes += [f"{fw}: {info['count']} case(s) skipped, the framework cannot express {', '.join(info['features'])}"
+              for fw, info in (skipped or {}).items() if info["count"]]
+    failures = [r for r in results if not r.passed]
+    fail_lines = [f"FAIL {r.framework} {r.check} {r.case} [{r.dtype}]: error {_fmt(r.error)} > {r.tolerance:g}"
+                  + (f" -- {r.note}" if r.note else "") for r in failures[:max_failures]]
+    if len(failures) > max_failures:
+        fail_lines.append(f"... and {len(failures) - max_failures} more failures (see --json)")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        widths = [max(len(str(x[i])) for x in (header, *lines)) for i in range(len(header))]
+        for line in (header, *lines):
+            print("  ".join(str(v).ljust(w) for v, w in zip(line, widths)))
+        for text in notes + fail_lines:
+            print(text)
+        return
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+            console = Console(width=110)
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="right" if 2 <= i <= 5 else "left", no_wrap=True)
+    previous = None
+    for line in lines:
+        if previous is not None and line[0] != previous:
+            table.add_section()
+        shown = line[0] if line[0] != previous else ""
+        previous = line[0]
+        table.add_row(shown, *line[1:], style=None if line[-1] == "PASS" else "bold red")
+    console.print(table)
+    for text in notes:
+        console.print(text, style="yellow", markup=False, highlight=False)
+    for text in fail_lines:
+        console.print(text, style="red", markup=False, highlight=False)
