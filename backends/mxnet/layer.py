@@ -1,0 +1,453 @@
+"""``DOConv2D``: a DO-Conv ``HybridBlock`` with the signature of ``gluon.nn.Conv2D`` (paper Eq. 3 / 4).
+
+Parameters (their names in ``save_parameters`` files, ``collect_params`` and ``hybrid_forward``)::
+
+    W     (C_out, C_in/g, D_mul)   the paper's W, canonical layout (trainable)
+    D     (C_in, M*N, D_mul)       the delta D' = D - I_fill, zeros at identity init (trainable; absent for 1x1)
+    bias  (C_out,)                 as gluon.nn.Conv2D (absent with use_bias=False)
+
+The fixed I_fill (M*N identities tiled along D_mul, :func:`doconv.identity_fill`) is no parameter: the graph
+builds it from ``eye`` (or, for D_mul = M*N, never materialises it at all), so it is neither saved nor trained.
+
+Kernel composition (Fig. 3-b) runs as **one batched matrix product**, ``linalg.gemm`` with ``axis=1``:
+with W viewed as ``(g, C_out/g, C_in/g, S)`` and D as ``(g, M*N, C_in/g, S)`` the batch axes are
+``(g, C_in/g)`` and the result is W' directly in OIHW order -- the einsum ``gcms,gjcs->gjcm`` of
+:data:`doconv.COMPOSE_EINSUM` without moving W. For D_mul = M*N the identity part is W itself and enters as
+gemm's accumulator ``C`` (``W' = W + W D'^T``). The only intermediates are D-sized (its transposed copy) and
+W' itself; the official Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
+
+**Kernel cache** (``composition='kernel'``, M*N > 1). The graph does not compose: W' enters it as the input
+``kernel_cache`` (a :class:`ComposedKernel` parameter, ``grad_req='null'``, never saved), whose value is fetched
+at every call -- also by a hybridized parent's CachedOp, which reads each parameter's ``data()`` per call:
+
+- inside ``autograd.record()`` it is composed afresh, imperatively and recorded, so gradients reach W and D
+  through it, and every cached copy is dropped;
+- outside, the cached W' of that context is returned, composed first if it is stale. It is cached only while
+  no gradient of W or D is pending (``_fresh_grad``: set by ``backward``, cleared by ``Trainer.step``), so a
+  ``backward`` -> inference -> ``step`` sequence never leaves a stale kernel behind;
+- every write Gluon makes to W, D or the cache -- ``set_data``, ``load_parameters``, ``initialize``, ``cast``,
+  ``reset_ctx`` -- drops it (:class:`WatchedParameter`).
+
+Not seen: raw in-place writes to the arrays (``layer.W.data()[:] = v``, ``nd.*(out=...)``) and a
+``Trainer`` with ``update_on_kvstore=True`` never clears ``_fresh_grad`` (correct, but then never cached). Call
+:meth:`DOConv2D.invalidate_cache` after raw writes. W and D stay graph inputs through a zero that joins the
+bias (``zeros_like`` of one element each), so Gluon sees every parameter used.
+
+Feature composition (Fig. 3-a, ``composition='feature'``) is a depthwise conv with D into C_in*D_mul channels
+followed by a grouped 1x1 conv with W. ``'auto'`` picks the cheaper by :func:`doconv.choose_composition` for
+the first NDArray input the layer sees (fixed from then on; ``'kernel'`` until then).
+
+Deferred shape inference (``in_channels=0``) works as for ``gluon.nn.Conv2D``: the layer alone infers C_in
+from its first input (:meth:`DOConv2D.infer_shape`); inside a hybridized parent, whose shape inference runs
+on the symbol graph, the first graph carries a one-pixel shape probe (two tiny FullyConnected ops whose
+zeros join the bias) because MXNet's matrix products do not infer their operands' shapes backwards. The probe
+adds exactly zero and is left out of every graph built once the shapes are known (hybridize again to drop it).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from doconv import DOConvConfig, choose_composition, standardize_pair
+
+from ._mx import gluon, mx
+
+COMPOSITIONS = ("kernel", "feature", "auto")
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def gluon_padding(padding) -> tuple:
+    """Gluon pads symmetrically with zeros: an int or a pair of ints ``(h, w)``; anything else is refused."""
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int or a pair of ints (Gluon pads symmetrically), but got "
+                         f"padding={padding!r}; use doconv.mxnet.layer_from_config to translate 'same'/'valid'")
+    if isinstance(padding, (tuple, list)) and any(isinstance(p, (tuple, list)) for p in padding):
+        raise ValueError(f"padding must be an int or a pair of ints (Gluon pads symmetrically), but got per-side "
+                         f"padding={padding!r}")
+    return standardize_pair(padding, "padding", minimum=0)
+
+
+@mx.init.register
+class DOConvDelta(mx.init.Initializer):
+    """Initialiser of the delta D' = D - I_fill: zeros (``'identity'``) or D ~ N(0, 2/MN) (``'random'``, Table 7)."""
+
+    def __init__(self, d_init="identity", MN=1, S=1):
+        super().__init__(d_init=d_init, MN=MN, S=S)
+        self.d_init, self.MN, self.S = d_init, MN, S
+
+    def _init_weight(self, name, arr):
+        if self.d_init == "identity":
+            arr[:] = 0
+            return
+        from doconv import identity_fill
+        D = np.random.normal(0.0, np.sqrt(2.0 / self.MN), size=arr.shape)
+        arr[:] = D - identity_fill(self.MN, self.S)
+
+
+def _notifying(method):
+    base = getattr(gluon.Parameter, method)
+
+    def write(self, *args, **kwargs):
+        try:
+            return base(self, *args, **kwargs)
+        finally:
+            for listener in self.listeners:
+                listener()
+    write.__name__, write.__doc__ = method, base.__doc__
+    return write
+
+
+class WatchedParameter(gluon.Parameter):
+    """A ``gluon.Parameter`` that calls its ``listeners`` after every write Gluon makes to it."""
+
+    WRITES = ("set_data", "_load_init", "_init_impl", "cast", "reset_ctx")
+
+    def __init__(self, name, **kwargs):
+        super().__init__(name, **kwargs)
+        self.listeners = []
+
+
+for _method in WatchedParameter.WRITES:
+    setattr(WatchedParameter, _method, _notifying(_method))
+
+
+class ComposedKernel(WatchedParameter):
+    """W' of a ``DOConv2D``, the graph's ``kernel_cache`` input: composed per call while recording, else cached.
+
+    The data of this parameter is a per-context buffer; ``data()`` refreshes it (see the module docstring).
+    """
+
+    def __init__(self, name, layer, shape):
+        super().__init__(name, shape=shape, init="zeros", allow_deferred_init=True, differentiable=False)
+        self._layer, self._fresh = layer, set()
+        self.listeners.append(self.invalidate)
+
+    def invalidate(self):
+        self._fresh = set()
+
+    def data(self, ctx=None):
+        buffer = super().data(ctx)
+        layer = self._layer
+        if not layer._kernel_mode():
+            return buffer
+        ctx = buffer.context
+        if mx.autograd.is_recording():
+            self._fresh = set()
+            return layer._compose_nd(ctx)
+        if ctx not in self._fresh:
+            W, D = layer.W.data(ctx), layer.D.data(ctx)
+            buffer[:] = layer._compose_nd(ctx)
+            if not (W._fresh_grad or D._fresh_grad):  # no Trainer.step pending
+                self._fresh.add(ctx)
+        return buffer
+
+    def list_data(self):
+        return [self.data(ctx) for ctx in self.list_ctx()]
+
+    def _reduce(self):
+        with mx.autograd.pause():
+            return self.data(self.list_ctx()[0]).copyto(mx.cpu())
+
+
+class DOConv2D(gluon.HybridBlock):
+    r"""Depthwise over-parameterized 2-D convolution, a drop-in for ``gluon.nn.Conv2D``.
+
+    ``O = (D, W) * P = (D^T o W) * P`` (Eq. 3): ``groups=1`` is DO-Conv, ``groups=in_channels`` DO-DConv
+    (Eq. 4), anything between DO-GConv. Every ``gluon.nn.Conv2D`` argument keeps its meaning; in addition:
+
+    D_mul : int or None
+        The depth multiplier of D (default M*N). ``D_mul < M*N`` only with ``depthwise_separable=True``.
+    d_init : ``'identity'`` (D' = 0, so W' = W at init, the paper's default) or ``'random'``.
+    composition : ``'kernel'`` (default), ``'feature'`` or ``'auto'`` (see the module docstring).
+
+    ``layout='NHWC'`` is accepted where MXNet's own Convolution runs it (GPU): on CPU, MXNet cannot, and the
+    first call says so with a ValueError. ``padding`` is Gluon's symmetric zero padding (int or pair).
+    """
+
+    def __init__(self, channels, kernel_size, strides=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                 layout="NCHW", activation=None, use_bias=True, weight_initializer=None, bias_initializer="zeros",
+                 in_channels=0, *, D_mul=None, d_init="identity", composition="kernel",
+                 depthwise_separable=False, **kwargs):
+        super().__init__(**kwargs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, but got layout={layout!r}")
+        if composition not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {COMPOSITIONS}, but got composition={composition!r}")
+        if d_init not in ("identity", "random"):
+            raise ValueError(f"d_init must be one of ('identity', 'random'), but got d_init={d_init!r}")
+        if not isinstance(in_channels, numbers.Integral) or isinstance(in_channels, bool) or in_channels < 0:
+            raise ValueError(f"in_channels must be a positive int, or 0 to infer it from the first input, "
+                             f"but got in_channels={in_channels!r}")
+        pad = gluon_padding(padding)
+        # Validate everything now (the core names argument and value); groups stands in for unknown C_in.
+        cfg = DOConvConfig(int(in_channels) or groups, channels, kernel_size, stride=strides, padding=pad,
+                           dilation=dilation, groups=groups, bias=use_bias, D_mul=D_mul,
+                           depthwise_separable=depthwise_separable)
+        self._args = dict(out_channels=cfg.out_channels, kernel_size=cfg.kernel_size, stride=cfg.stride,
+                          padding=pad, dilation=cfg.dilation, groups=cfg.groups, bias=cfg.bias, D_mul=cfg.D_mul,
+                          depthwise_separable=depthwise_separable)
+        self._layout, self._composition, self._auto = layout, composition, None
+        self._activation, self.d_init = activation, d_init
+        self._check_in_channels(int(in_channels))
+        cin = int(in_channels)
+        with self.name_scope():
+            self.W = self._watched("W", shape=(cfg.out_channels, cin // cfg.groups, cfg.S),
+                                     init=weight_initializer, allow_deferred_init=True)
+            self.D = self._watched("D", shape=(cin, cfg.MN, cfg.S), init=DOConvDelta(d_init, cfg.MN, cfg.S),
+                                     allow_deferred_init=True) if cfg.has_D else None
+            self.bias = self.params.get("bias", shape=(cfg.out_channels,), init=bias_initializer,
+                                        allow_deferred_init=True) if use_bias else None
+            self.kernel_cache = None
+            if cfg.has_D and composition != "feature":
+                self.kernel_cache = ComposedKernel(self.params.prefix + "kernel", self,
+                                                   (cfg.out_channels, cin // cfg.groups) + cfg.kernel_size)
+                self.params.update({self.kernel_cache.name: self.kernel_cache})
+                for param in (self.W, self.D):
+                    param.listeners.append(self.kernel_cache.invalidate)
+            self.act = gluon.nn.Activation(activation, prefix=activation + "_") if activation is not None else None
+
+    def _watched(self, key, **kwargs) -> WatchedParameter:
+        param = WatchedParameter(self.params.prefix + key, **kwargs)
+        self.params.update({param.name: param})
+        return param
+
+    def invalidate_cache(self):
+        """Drop the cached W' (needed only after raw in-place writes to W's or D's arrays; see the module doc)."""
+        if self.kernel_cache is not None:
+            self.kernel_cache.invalidate()
+
+    def _collect_params_with_prefix(self, prefix=""):
+        """What ``save_parameters`` / ``load_parameters`` see: W, D, bias -- never the kernel cache."""
+        params = super()._collect_params_with_prefix(prefix)
+        return {key: p for key, p in params.items() if p is not self.kernel_cache}
+
+    def load_parameters(self, filename, *args, **kwargs):
+        """As Gluon's; a bare layer's file (keys without '.') takes Gluon's legacy path through
+        ``collect_params``, which must not ask the file for the kernel cache."""
+        cache = self.kernel_cache
+        if cache is not None:
+            del self.params._params[cache.name]
+        try:
+            return super().load_parameters(filename, *args, **kwargs)
+        finally:
+            if cache is not None:
+                self.params._params[cache.name] = cache
+
+    def _kernel_mode(self) -> bool:
+        return self.kernel_cache is not None and (self._auto or "kernel") == "kernel"
+
+    def _compose_nd(self, ctx):
+        """W' in the layer's dtype on ``ctx``, imperatively (recorded when autograd records)."""
+        return self._kernel(mx.nd, self.W.data(ctx), self.D.data(ctx))
+
+    # ---- configuration -----------------------------------------------------------------
+    def _check_in_channels(self, in_channels):
+        if in_channels:
+            DOConvConfig(in_channels, **self._args)  # ValueError names in_channels and groups
+
+    @property
+    def in_channels(self) -> int:
+        """C_in, 0 while it is still to be inferred from the first input."""
+        return self.W.shape[1] * self._args["groups"]
+
+    @property
+    def config(self) -> DOConvConfig:
+        """The layer's :class:`doconv.DOConvConfig` (needs C_in: known or inferred)."""
+        if not self.in_channels:
+            raise ValueError(f"{self.name}: in_channels is not known yet (in_channels=0 and no input seen)")
+        return DOConvConfig(self.in_channels, **self._args)
+
+    @property
+    def layout(self) -> str:
+        return self._layout
+
+    @property
+    def composition(self) -> str:
+        return self._composition
+
+    @property
+    def activation(self):
+        return self._activation
+
+    def infer_shape(self, x, *args):
+        """Deferred initialisation of this layer alone: C_in from the input's channel axis."""
+        cin = int(x.shape[self._layout.find("C")])
+        self._check_in_channels(cin)
+        cfg = DOConvConfig(cin, **self._args)
+        self.W.shape = cfg.W_shape
+        if self.D is not None:
+            self.D.shape = cfg.D_shape
+        if self.kernel_cache is not None:
+            self.kernel_cache.shape = cfg.kernel_shape
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x, *args):
+        if isinstance(x, mx.nd.NDArray):
+            if self._layout == "NHWC" and x.context.device_type == "cpu":
+                raise ValueError(f"{self.name}: layout='NHWC' is not supported on {x.context}: MXNet's own "
+                                 f"Convolution runs NHWC only on GPU; use layout='NCHW' on CPU")
+            if self._composition == "auto" and self._auto is None:
+                channels = int(x.shape[self._layout.find("C")])
+                cfg = DOConvConfig(channels, **self._args)
+                shape = x.shape if self._layout == "NCHW" else (x.shape[0], x.shape[3], *x.shape[1:3])
+                self._auto = choose_composition(cfg, shape)
+                self._clear_cached_op()
+        return super().forward(x, *args)
+
+    def _conv_kwargs(self, kernel=None, stride=None, pad=None, dilate=None, num_filter=None, num_group=None):
+        a = self._args
+        return dict(kernel=kernel or a["kernel_size"], stride=stride or a["stride"], pad=pad or a["padding"],
+                    dilate=dilate or a["dilation"], num_filter=num_filter or a["out_channels"],
+                    num_group=num_group or a["groups"], layout=self._layout)
+
+    def _identity_fill(self, F, dtype):
+        """I_fill (1, MN, S) from eye/tile/zeros (see :func:`doconv.identity_fill`)."""
+        mn, s = self._mn, self._args["D_mul"]
+        if s < mn:
+            eye = F.eye(mn, s, dtype=dtype)
+        else:
+            eye = F.tile(F.eye(mn, dtype=dtype), reps=(1, s // mn))
+            if s % mn:
+                eye = F.concat(eye, F.zeros((mn, s % mn), dtype=dtype), dim=1)
+        return F.reshape(eye, (1, mn, s))
+
+    @property
+    def _mn(self) -> int:
+        m, n = self._args["kernel_size"]
+        return m * n
+
+    def compose(self, F, W, D, dtype=None):
+        """W' = D^T o W in OIHW (Eq. 3), one ``linalg.gemm``; ``D`` is the stored delta D'."""
+        a = self._args
+        g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
+        if D is None:  # 1x1: no D, W' is W
+            return F.reshape(W, (0, 0) + a["kernel_size"])
+        wg = F.reshape(W, (g, cout // g, -1, s))                              # (g, C_out/g, C_in/g, S)
+        dt = F.swapaxes(F.reshape(D, (g, -1, mn, s)), 1, 2)                   # (g, MN, C_in/g, S)
+        if s == mn:  # W' = W I + W D'^T: the identity part is W itself, gemm's accumulator
+            kernel = F.linalg.gemm(wg, dt, wg, transpose_b=True, axis=1, alpha=1.0, beta=1.0)
+        else:
+            eye = F.reshape(self._identity_fill(F, dtype or self._dtype), (1, mn, 1, s))
+            full = F.broadcast_add(dt, eye)
+            kernel = F.linalg.gemm2(wg, full, transpose_b=True, axis=1)
+        return F.reshape(kernel, (cout, -1) + a["kernel_size"])            # (C_out, C_in/g, M, N)
+
+    @property
+    def _dtype(self):
+        return np.dtype(self.W.dtype).name
+
+    def _kernel(self, F, W, D):
+        """W' in the layer's dtype (MXNet's linalg runs float32/64 only: float16 composes in float32)."""
+        compute = self._dtype not in ("float32", "float64")
+        if compute:
+            W, D = F.cast(W, "float32"), (None if D is None else F.cast(D, "float32"))
+        kernel = self.compose(F, W, D, "float32" if compute else None)
+        return F.cast(kernel, self._dtype) if compute else kernel
+
+    def hybrid_forward(self, F, x, W, D=None, bias=None, kernel_cache=None):
+        mode = self._auto or ("kernel" if self._composition == "auto" else self._composition)
+        if mode == "feature" and D is not None:
+            if kernel_cache is not None and F is mx.sym:  # 'auto' chose feature: the cache is unused
+                bias = self._join_zero(F, bias, kernel_cache)
+            compute = self._dtype not in ("float32", "float64")
+            if compute:
+                W, D = F.cast(W, "float32"), F.cast(D, "float32")
+            out = self._feature(F, x, W, D, bias, compute)
+        else:
+            if F is mx.sym and not self.in_channels:
+                bias = self._shape_probe(F, x, W, D, bias)
+            if kernel_cache is None:
+                kernel = self._kernel(F, W, D)
+            else:  # W' from the cache (see the module docstring); W and D only join the graph as a zero
+                kernel = kernel_cache
+                if F is mx.sym:
+                    bias = self._join_zero(F, bias, W, D)
+            if self._layout == "NHWC":  # MXNet's NHWC Convolution takes OHWI kernels
+                kernel = F.transpose(kernel, (0, 2, 3, 1))
+            extra = (bias,) if bias is not None else ()
+            out = F.Convolution(x, kernel, *extra, no_bias=bias is None, **self._conv_kwargs())
+        return self.act(out) if self.act is not None else out
+
+    def _join_zero(self, F, bias, *params):
+        """``bias`` plus an exact zero shaped like one element of each of ``params`` (keeps them graph inputs)."""
+        for param in params:
+            zero = F.zeros_like(F.slice_axis(F.reshape(param, (-1,)), axis=0, begin=0, end=1))   # (1,), exactly 0
+            if bias is None:
+                bias = F.broadcast_to(F.cast(zero, self._dtype), shape=(self._args["out_channels"],))
+            else:
+                bias = F.broadcast_add(bias, zero)
+        return bias
+
+    def _feature(self, F, x, W, D, bias, compute):
+        """**Kernel cache** (``composition='kernel'``, M*N > 1). The graph does not compose: W' enters it as the input
+``kernel_cache`` (a :class:`ComposedKernel` parameter, ``grad_req='null'``, never saved), whose value is fetched
+at every call -- also by a hybridized parent's CachedOp, which reads each parameter's ``data()`` per call:
+
+- inside ``autograd.record()`` it is composed afresh, imperatively and recorded, so gradients reach W and D
+  through it, and every cached copy is dropped;
+- outside, the cached W' of that context is returned, composed first if it is stale. It is cached only while
+  no gradient of W or D is pending (``_fresh_grad``: set by ``backward``, cleared by ``Trainer.step``), so a
+  ``backward`` -> inference -> ``step`` sequence never leaves a stale kernel behind;
+- every write Gluon makes to W, D or the cache -- ``set_data``, ``load_parameters``, ``initialize``, ``cast``,
+  ``reset_ctx`` -- drops it (:class:`WatchedParameter`).
+
+Not seen: raw in-place writes to the arrays (``layer.W.data()[:] = v``, ``nd.*(out=...)``) and a
+``Trainer`` with ``update_on_kvstore=True`` never clears ``_fresh_grad`` (correct, but then never cached). Call
+:meth:`DOConv2D.invalidate_cache` after raw writes. W and D stay graph inputs through a zero that joins the
+bias (``zeros_like`` of one element each), so Gluon sees every parameter used.
+
+Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
+        cin, a = self.in_channels, self._args
+        if not cin:
+            raise ValueError(f"{self.name}: composition='feature' needs in_channels (it sets the depthwise "
+                             f"conv's channel count); pass in_channels or run the layer once unhybridized")
+        s, (m, n) = a["D_mul"], a["kernel_size"]
+        full = F.broadcast_add(D, self._identity_fill(F, "float32" if compute else self._dtype))
+        dk = F.reshape(F.swapaxes(full, 1, 2), (cin * s, 1, m, n))
+        wk = F.reshape(W, (a["out_channels"], -1, 1, 1))
+        if compute:
+            dk, wk = F.cast(dk, self._dtype), F.cast(wk, self._dtype)
+        if self._layout == "NHWC":
+            dk, wk = F.transpose(dk, (0, 2, 3, 1)), F.transpose(wk, (0, 2, 3, 1))
+        feat = F.Convolution(x, dk, no_bias=True, **self._conv_kwargs(num_filter=cin * s, num_group=cin))
+        extra = (bias,) if bias is not None else ()
+        return F.Convolution(feat, wk, *extra, no_bias=bias is None,
+                             **self._conv_kwargs(kernel=(1, 1), stride=(1, 1), pad=(0, 0), dilate=(1, 1)))
+
+    def _shape_probe(self, F, x, W, D, bias):
+        """Zeros of shape (C_out,) that tie W's and D's unknown C_in to the input's (symbol graphs only).
+
+        ``FullyConnected`` infers its weight's shape from its data, and ``reshape`` infers backwards, so one
+        pixel of x times W (and times D) pins C_in/g and C_in. ``zeros_like`` passes no gradient.
+        """
+        a = self._args
+        g, cout, s = a["groups"], a["out_channels"], a["D_mul"]
+        pixel = F.slice(x, begin=(0, 0, 0, 0), end=(1, None, 1, 1))                  # one pixel, all C_in
+        pixel = F.cast(F.reshape(pixel, (g, -1)), "float32")                          # (g, C_in/g)
+        probes = [F.FullyConnected(F.slice_axis(pixel, axis=0, begin=0, end=1), F.reshape(W, (cout * s, -1)),
+                                   num_hidden=cout * s, no_bias=True)]
+        if D is not None:
+            probes.append(F.FullyConnected(F.reshape(pixel, (1, -1)), F.reshape(D, (self._mn * s, -1)),
+                                           num_hidden=self._mn * s, no_bias=True))
+        zero = F.add_n(*[F.sum(F.zeros_like(p)) for p in probes])                    # (1,), exactly 0
+        zero = F.cast(F.broadcast_to(F.reshape(zero, (1,)), shape=(cout,)), self._dtype)
+        return zero if bias is None else F.broadcast_add(bias, zero)
+
+    def __repr__(self):
+        a = self._args
+        shown = [f"{self.in_channels or None} -> {a['out_channels']}", f"kernel_size={a['kernel_size']}",
+                 f"stride={a['stride']}"]
+        for key, default in (("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1)):
+            if a[key] != default:
+                shown.append(f"{key}={a[key]}")
+        if a["D_mul"] != self._mn:
+            shown.append(f"D_mul={a['D_mul']}")
+        if not a["bias"]:
+            shown.append("bias=False")
+        if self._composition != "kernel":
+            shown.append(f"composition={self._composition!r}")
+        if self.act is not None:
+            shown.append(repr(self.act))
+        return f"{type(self).__name__}({', '.join(shown)})"

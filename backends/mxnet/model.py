@@ -1,0 +1,275 @@
+"""The backend contract for Gluon: canonical parameters, whole-model convert / fold, interchange and official files.
+
+Layer names are block paths, the keys ``save_parameters`` uses (``"features.0.conv1"``): a
+``HybridSequential``'s children by index, every other child by its attribute name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+import doconv
+from doconv.layouts import D_to_delta, delta_to_D, from_official
+
+from ._mx import gluon, mx
+from .layer import DOConv2D
+
+#: Gluon's Convolution pads symmetrically with zeros, fixed at construction: no per-side or non-zero
+#: padding, and no TF-style 'same' at stride > 1 (its pads depend on the input size). 'same' at stride 1
+#: with an odd kernel and 'valid' are translated to symmetric ints by :func:`layer_from_config`.
+UNSUPPORTED_FEATURES = frozenset({"asymmetric_padding", "padding_mode", "same_strided", "same_even_kernel"})
+
+
+# ---- one layer ---------------------------------------------------------------------------------------
+
+def symmetric_padding(config: doconv.DOConvConfig) -> Tuple[int, int]:
+    """The Gluon ``padding=(h, w)`` of a config, or ValueError when Gluon cannot express its padding."""
+    if config.padding_mode != "zeros":
+        raise ValueError(f"Gluon pads with zeros only, but got padding_mode={config.padding_mode!r}")
+    if config.padding == "same" and config.stride != (1, 1):
+        raise ValueError(f"padding='same' with stride={config.stride} depends on the input size; Gluon's padding "
+                         f"is fixed at construction: give symmetric ints")
+    (top, bottom), (left, right) = config.pads(0, 0) if config.padding == "same" else config.pads(1, 1)
+    if top != bottom or left != right:
+        raise ValueError(f"Gluon pads symmetrically, but {config!r} needs per-side pads "
+                         f"{((top, bottom), (left, right))}")
+    return (top, left)
+
+
+def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", composition="kernel", ctx=None,
+                      **kwargs) -> DOConv2D:
+    """An initialised ``DOConv2D`` for ``config`` on ``ctx`` (default ``mx.cpu()``), cast to ``dtype``."""
+    layer = DOConv2D(config.out_channels, config.kernel_size, strides=config.stride,
+                     padding=symmetric_padding(config), dilation=config.dilation, groups=config.groups,
+                     use_bias=config.bias, in_channels=config.in_channels, D_mul=config.D_mul,
+                     depthwise_separable=config.depthwise_separable, composition=composition, **kwargs)
+    layer.initialize(ctx=ctx or mx.cpu())
+    layer.cast(dtype)
+    return layer
+
+
+def layer_config(layer: DOConv2D) -> doconv.DOConvConfig:
+    """The layer's :class:`doconv.DOConvConfig` (padding as symmetric per-side pairs)."""
+    if not isinstance(layer, DOConv2D):
+        raise TypeError(f"layer must be a doconv.mxnet.DOConv2D, but got {type(layer).__name__}")
+    return layer.config
+
+
+def get_params(layer: DOConv2D) -> doconv.DOConvParams:
+    """Canonical NumPy parameters in the layer's dtype: W, the *full* D = I_fill + D', bias."""
+    config = layer_config(layer)
+    read = lambda p: None if p is None else p.data(p.list_ctx()[0]).asnumpy()  # noqa: E731
+    return doconv.DOConvParams(read(layer.W), delta_to_D(read(layer.D), config), read(layer.bias))
+
+
+def set_params(layer: DOConv2D, params: doconv.DOConvParams, *, name: Optional[str] = None) -> None:
+    """Write canonical parameters (full D) into every context's copy; ValueError naming layer, array and shapes."""
+    config = layer_config(layer)
+    params.check(config, where=f"layer {name or layer.name!r}")
+    dtype = np.dtype(layer.W.dtype)
+    for param, value in ((layer.W, params.W), (layer.D, D_to_delta(params.D, config)), (layer.bias, params.bias)):
+        if param is not None:
+            param.set_data(mx.nd.array(np.asarray(value, dtype=dtype), dtype=dtype))
+
+
+# ---- walking a network -------------------------------------------------------------------------------
+
+def named_blocks(block: gluon.Block, prefix: str = "") -> Iterator[Tuple[str, gluon.Block, gluon.Block, str]]:
+    """Every descendant as ``(path, block, parent, key)``, depth first, in registration order."""
+    for key, child in block._children.items():
+        path = f"{prefix}.{key}" if prefix else key
+        yield path, child, block, key
+        yield from named_blocks(child, path)
+
+
+def _replace(parent: gluon.Block, key: str, new: gluon.Block) -> None:
+    if getattr(parent, key, None) is parent._children[key]:
+        # Block.__setattr__ refuses to change an attribute's type (Conv2D -> DOConv2D): bypass it, then
+        # re-register the child under the same key so collect_params and the block paths see the new one.
+        object.__setattr__(parent, key, new)
+    parent._children[key] = new
+
+
+def _clear_cached_graphs(model: gluon.Block) -> None:
+    """Drop every cached graph above a replaced layer (a hybridized ancestor would run the old one)."""
+    for block in [model, *(b for _, b, _, _ in named_blocks(model))]:
+        if isinstance(block, gluon.HybridBlock):
+            block._clear_cached_op()
+
+
+def _selected(path: str, include, exclude) -> bool:
+    patterns = lambda p: [p] if isinstance(p, str) else list(p)  # noqa: E731
+    if include is not None and not any(fnmatch.fnmatchcase(path, p) for p in patterns(include)):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(path, p) for p in patterns(exclude)))
+
+
+@dataclasses.dataclass
+class ConversionRow:
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: Tuple[int, int]
+    groups: int
+    D_mul: int
+    weights: str
+
+
+class ConversionReport(list):
+    """Rows of replaced (or folded) layers; ``str()`` is a Markdown table."""
+
+    def __str__(self) -> str:
+        head = "| layer | kind | C_in | C_out | kernel | groups | D_mul | weights |\n|---|---|---|---|---|---|---|---|"
+        rows = [f"| {r.name} | {r.kind} | {r.in_channels} | {r.out_channels} | {r.kernel_size[0]}x{r.kernel_size[1]} "
+                f"| {r.groups} | {r.D_mul} | {r.weights} |" for r in self]
+        return "\n".join([head, *rows, f"\n{len(self)} layer(s)"])
+
+
+def _conv_args(conv: gluon.nn.Conv2D) -> dict:
+    k = conv._kwargs
+    return dict(channels=k["num_filter"], kernel_size=tuple(k["kernel"]), strides=tuple(k["stride"]),
+                padding=tuple(k["pad"]), dilation=tuple(k["dilate"]), groups=k["num_group"], layout=k["layout"],
+                activation=conv.act._act_type if conv.act is not None else None, use_bias=not k["no_bias"])
+
+
+def _contexts(param) -> Optional[list]:
+    try:
+        return param.list_ctx()
+    except RuntimeError:  # never initialised
+        return None
+
+
+def _initialise_like(new: gluon.HybridBlock, old_param) -> bool:
+    """Initialise ``new`` where ``old_param`` lives, with its dtype; False if the old one held no data yet."""
+    ctxs = _contexts(old_param)
+    if ctxs is None:
+        return False
+    new.cast(old_param.dtype)
+    new.initialize(ctx=ctxs)
+    return old_param._deferred_init == ()  # initialised with a known shape: data to copy
+
+
+def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, exclude=None,
+            composition="kernel") -> Tuple[gluon.Block, ConversionReport]:
+    """Swap every non-pointwise ``gluon.nn.Conv2D`` of ``model`` for a ``DOConv2D`` in place, keeping weights.
+
+    Each converted layer starts at W' = the conv's kernel exactly (:func:`doconv.params_for_kernel`), so
+    outputs are unchanged. ``include``/``exclude``: fnmatch patterns (or lists) on block paths. A conv whose
+    weight is not initialised yet becomes a deferred DOConv2D. ``d_init='random'`` re-initialises D (and
+    therefore changes outputs). Returns ``(model, report)``.
+    """
+    report = ConversionReport()
+    for path, block, parent, key in list(named_blocks(model)):
+        if type(block) is not gluon.nn.Conv2D or tuple(block._kwargs["kernel"]) == (1, 1):
+            continue
+        if not _selected(path, include, exclude):
+            continue
+        args = _conv_args(block)
+        cin = block.weight.shape[1] * args["groups"]
+        new = DOConv2D(**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
+                       prefix=block.prefix)
+        with_data = _initialise_like(new, block.weight) and cin > 0
+        if with_data:
+            config = new.config
+            bias = None if block.bias is None else block.bias.data(block.bias.list_ctx()[0]).asnumpy()
+            params = doconv.params_for_kernel(block.weight.data(block.weight.list_ctx()[0]).asnumpy(), config, bias)
+            if d_init == "random":
+                params.D = get_params(new).D
+            set_params(new, params, name=path)
+        _replace(parent, key, new)
+        cfg_d = new._args
+        report.append(ConversionRow(path, doconv.DOConvConfig(cin or args["groups"], **cfg_d).kind, cin,
+                                    cfg_d["out_channels"], cfg_d["kernel_size"], cfg_d["groups"], cfg_d["D_mul"],
+                                    "kept" if with_data else "deferred"))
+    _clear_cached_graphs(model)
+    return model, report
+
+
+def fold(model: gluon.Block, *, return_report: bool = False):
+    """Replace every ``DOConv2D`` (the model itself included) by a plain ``gluon.nn.Conv2D`` holding W' and bias.
+
+    The folded net has the baseline's parameters and cost (paper Section 3). Returns the model (or the new
+    conv if ``model`` is itself a DOConv2D), with the report when ``return_report=True``.
+    """
+    report = ConversionReport()
+
+    def folded(layer: DOConv2D, name: str) -> gluon.nn.Conv2D:
+        config = layer_config(layer)
+        a = layer._args
+        conv = gluon.nn.Conv2D(a["out_channels"], a["kernel_size"], strides=a["stride"], padding=a["padding"],
+                               dilation=a["dilation"], groups=a["groups"], layout=layer.layout,
+                               activation=layer.activation, use_bias=a["bias"], in_channels=config.in_channels,
+                               prefix=layer.prefix)
+        conv.cast(layer.W.dtype)
+        conv.initialize(ctx=layer.W.list_ctx())
+        kernel, bias = doconv.fold(get_params(layer), config)
+        dtype = np.dtype(layer.W.dtype)
+        conv.weight.set_data(mx.nd.array(kernel, dtype=dtype))
+        if bias is not None:
+            conv.bias.set_data(mx.nd.array(bias, dtype=dtype))
+        report.append(ConversionRow(name, "Conv2D", config.in_channels, config.out_channels, config.kernel_size,
+                                    config.groups, config.D_mul, "folded"))
+        return conv
+
+    if isinstance(model, DOConv2D):
+        out = folded(model, model.name)
+    else:
+        for path, block, parent, key in list(named_blocks(model)):
+            if isinstance(block, DOConv2D):
+                _replace(parent, key, folded(block, path))
+        _clear_cached_graphs(model)
+        out = model
+    return (out, report) if return_report else out
+
+
+# ---- files -------------------------------------------------------------------------------------------
+
+def doconv_layers(model: gluon.Block) -> dict:
+    """``{path: DOConv2D}`` of a model (a bare layer is named by its block name)."""
+    if isinstance(model, DOConv2D):
+        return {model.name: model}
+    return {path: block for path, block, _, _ in named_blocks(model) if isinstance(block, DOConv2D)}
+
+
+def export_canonical(model: gluon.Block, path) -> None:
+    """Write every DOConv2D of ``model`` to the core's interchange file (:func:`doconv.save`)."""
+    doconv.save(path, {name: (layer_config(layer), get_params(layer)) for name, layer in doconv_layers(model).items()})
+
+
+def import_canonical(model: gluon.Block, path) -> None:
+    """Load an interchange file into ``model`` (:func:`doconv.load_matching`, strict).
+
+    ValueError on a missing/extra layer or a config that differs from the model's layer. Configs are compared
+    resolved (:meth:`doconv.DOConvConfig.resolved`): a file whose layer pads ``'same'`` (PyTorch, Keras) loads
+    into the Gluon layer holding the equal explicit symmetric pads.
+    """
+    layers = doconv_layers(model)
+    stored = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=True)
+    for name, layer in layers.items():
+        set_params(layer, stored[name], name=name)
+
+
+def import_official(layer: DOConv2D, arrays, *, refold: bool = False) -> None:
+    """Load the official GluonCV DO-Conv layer's arrays (``weight`` (C_out, C_in/g, M, N) as W, delta ``D``
+    (MN, MN, C_in), ``bias``; keys may carry a Gluon prefix such as ``'conv0_weight'``) with the exact same W'.
+
+    The official layer pairs D slices with W rows as ``c*g + o // (C_out/g)``; the core's index maps move them to
+    the paper's pairing (:func:`doconv.layouts.from_official`), which is always possible for this flavour.
+    """
+    plain = {}
+    for key, value in arrays.items():
+        short = key.rsplit("_", 1)[-1] if key not in ("weight", "D", "bias") else key
+        if short in plain:
+            raise ValueError(f"official arrays: more than one entry for {short!r} ({sorted(arrays)})")
+        plain[short] = value.asnumpy() if isinstance(value, mx.nd.NDArray) else np.asarray(value)
+    set_params(layer, from_official(plain, layer_config(layer), "gluon", refold=refold))
+
+
+__all__ = ["UNSUPPORTED_FEATURES", "ConversionReport", "convert", "export_canonical", "fold", "get_params",
+           "import_canonical", "import_official", "layer_config", "layer_from_config", "named_blocks",
+           "set_params", "symmetric_padding"]

@@ -1,0 +1,79 @@
+"""Shared helpers of the MXNet backend tests (run in the mxnet environment: numpy<1.24, no torch).
+
+mxnet 1.9.1 and gluoncv 0.10.5 raise DeprecationWarnings at import under numpy 1.23 (NEP 32 financial
+functions, the ``np.bool`` alias, distutils' LooseVersion). Those messages, from those modules only, are
+filtered below, and so is mxnet's use of SciPy's deprecated ``scipy.sparse.csr`` namespace in
+``mx.nd.array``; every other warning still shows.
+"""
+
+import numpy as np
+import pytest
+
+IMPORT_WARNINGS = [
+    r"ignore:In accordance with NEP 32:DeprecationWarning:mxnet\.numpy\.fallback",
+    r"ignore:`np\.bool` is a deprecated alias:DeprecationWarning:mxnet\.numpy\.utils",
+    r"ignore:distutils Version classes are deprecated:DeprecationWarning:mxnet\.numpy_dispatch_protocol",
+    r"ignore:distutils Version classes are deprecated:DeprecationWarning:gluoncv\.check",
+    # not at import: mxnet.nd.array(numpy) checks scipy.sparse.csr.csr_matrix, deprecated in SciPy 1.8
+    # gluoncv 0.10.5's RPN anchors use the np.float alias (deprecated in NumPy 1.20) when a detector is built
+    r"ignore:`np\.float` is a deprecated alias:DeprecationWarning:gluoncv\.model_zoo\.rcnn\.rpn\.anchor",
+    r"ignore:Please import `csr_matrix` from the `scipy.sparse` namespace:DeprecationWarning:mxnet\.ndarray\.utils",
+]
+
+
+def pytest_configure(config):
+    for line in IMPORT_WARNINGS:
+        config.addinivalue_line("filterwarnings", line)
+
+
+import doconv  # noqa: E402
+from doconv.selfcheck import layer_vjp  # noqa: E402
+from doconv.mxnet import UNSUPPORTED_FEATURES, layer_from_config, set_params  # noqa: E402
+from doconv.mxnet._mx import mx  # noqa: E402
+
+#: The shared cases Gluon can express ('same' at stride 1 / 'valid' become symmetric ints in layer_from_config).
+GLUON_CASES = doconv.cases.select(UNSUPPORTED_FEATURES)
+
+
+def build(case, dtype="float32", seed=0, **kwargs):
+    """A layer for ``case`` holding ``case.params(seed)`` (randomised D), and those canonical params."""
+    params = case.params(seed, dtype)
+    layer = layer_from_config(case.config, dtype=dtype, **kwargs)
+    set_params(layer, params)
+    return layer, params
+
+
+def run_with_grads(layer, x, cotangent):
+    """Forward under autograd, backward with ``cotangent``: (output, {x, W, D, bias} gradients) as NumPy."""
+    xn = mx.nd.array(x, dtype=x.dtype)
+    xn.attach_grad()
+    with mx.autograd.record():
+        y = layer(xn)
+    y.backward(mx.nd.array(cotangent, dtype=x.dtype))
+    grads = {"x": xn.grad.asnumpy(), "W": layer.W.grad().asnumpy()}
+    if layer.D is not None:
+        grads["D"] = layer.D.grad().asnumpy()
+    if layer.bias is not None:
+        grads["bias"] = layer.bias.grad().asnumpy()
+    return y.asnumpy(), grads
+
+
+def reference(case, params, x, cotangent):
+    """The core's output and gradients (D' gets D's gradient: D = I_fill + D')."""
+    return doconv.forward(x, params, case.config), layer_vjp(cotangent, x, params, case.config)
+
+
+def nd(x, dtype="float32"):
+    return mx.nd.array(np.asarray(x), dtype=dtype)
+
+
+@pytest.fixture
+def tmp_prefix(tmp_path):
+    return str(tmp_path / "net")
+
+
+@pytest.fixture
+def h():
+    """The helpers above, for test modules (importlib mode: a conftest is not importable by name)."""
+    import types
+    return types.SimpleNamespace(build=build, run_with_grads=run_with_grads, reference=reference, nd=nd)

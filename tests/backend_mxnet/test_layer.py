@@ -1,0 +1,217 @@
+"""DOConv2D against the NumPy core on the shared case table (randomised D), and its Gluon life cycle."""
+
+import numpy as np
+import pytest
+import doconv
+from doconv.mxnet import UNSUPPORTED_FEATURES, DOConv2D, get_params, layer_config, layer_from_config, set_params
+from doconv.mxnet._mx import gluon, mx
+
+GLUON_CASES = doconv.cases.select(UNSUPPORTED_FEATURES)
+IDS = [c.id for c in GLUON_CASES]
+
+
+def test_the_gluon_case_selection_is_what_we_expect():
+    # 'same' at stride 1 and symmetric explicit padding stay; per-side, non-zero modes and strided 'same' go.
+    ids = set(IDS)
+    assert {"k3-same", "k3-valid", "dw-x3-k5-same", "k3-s2-d2", "k5-s2-2MN", "g3-k3-s2-Dmul+3"} <= ids
+    assert not ids & {"k3-reflect", "k3-zeros-asym", "k3-s2-same", "k2x2-same", "g2-k3-reflect-asym"}
+    assert len(ids) == 24
+
+
+@pytest.mark.parametrize("composition", ["kernel", "feature"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", GLUON_CASES, ids=IDS)
+def test_forward_and_gradients_match_the_core(case, dtype, composition, h):
+    layer, params = h.build(case, dtype, seed=11, composition=composition)
+    x = case.input(11, dtype)
+    u = np.random.default_rng(12).normal(size=case.config.output_shape(x.shape)).astype(dtype)
+    out, grads = h.run_with_grads(layer, x, u)
+    want_out, want_grads = h.reference(case, params, x, u)
+    doconv.assert_close(out, want_out, dtype, f"{case.id} output")
+    assert set(grads) == set(want_grads)
+    for name, grad in grads.items():
+        doconv.assert_close(grad, want_grads[name], dtype, f"{case.id} d{name}")
+
+
+@pytest.mark.parametrize("case", GLUON_CASES, ids=IDS)
+def test_hybridized_equals_imperative(case, h):
+    layer, _ = h.build(case, "float64", seed=3)
+    x = h.nd(case.input(3, np.float64), "float64")
+    imperative = layer(x).asnumpy()
+    layer.hybridize()
+    hybrid = layer(x).asnumpy()
+    doconv.assert_close(hybrid, imperative, "float64", case.id)
+    assert layer._cached_op is not None  # really ran the cached graph
+
+
+def test_canonical_params_round_trip_and_identity_init(h):
+    case = doconv.cases.case("g3-k3-s2-Dmul+3")
+    layer, params = h.build(case, "float64", seed=4)
+    back = get_params(layer)
+    for name in ("W", "D", "bias"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(params, name))
+    assert layer_config(layer) == doconv.DOConvConfig(**{**case.kwargs, "padding": ((1, 1), (1, 1))})
+    fresh = layer_from_config(case.config, dtype="float64")
+    assert np.all(fresh.D.data().asnumpy() == 0)  # the stored delta D' is zero at identity init
+    np.testing.assert_array_equal(get_params(fresh).D, doconv.identity_D(case.config))
+
+
+def test_random_d_init_draws_D_with_he_variance():
+    layer = DOConv2D(8, 3, in_channels=64, d_init="random")
+    layer.initialize()
+    D = get_params(layer).D
+    assert abs(D.std() - np.sqrt(2 / 9)) < 0.02 and abs(D.mean()) < 0.02
+
+
+def test_set_params_names_layer_array_and_shapes():
+    layer = layer_from_config(doconv.DOConvConfig(4, 6, 3, padding=1))
+    bad = doconv.DOConvParams(np.zeros((6, 4, 9)), np.zeros((4, 9, 8)), np.zeros(6))
+    with pytest.raises(ValueError, match=r"layer .*: D has shape \(4, 9, 8\) .* needs \(4, 9, 9\)"):
+        set_params(layer, bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(padding="same"), "padding must be an int or a pair"),
+    (dict(padding=((0, 1), (1, 1))), "padding must be an int or a pair"),
+    (dict(D_mul=4), "D_mul must be >= M\\*N = 9"),
+    (dict(groups=4, in_channels=6), "in_channels must be divisible by groups"),
+    (dict(groups=5), "out_channels must be divisible by groups"),
+    (dict(in_channels=-1), "in_channels must be a positive int"),
+    (dict(layout="NCW"), "layout must be one of"),
+    (dict(composition="fast"), "composition must be one of"),
+    (dict(d_init="ones"), "d_init must be one of"),
+    (dict(strides=0), "stride must be >= 1"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DOConv2D(**{"channels": 8, "kernel_size": 3, **kwargs})
+
+
+def test_layer_from_config_refuses_what_gluon_cannot_pad():
+    for kwargs, match in ((dict(padding=((0, 1), (1, 1))), "symmetrically"),
+                          (dict(padding=1, padding_mode="reflect"), "zeros only"),
+                          (dict(padding="same", stride=2), "depends on the input size"),
+                          (dict(kernel_size=2, padding="same"), "symmetrically")):
+        with pytest.raises(ValueError, match=match):
+            layer_from_config(doconv.DOConvConfig(**{"in_channels": 2, "out_channels": 2, "kernel_size": 3, **kwargs}))
+
+
+def test_deferred_channels_not_divisible_by_groups():
+    layer = DOConv2D(6, 3, groups=3)
+    layer.initialize()
+    with pytest.raises(ValueError, match="in_channels must be divisible by groups, but got in_channels=4"):
+        layer(mx.nd.ones((1, 4, 5, 5)))
+
+
+def test_nhwc_on_cpu_is_a_clear_error():
+    layer = DOConv2D(4, 3, layout="NHWC", in_channels=3)
+    layer.initialize()
+    with pytest.raises(ValueError, match="layout='NHWC' is not supported on cpu"):
+        layer(mx.nd.ones((1, 5, 5, 3)))
+
+
+def test_float16_fails_on_cpu_exactly_as_conv2d_does():
+    def error(block):
+        block.initialize()
+        block.cast("float16")
+        with pytest.raises(mx.base.MXNetError) as info:
+            block(mx.nd.ones((1, 3, 6, 6), dtype="float16")).wait_to_read()
+        return str(info.value)
+    ours, theirs = error(DOConv2D(4, 3, in_channels=3)), error(gluon.nn.Conv2D(4, 3, in_channels=3))
+    assert "FP16 gemm on cpu not implemented" in ours and "FP16 gemm on cpu not implemented" in theirs
+
+
+def _deferred_net(hybridize):
+    net = gluon.nn.HybridSequential()
+    net.add(DOConv2D(6, 3, padding=1, groups=2, d_init="random"),
+            DOConv2D(8, (3, 1), padding=(1, 0), use_bias=False, D_mul=6, d_init="random", activation="relu"))
+    net.initialize(mx.init.Uniform(0.5))
+    if hybridize:
+        net.hybridize()
+    return net
+
+
+def _core_forward(net, x):
+    for block in net:
+        x = doconv.forward(x, get_params(block), block.config)
+        x = np.maximum(x, 0) if block.act is not None else x
+    return x
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized-parent"])
+def test_deferred_in_channels_inferred_from_first_input(hybridize, h):
+    net = _deferred_net(hybridize)
+    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype("float32")
+    out = net(h.nd(x)).asnumpy()
+    assert [b.W.shape for b in net] == [(6, 2, 9), (8, 6, 6)]
+    assert [b.D.shape for b in net] == [(4, 9, 9), (6, 3, 6)]
+    doconv.assert_close(out, _core_forward(net, x), "float32", "deferred net")
+    net.hybridize()  # a graph built with known shapes (no shape probe) gives the same numbers
+    doconv.assert_close(net(h.nd(x)).asnumpy(), out, "float32", "rebuilt graph")
+
+
+def test_auto_composition_follows_the_cost_model():
+    wide = DOConv2D(64, 3, padding=1, in_channels=4, composition="auto")    # 4 positions < 64 outputs
+    narrow = DOConv2D(4, 3, padding=1, in_channels=64, composition="auto")
+    for layer, shape, want in ((wide, (1, 4, 2, 2), "feature"), (narrow, (8, 64, 16, 16), "kernel")):
+        layer.initialize()
+        layer(mx.nd.ones(shape))
+        assert layer._auto == want == doconv.choose_composition(layer.config, shape)
+
+
+def test_save_and_load_parameters_with_stable_names(tmp_path, h):
+    case = doconv.cases.case("g3-k3-s2-Dmul+3")
+    layer, params = h.build(case, "float32", seed=5)
+    layer.save_parameters(str(tmp_path / "layer.params"))
+    assert sorted(mx.nd.load(str(tmp_path / "layer.params"))) == ["D", "W", "bias"]
+    other = layer_from_config(case.config)
+    other.load_parameters(str(tmp_path / "layer.params"))
+    x = h.nd(case.input(5, np.float32))
+    np.testing.assert_array_equal(other(x).asnumpy(), layer(x).asnumpy())
+    doconv.assert_close(other(x).asnumpy(), doconv.forward(case.input(5, np.float32), params, case.config),
+                        "float32", "reloaded")
+
+
+@pytest.mark.filterwarnings("ignore:Cannot decide type for the following arguments:UserWarning")
+@pytest.mark.parametrize("folded", [False, True], ids=["unfolded", "folded"])
+def test_export_and_symbolblock_imports(tmp_prefix, folded, h):
+    from doconv.mxnet import fold
+    net = _deferred_net(hybridize=True)
+    x = h.nd(np.random.default_rng(1).normal(size=(2, 4, 6, 6)))
+    want = net(x).asnumpy()
+    if folded:
+        net = fold(net)
+        assert all(type(b) is gluon.nn.Conv2D for b in net)
+        net.hybridize()
+        net(x)
+    net.export(tmp_prefix)
+    loaded = gluon.SymbolBlock.imports(tmp_prefix + "-symbol.json", ["data"], tmp_prefix + "-0000.params")
+    doconv.assert_close(loaded(x).asnumpy(), want, "float32", "SymbolBlock")
+    if folded:
+        assert sum(v.size for v in mx.nd.load(tmp_prefix + "-0000.params").values()) == \
+            6 * 2 * 9 + 6 + 8 * 6 * 3
+
+
+@pytest.mark.parametrize("kvstore", ["local", "device"])
+def test_trainer_over_two_contexts_matches_one(kvstore, h):
+    case = doconv.cases.case("g2-k3")
+    x = np.random.default_rng(7).normal(size=(4, *case.input_shape[1:])).astype("float32")
+    target = np.random.default_rng(8).normal(size=case.config.output_shape(x.shape)).astype("float32")
+
+    def train(ctxs, store):
+        layer, _ = h.build(case, "float32", seed=9, ctx=ctxs)
+        trainer = gluon.Trainer(layer.collect_params(), "sgd", {"learning_rate": 0.1, "momentum": 0.9}, kvstore=store)
+        for _ in range(3):
+            xs = gluon.utils.split_and_load(h.nd(x), ctxs)
+            ts = gluon.utils.split_and_load(h.nd(target), ctxs)
+            with mx.autograd.record():
+                losses = [((layer(a) - b) ** 2).sum() for a, b in zip(xs, ts)]
+            mx.autograd.backward(losses)
+            trainer.step(len(x))
+        return {name: p.data(ctxs[-1]).asnumpy() for name, p in layer._reg_params.items()}
+
+    one, two = train([mx.cpu(0)], kvstore), train([mx.cpu(0), mx.cpu(1)], kvstore)
+    start = get_params(h.build(case, "float32", seed=9)[0])
+    assert np.abs(one["D"]).max() > 0.1 and np.abs(one["W"] - start.W).max() > 1e-3  # it trained
+    for name in one:
+        doconv.assert_close(two[name], one[name], "float32", f"{kvstore} {name}")

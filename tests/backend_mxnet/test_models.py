@@ -1,0 +1,168 @@
+"""convert / fold on the GluonCV models of the issue (small inputs), and the canonical interchange file.
+
+Each model is built once (Xavier init, seeded), run once before conversion, once converted (identity init:
+W' = the conv's kernel exactly) and once folded back. Faster R-CNN keeps 8 proposals instead of 300 so that its
+ROI head (a ResNet stage per proposal) stays cheap; the converted layers are the same.
+"""
+
+import numpy as np
+import pytest
+
+import doconv
+from doconv.mxnet import DOConv2D, convert, export_canonical, fold, get_params, import_canonical, set_params
+from doconv.mxnet._mx import gluon, mx
+
+gluoncv = pytest.importorskip("gluoncv")
+model_zoo = gluoncv.model_zoo
+
+
+def few_proposals(net):
+    net._rpn_test_post_nms = net.rpn._test_post_nms = 8
+    net.rpn._test_pre_nms = 100
+    return net
+
+
+MODELS = {  # name: (builder, input size, kinds of layer the conversion must produce)
+    "resnet18_v1b": (lambda: model_zoo.get_model("resnet18_v1b"), 32, {"DO-Conv"}),
+    "resnet50_v1b": (lambda: model_zoo.get_model("resnet50_v1b"), 32, {"DO-Conv"}),
+    "resnet50_v2": (lambda: model_zoo.get_model("resnet50_v2"), 32, {"DO-Conv"}),
+    "mobilenetv2_1.0": (lambda: model_zoo.get_model("mobilenetv2_1.0"), 32, {"DO-Conv", "DO-DConv"}),
+    "resnext50_32x4d": (lambda: model_zoo.get_model("resnext50_32x4d"), 32, {"DO-Conv", "DO-GConv"}),
+    "deeplab_resnet50_voc": (lambda: model_zoo.get_deeplab(dataset="pascal_voc", backbone="resnet50", pretrained=False,
+                                                           pretrained_base=False, crop_size=128), 128, {"DO-Conv"}),
+    "faster_rcnn_resnet50_v1b_voc": (lambda: few_proposals(model_zoo.get_model(
+        "faster_rcnn_resnet50_v1b_voc", pretrained=False, pretrained_base=False)), 128, {"DO-Conv"}),
+}
+
+
+def outputs(net, x):
+    out = net(x)
+    return [o.asnumpy() for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def n_params(net):
+    return sum(int(np.prod(p.shape)) for p in net.collect_params().values())
+
+
+def built(name):
+    mx.random.seed(0)
+    builder, size, _ = MODELS[name]
+    net = builder()
+    net.initialize(mx.init.Xavier(magnitude=2.0), force_reinit=True)
+    net.hybridize()
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, size, size)))
+    return net, x
+
+
+def initialised(name):
+    """A built model after one forward (GluonCV defers its shapes until then) and that forward's outputs."""
+    net, x = built(name)
+    return net, x, outputs(net, x)
+
+
+def assert_same(got, want, what):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        doconv.assert_close(g, w, "float32", what)
+
+
+@pytest.mark.filterwarnings("ignore:.*is already initialized, ignoring:UserWarning")
+@pytest.mark.parametrize("name", list(MODELS))
+def test_convert_then_fold_keeps_outputs_and_parameter_count(name):
+    net, x, base = initialised(name)
+    count = n_params(net)
+    net, report = convert(net)
+    kinds = {row.kind for row in report}
+    assert kinds == MODELS[name][2] and all(row.weights == "kept" for row in report)
+    assert not any(type(b) is gluon.nn.Conv2D and b._kwargs["kernel"] != (1, 1)
+                   for _, b in net._children.items())
+    assert str(report).startswith("| layer |") and f"{len(report)} layer(s)" in str(report)
+    assert_same(outputs(net, x), base, f"{name} converted")  # no re-hybridize: convert drops stale graphs
+    assert n_params(net) > count  # D and the wider W
+    net = fold(net)
+    assert n_params(net) == count
+    assert_same(outputs(net, x), base, f"{name} folded")
+
+
+def _randomise_D(net, seed):
+    rng = np.random.default_rng(seed)
+    for layer in (b for b in net.collect_params().values() if b.name.endswith("_D")):
+        layer.set_data(mx.nd.array(rng.normal(0, 0.1, size=layer.shape)))
+
+
+def test_canonical_export_import_on_a_converted_model(tmp_path):
+    net, x, _ = initialised("resnet18_v1b")
+    net, report = convert(net, include="layer*", exclude="layer4.*")
+    assert report and all(r.name.startswith(("layer1", "layer2", "layer3")) for r in report)
+    _randomise_D(net, 1)
+    path = tmp_path / "resnet18.safetensors"
+    export_canonical(net, path)
+    stored = doconv.load(path)
+    assert sorted(stored) == sorted(r.name for r in report)
+    name = report[0].name
+    np.testing.assert_array_equal(stored[name][1].D, get_params(dict(net._children)["layer1"][0].conv1).D)
+
+    other, _, _ = initialised("resnet18_v1b")
+    other, _ = convert(other, include="layer*", exclude="layer4.*")
+    for p_src, p_dst in zip(net.collect_params().values(), other.collect_params().values()):
+        if not p_src.name.endswith(("_W", "_D")):  # everything but the DO-Conv layers from the net itself
+            p_dst.set_data(p_src.data())
+    before = outputs(other, x)
+    import_canonical(other, path)
+    want = outputs(net, x)
+    assert doconv.max_error(before[0], want[0]) > 1e-3  # randomised D really changed the outputs
+    assert_same(outputs(other, x), want, "imported")
+
+    partial, _ = convert(initialised("resnet18_v1b")[0], include="layer1.*")
+    with pytest.raises(ValueError, match="does not match the model"):
+        import_canonical(partial, path)
+    wider, _ = convert(initialised("resnet18_v1b")[0], include="layer*", exclude="layer4.*", D_mul=10)
+    with pytest.raises(ValueError, match="the model.s layer is"):
+        import_canonical(wider, path)
+
+
+def test_convert_an_uninitialised_net_gives_deferred_layers():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(8, 3, padding=1), gluon.nn.Conv2D(4, 1), gluon.nn.Conv2D(6, 3, groups=2))
+    net, report = convert(net, D_mul=12)
+    assert [r.weights for r in report] == ["deferred", "deferred"] and [r.name for r in report] == ["0", "2"]
+    net.initialize()
+    net.hybridize()
+    out = net(mx.nd.ones((1, 3, 6, 6)))
+    assert out.shape == (1, 6, 4, 4) and net[0].W.shape == (8, 3, 12) and net[2].D.shape == (4, 9, 12)
+    x = np.ones((1, 3, 6, 6), dtype="float32")
+    for block in net:
+        x = doconv.forward(x, get_params(block), block.config) if isinstance(block, DOConv2D) else \
+            doconv.conv2d(x, block.weight.data().asnumpy(), block.bias.data().asnumpy())
+    doconv.assert_close(out.asnumpy(), x, "float32", "deferred converted net")
+
+
+def test_set_params_rejects_a_wrong_shape_with_the_layer_name():
+    net, _ = convert(initialised("resnet18_v1b")[0], include="layer1.0.*")
+    layer = net.layer1[0].conv1
+    bad = get_params(layer)
+    bad.W = bad.W[:, :-1]
+    with pytest.raises(ValueError, match=r"layer1\.0\.conv1.*W has shape \(64, 63, 9\)"):
+        set_params(layer, bad, name="layer1.0.conv1")
+
+
+@pytest.mark.parametrize("padding, dilation", [("same", (1, 1)), ("same", (2, 1)), ("valid", (1, 1))])
+def test_import_canonical_accepts_string_padding_resolved_to_gluon_pads(tmp_path, padding, dilation):
+    """A torch/keras file may record padding='same'/'valid': it is the Gluon layer with the equal explicit pads."""
+    written = doconv.DOConvConfig(6, 4, 3, padding=padding, dilation=dilation, bias=True)
+    params = doconv.init_params(written, rng=np.random.default_rng(3))
+    params.D = params.D + np.random.default_rng(4).normal(0, 0.2, size=params.D.shape)
+    path = tmp_path / "keras.safetensors"
+    doconv.save(path, {"conv": (written, params)})
+    layer = DOConv2D(4, 3, padding=(0, 0) if padding == "valid" else dilation, dilation=dilation, in_channels=6,
+                     prefix="conv_")
+    layer.initialize()
+    import_canonical(layer, path)  # a bare layer is named by its block name, "conv"
+    x = np.random.default_rng(5).normal(size=(2, 6, 9, 8)).astype("float32")
+    got = layer(mx.nd.array(x)).asnumpy()
+    doconv.assert_close(got, doconv.forward(x, params, written), "float32")
+
+    shifted = DOConv2D(4, 3, padding=(1, 0), dilation=dilation, in_channels=6, prefix="conv_")
+    shifted.initialize()
+    with pytest.raises(ValueError, match="the model's layer is"):
+        import_canonical(shifted, path)
