@@ -1,1 +1,20 @@
-"""doconv.torch: placeholder until the torch backend lands."""
+"""doconv.torch: DO-Conv for PyTorch (``DOConv2d``), model-wide convert/fold, checkpoints.
+
+state_dict of a ``DOConv2d``: ``W`` (C_out, C_in/g, D_mul), ``D`` -- the trainable delta D' = D - I_fill,
+(C_in, M*N, D_mul), absent for 1x1 kernels -- and ``bias``; the fixed ``I_fill`` is a non-persistent buffer.
+"""
+
+from .io import (doconv_layers, export_canonical, get_params, import_canonical, import_official, layer_config,
+                 layer_from_config, set_params)
+from .layer import COMPOSITIONS, DOConv2d, FoldedConv2d, folded_conv
+from .model import Report, ReportRow, convert, fold, fold_report, from_conv
+from .parametrize import parametrize
+
+#: Every feature of the shared case table is expressible (per-side pads via F.pad, TF's 'same' rule).
+UNSUPPORTED_FEATURES: frozenset = frozenset()
+
+__all__ = [
+    "COMPOSITIONS", "DOConv2d", "FoldedConv2d", "Report", "ReportRow", "UNSUPPORTED_FEATURES", "convert",
+    "doconv_layers", "export_canonical", "fold", "fold_report", "folded_conv", "from_conv", "get_params",
+    "import_canonical", "import_official", "layer_config", "layer_from_config", "parametrize", "set_params",
+]

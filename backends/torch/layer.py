@@ -1,0 +1,285 @@
+"""``DOConv2d``: a DO-Conv / DO-DConv / DO-GConv layer with the signature of ``torch.nn.Conv2d``.
+
+The layer is an explicit ``nn.Module`` (not a subclass of ``nn.Conv2d``, not a parametrization of
+its ``weight``): its trainable state *is* the paper's, under the core's names.
+
+state_dict keys (canonical layout, :mod:`doconv.compose`)
+    ``W``     (C_out, C_in/g, D_mul)   the conventional kernel over the D_mul axis
+    ``D``     (C_in, M*N, D_mul)       the trainable delta D' = D - I_fill (zeros at identity init;
+                                       paper Section 4: "we optimize D' = D - I"); absent for 1x1
+    ``bias``  (C_out,)                 absent with ``bias=False``
+The fixed ``I_fill`` (M*N, D_mul) is a non-persistent buffer: it moves with ``to()`` but is not saved.
+
+Why not a subclass of ``nn.Conv2d``: a model-zoo init loop ``if isinstance(m, nn.Conv2d):
+nn.init.kaiming_normal_(m.weight)`` would silently write into a freshly computed tensor and change
+nothing. As a separate class the loop skips the layer visibly (``isinstance`` is False), and
+``layer.weight`` is documented as a read-only *computed* kernel. Initialise a model before
+:func:`doconv.torch.convert` (which keeps the weights), or call ``reset_parameters()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from doconv import DOConvConfig, choose_composition, identity_fill
+from doconv.config import kaiming_bound
+
+from . import functional as DF
+
+COMPOSITIONS = ("kernel", "feature", "auto")
+D_INITS = ("identity", "random")
+
+
+def _check_choice(value, name: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, but got {name}={value!r}")
+    return value
+
+
+def _functorch_active() -> bool:
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+class DOConv2d(nn.Module):
+    r"""Depthwise over-parameterized 2-D convolution (Cao et al., Eq. 3), a drop-in for ``nn.Conv2d``.
+
+    ``O = (D, W) * P = (D^T o W) * P``: the layer trains D and W and convolves with the composed
+    kernel ``W'[o, c, m] = sum_s D[(o // (C_out/g)) * (C_in/g) + c, m, s] * W[o, c, s]``.
+    ``groups=1`` is DO-Conv, ``groups=in_channels`` DO-DConv, anything else DO-GConv.
+
+    Args: every ``nn.Conv2d`` argument (``padding`` also takes per-side
+    ``((top, bottom), (left, right))`` with every padding mode, and ``'same'`` with any stride, TF's
+    rule), plus
+
+    - ``D_mul``: the depth multiplier S >= M*N (default M*N);
+    - ``d_init``: ``'identity'`` (D' = 0, the paper's default) or ``'random'`` (D ~ N(0, 2/MN));
+    - ``composition``: ``'kernel'`` (Fig. 3-b), ``'feature'`` (Fig. 3-a) or ``'auto'``, the
+      cheaper by :func:`doconv.choose_composition` for the input at hand.
+
+    Arguments are validated by :class:`doconv.DOConvConfig` (the error names the argument).
+    In ``eval()`` mode or under ``torch.no_grad()``, whenever the kernel needs no gradient, the
+    composed kernel is cached and reused until a parameter changes (tensor version counters,
+    data pointers, dtype and device form the key) or ``train()`` is called.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "kernel"):
+        super().__init__()
+        self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                                   bias, padding_mode, D_mul)
+        self.d_init = _check_choice(d_init, "d_init", D_INITS)
+        self.composition = _check_choice(composition, "composition", COMPOSITIONS)
+        self.deployed = False
+        c, factory = self.config, {"device": device, "dtype": dtype}
+        self.W = nn.Parameter(torch.empty(c.W_shape, **factory))
+        if c.has_D:
+            self.D = nn.Parameter(torch.empty(c.D_shape, **factory))
+            fill = torch.as_tensor(identity_fill(c.MN, c.S), dtype=self.W.dtype, device=self.W.device)
+            self.register_buffer("I_fill", fill, persistent=False)
+        else:
+            self.register_parameter("D", None)
+            self.register_buffer("I_fill", None, persistent=False)
+        self.bias = nn.Parameter(torch.empty(c.out_channels, **factory)) if c.bias else None
+        self._cache = None  # (key, kernel)
+        self._auto = {}     # input shape -> composition, for composition='auto'
+        self.reset_parameters()
+
+    # ---- nn.Conv2d-compatible attributes -----------------------------------------------------
+    in_channels = property(lambda self: self.config.in_channels)
+    out_channels = property(lambda self: self.config.out_channels)
+    kernel_size = property(lambda self: self.config.kernel_size)
+    stride = property(lambda self: self.config.stride)
+    padding = property(lambda self: self.config.padding)
+    dilation = property(lambda self: self.config.dilation)
+    groups = property(lambda self: self.config.groups)
+    padding_mode = property(lambda self: self.config.padding_mode)
+    D_mul = property(lambda self: self.config.D_mul)
+
+    def reset_parameters(self) -> None:
+        """The core's init (:func:`doconv.init_params`), drawn from torch's RNG.
+
+        W and bias ~ U(+-1/sqrt(fan_in)) with fan_in = C_in/g * M * N, so at identity init W' = W[..., :MN]
+        is distributed as a fresh ``nn.Conv2d`` kernel; D' = 0 ('identity') or D ~ N(0, 2/MN) ('random').
+        """
+        bound = kaiming_bound(self.config.fan_in())
+        with torch.no_grad():
+            if self.deployed:
+                raise RuntimeError("reset_parameters() on a deployed (folded) DOConv2d: fold a fresh layer instead")
+            self.W.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+            if self.D is not None:
+                if self.d_init == "identity":
+                    self.D.zero_()
+                else:
+                    self.D.normal_(0.0, (2.0 / self.config.MN) ** 0.5).sub_(self.I_fill)
+
+    # ---- the composed kernel ------------------------------------------------------------------
+    def full_D(self) -> Optional[torch.Tensor]:
+        """D = I_fill + D' (None for 1x1 kernels)."""
+        return None if self.D is None else DF.full_D(self.D, self.I_fill)
+
+    def compose(self) -> torch.Tensor:
+        """The composed kernel W' (OIHW), differentiable, never cached."""
+        if self.deployed:
+            return self._parameters["weight"]
+        return DF.compose_kernel(self.W, self.full_D(), self.config)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The composed kernel W' = D^T o W, OIHW. Computed on every read: writing into it changes nothing."""
+        return self.compose()
+
+    def _cache_key(self):
+        tensors = [t for t in (self.W, self.D) if t is not None]
+        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+    def _can_cache(self) -> bool:
+        if torch.compiler.is_compiling() or _functorch_active():
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.W, self.D) if p is not None):
+            return False  # the kernel needs its graph (e.g. fine-tuning in eval mode): never a stale cache
+        return True
+
+    def kernel(self) -> torch.Tensor:
+        """W' for the convolution: from the cache when no gradient is needed, else composed afresh."""
+        if self.deployed or not self._can_cache():
+            return self.compose()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._cache = (key, self.compose())
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got input shape {tuple(x.shape)}")
+        shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
+        self.config.output_shape(shape)  # ValueError naming channels / sizes / reflect pads
+        dtype = self.compose().dtype if self.deployed else self.W.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
+                            f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
+
+    def _route(self, x: torch.Tensor) -> str:
+        if self.composition != "auto" or self.D is None:
+            return self.composition
+        if not torch.compiler.is_compiling() and self._can_cache():
+            return "kernel"  # the cached kernel makes kernel composition free
+        shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
+        if torch.compiler.is_compiling():
+            return choose_composition(self.config, shape)
+        if shape not in self._auto:
+            self._auto[shape] = choose_composition(self.config, shape)
+        return self._auto[shape]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if not self.deployed and self.D is not None and self._route(x) == "feature":
+            return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
+        return DF.conv(x, self.kernel(), self.bias, self.config)
+
+    # ---- folding --------------------------------------------------------------------------------
+    def fuse(self) -> nn.Conv2d:
+        """A plain convolution holding W' (timm's ``reparameterize_model`` calls this): same outputs.
+
+        An ``nn.Conv2d`` when it can express the padding, else a :class:`FoldedConv2d` (an
+        ``nn.Conv2d`` that pads per side first): per-side pads, or ``'same'`` with stride > 1.
+        """
+        source = self._parameters["weight"] if self.deployed else self.W
+        with torch.no_grad():
+            kernel = self.compose().detach().clone()
+        return folded_conv(self.config, kernel, None if self.bias is None else self.bias.detach().clone(),
+                           requires_grad=source.requires_grad)
+
+    def switch_to_deploy(self) -> None:
+        """Fold in place (idempotent): W, D and I_fill are replaced by one ``weight`` = W'.
+
+        The state_dict then holds ``weight`` and ``bias``, as a plain ``nn.Conv2d``'s.
+        """
+        if self.deployed:
+            return
+        with torch.no_grad():
+            kernel = self.compose().detach().clone()
+        requires_grad = self.W.requires_grad
+        del self.W, self.D, self.I_fill
+        self.W = self.D = self.I_fill = None  # plain attributes, so the names stay defined
+        self._cache = None
+        self.deployed = True
+        # register_parameter would refuse the name: the class's ``weight`` property already answers it.
+        bias = self._parameters.pop("bias", None)  # keep nn.Conv2d's key order: weight, bias
+        self._parameters["weight"] = nn.Parameter(kernel, requires_grad=requires_grad)
+        if bias is not None:
+            self._parameters["bias"] = bias
+
+    def extra_repr(self) -> str:
+        c = self.config
+        s = f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, stride={c.stride}"
+        if c.padding != ((0, 0), (0, 0)):
+            s += f", padding={c.padding!r}"
+        if c.dilation != (1, 1):
+            s += f", dilation={c.dilation}"
+        if c.groups != 1:
+            s += f", groups={c.groups}"
+        if not c.bias:
+            s += ", bias=False"
+        if c.padding_mode != "zeros":
+            s += f", padding_mode={c.padding_mode!r}"
+        s += f", D_mul={c.D_mul}"
+        if self.composition != "kernel":
+            s += f", composition={self.composition!r}"
+        if self.deployed:
+            s += ", deployed=True"
+        return s
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A folded layer whose padding ``nn.Conv2d`` cannot express (per-side pads, 'same' with stride > 1).
+
+    An ``nn.Conv2d`` (same parameters, same ``state_dict`` keys) that pads per ``config.pads`` with its
+    padding mode first, then convolves without padding. ONNX and ``torch.export`` see F.pad + conv.
+    """
+
+    def __init__(self, config: DOConvConfig, device=None, dtype=None):
+        super().__init__(config.in_channels, config.out_channels, config.kernel_size, config.stride, 0,
+                         config.dilation, config.groups, config.bias, "zeros", device=device, dtype=dtype)
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return DF.conv(x, self.weight, self.bias, self.config)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", per-side padding={self.config.padding!r}, " \
+                                      f"padding_mode={self.config.padding_mode!r}"
+
+
+def folded_conv(config: DOConvConfig, kernel: torch.Tensor, bias: Optional[torch.Tensor], *,
+                requires_grad: bool = True) -> nn.Conv2d:
+    """The plain convolution for ``config`` holding ``kernel`` (OIHW) and ``bias``."""
+    padding = config.padding
+    if padding == "same" and max(config.stride) > 1 or padding not in ("same", "valid") and any(
+            lo != hi for lo, hi in padding):
+        conv = FoldedConv2d(config, device=kernel.device, dtype=kernel.dtype)
+    else:
+        if padding not in ("same", "valid"):
+            padding = (padding[0][0], padding[1][0])
+        conv = nn.Conv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, padding,
+                         config.dilation, config.groups, config.bias, config.padding_mode,
+                         device=kernel.device, dtype=kernel.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    conv.requires_grad_(requires_grad)
+    return conv

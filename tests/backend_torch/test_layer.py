@@ -1,0 +1,348 @@
+"""DOConv2d against the NumPy core on the shared case table, plus its torch integration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import doconv
+from doconv.cases import case as get_case, select
+from doconv.torch import UNSUPPORTED_FEATURES, DOConv2d, get_params, layer_config, layer_from_config, parametrize, set_params
+from doconv.torch import functional as DF
+
+CASES = select(UNSUPPORTED_FEATURES)
+DTYPES = ("float32", "float64")
+
+
+@pytest.mark.parametrize("composition", ["kernel", "feature", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_gradients_match_core(case, dtype, composition, h):
+    x, expected, u, grads = h.reference(case)
+    layer = h.make_layer(case, dtype, composition=composition)
+    out, got = h.torch_grads(layer, torch.as_tensor(x.astype(dtype)), u)
+    doconv.assert_close(out.numpy(), expected, dtype, f"{case.id} forward")
+    assert set(got) == set(grads)
+    for name, value in grads.items():
+        doconv.assert_close(got[name], value, dtype, f"{case.id} d{name}")
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D], ids=str)
+def test_custom_backward_equals_einsum_autograd(case):
+    c = case.config
+    p = case.params(3, np.float64)
+    W, D = (torch.tensor(a, requires_grad=True) for a in (p.W, p.D))
+    g = torch.randn(c.kernel_shape, dtype=torch.float64)
+    a = DF.compose_kernel(W, D, c)
+    da = torch.autograd.grad(a, (W, D), g)
+    b = DF.compose_einsum(W, D, c)
+    db = torch.autograd.grad(b, (W, D), g)
+    np.testing.assert_allclose(a.detach().numpy(), doconv.compose(p, c), atol=1e-12)
+    for x, y in zip(da, db):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("case_id", ["g3-k3-s2-Dmul+3", "dw-x2-k3-circular-asym", "g2-k3-reflect-asym"])
+@pytest.mark.parametrize("composition", ["kernel", "feature"])
+def test_gradcheck_float64(case_id, composition, h):
+    case = get_case(case_id)
+    layer = h.make_layer(case, "float64", composition=composition)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters())
+    x = torch.tensor(case.input(4), requires_grad=True)
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# ---- module surface -------------------------------------------------------------------------------
+
+def test_state_dict_keys_and_buffers():
+    layer = DOConv2d(4, 6, 3, padding=1, D_mul=12)
+    sd = layer.state_dict()
+    assert list(sd) == ["W", "D", "bias"]
+    assert sd["W"].shape == (6, 4, 12) and sd["D"].shape == (4, 9, 12) and sd["bias"].shape == (6,)
+    assert "I_fill" in dict(layer.named_buffers()) and layer.I_fill.shape == (9, 12)
+    assert [n for n, _ in layer.named_parameters()] == ["W", "D", "bias"]
+    pointwise = DOConv2d(4, 6, 1, bias=False)
+    assert list(pointwise.state_dict()) == ["W"] and pointwise.D is None
+
+
+def test_extra_repr_lists_non_defaults_and_D_mul():
+    text = repr(DOConv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect", D_mul=12))
+    assert text == ("DOConv2d(4, 8, kernel_size=(3, 3), stride=(2, 2), padding=((1, 1), (1, 1)), groups=2, "
+                    "bias=False, padding_mode='reflect', D_mul=12)")
+    assert "composition='auto'" in repr(DOConv2d(2, 2, 3, composition="auto"))
+
+
+def test_identity_init_composes_to_W_and_has_conv_init_distribution():
+    torch.manual_seed(0)
+    layer = DOConv2d(64, 64, 3, D_mul=18)
+    bound = 1 / math.sqrt(64 * 9)
+    assert 0.9 * bound < float(layer.W.detach().abs().max()) <= bound
+    assert torch.count_nonzero(layer.D) == 0
+    expected = (layer.W[..., :9] + layer.W[..., 9:]).reshape(64, 64, 3, 3)
+    torch.testing.assert_close(layer.weight, expected)
+    torch.manual_seed(0)
+    rand = DOConv2d(64, 64, 3, d_init="random")
+    D = rand.full_D()
+    assert abs(float(D.detach().std()) - math.sqrt(2 / 9)) < 0.02 and abs(float(D.detach().mean())) < 0.02
+    # reproducible from torch's RNG
+    torch.manual_seed(0)
+    torch.testing.assert_close(DOConv2d(64, 64, 3, d_init="random").D, rand.D)
+
+
+def test_zoo_init_loop_skips_the_layer_and_weight_is_computed():
+    model = nn.Sequential(DOConv2d(3, 4, 3))
+    before = model[0].W.detach().clone()
+    for m in model.modules():  # the model-zoo pattern: silently nothing for a computed weight
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+    assert not isinstance(model[0], nn.Conv2d)
+    with torch.no_grad():
+        model[0].weight.zero_()  # writing into the computed kernel changes nothing (documented)
+    torch.testing.assert_close(model[0].W, before)
+    assert model[0].weight.abs().sum() > 0
+    with pytest.raises(KeyError, match="'weight' already exists"):  # torch's own refusal
+        model[0].weight = nn.Parameter(torch.zeros(4, 3, 3, 3))
+
+
+def test_layer_config_and_params_round_trip(h):
+    case = get_case("g3-k3-s2-Dmul+3")
+    layer = h.make_layer(case, "float64")
+    assert layer_config(layer) == case.config
+    p, q = case.params(0, np.float64), get_params(layer)
+    for name in ("W", "D", "bias"):
+        np.testing.assert_allclose(getattr(q, name), getattr(p, name), atol=1e-15)
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    (dict(kernel_size=0), ValueError, "kernel_size"),
+    (dict(groups=3), ValueError, "in_channels must be divisible by groups"),
+    (dict(padding_mode="mirror"), ValueError, "padding_mode='mirror'"),
+    (dict(padding="full"), ValueError, "padding='full'"),
+    (dict(D_mul=4), ValueError, "D_mul"),
+    (dict(stride=(1, 2, 3)), ValueError, "stride"),
+    (dict(composition="fast"), ValueError, "composition='fast'"),
+    (dict(d_init="zeros"), ValueError, "d_init='zeros'"),
+    (dict(in_channels=2.5), TypeError, "in_channels"),
+])
+def test_bad_arguments_name_the_argument(kwargs, error, text):
+    args = dict(in_channels=4, out_channels=6, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(error, match=repr(text)[1:-1].replace("(", r"\(").replace(")", r"\)")):
+        DOConv2d(**args)
+
+
+def test_bad_inputs_are_clear_errors():
+    layer = DOConv2d(4, 6, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(ValueError, match="in_channels=4"):
+        layer(torch.zeros(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="3-D .* or 4-D"):
+        layer(torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="reflect"):
+        layer(torch.zeros(1, 4, 1, 5))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.zeros(1, 4, 5, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer(np.zeros((1, 4, 5, 5)))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        DOConv2d(4, 6, 3)(torch.zeros(1, 4, 2, 5))
+
+
+def test_load_state_dict_and_set_params_name_the_array():
+    layer = DOConv2d(4, 6, 3)
+    other = DOConv2d(4, 6, 3, D_mul=12).state_dict()
+    with pytest.raises(RuntimeError, match="(?s)size mismatch for W.*size mismatch for D"):
+        layer.load_state_dict(other)
+    bad = get_params(layer)
+    bad.D = np.zeros((4, 9, 12))
+    with pytest.raises(ValueError, match=r"layer 'net.conv': D has shape \(4, 9, 12\) .* needs \(4, 9, 9\)"):
+        set_params(layer, bad, name="'net.conv'")
+
+
+# ---- eval-mode cache ---------------------------------------------------------------------------------
+
+def _counting(layer):
+    calls = []
+    original = layer.compose
+
+    def compose():
+        calls.append(1)
+        return original()
+
+    layer.compose = compose
+    return calls
+
+
+def test_eval_cache_reuses_kernel_until_a_parameter_changes(h):
+    case = get_case("g2-k3")
+    layer = h.make_layer(case, "float64").eval()
+    calls = _counting(layer)
+    x = torch.tensor(case.input(0))
+    with torch.no_grad():
+        first = layer(x)
+    layer.requires_grad_(False)
+    second = layer(x)
+    assert len(calls) == 1 and torch.equal(first, second)
+    with torch.no_grad():  # in-place update: the version counter moves
+        layer.D.add_(0.1)
+    p = get_params(layer)
+    doconv.assert_close(layer(x).numpy(), doconv.forward(case.input(0), p, case.config), "float64")
+    assert len(calls) == 2
+    fresh = h.make_layer(case, "float64", seed=5)
+    layer.load_state_dict(fresh.state_dict())
+    doconv.assert_close(layer(x).numpy(), doconv.forward(case.input(0), case.params(5), case.config), "float64")
+    assert len(calls) == 3
+    layer.train()
+    assert layer._cache is None
+
+
+def test_eval_mode_with_grad_never_uses_a_stale_kernel(h):
+    case = get_case("k3")
+    layer = h.make_layer(case, "float64").eval()  # fine-tuning with frozen BN: eval() + gradients
+    x, expected, u, grads = h.reference(case)
+    with torch.no_grad():
+        layer(torch.tensor(x))  # fills the cache
+    _, got = h.torch_grads(layer, torch.tensor(x), u)
+    doconv.assert_close(got["D"], grads["D"], "float64", "dD in eval mode")
+    doconv.assert_close(got["W"], grads["W"], "float64", "dW in eval mode")
+
+
+def test_no_grad_in_train_mode_also_caches(h):
+    layer = h.make_layer(get_case("k3"), "float32")
+    calls = _counting(layer)
+    with torch.no_grad():
+        for _ in range(3):
+            layer(torch.zeros(1, 3, 5, 5))
+    assert len(calls) == 1
+
+
+def test_inference_mode_cache_is_usable_afterwards(h):
+    case = get_case("k3")
+    layer = h.make_layer(case, "float64").eval()
+    with torch.inference_mode():
+        layer(torch.tensor(case.input(0)))
+    layer.requires_grad_(False)
+    x = torch.tensor(case.input(0), requires_grad=True)
+    layer(x).sum().backward()  # the cached kernel is a normal tensor, so conv may save it
+    assert x.grad is not None
+
+
+# ---- dtype/device moves, autocast ----------------------------------------------------------------
+
+def test_to_double_half_like_conv2d(h):
+    case = get_case("g2-k3-reflect-asym")
+    layer = h.make_layer(case, "float32").double()
+    assert layer.W.dtype == layer.D.dtype == layer.I_fill.dtype == torch.float64
+    x, expected, _, _ = h.reference(case)
+    p = get_params(layer)
+    assert p.W.dtype == np.float64
+    doconv.assert_close(layer(torch.tensor(x)).detach().numpy(), doconv.forward(x, p, case.config), "float64")
+    half = layer.half()
+    assert half.I_fill.dtype == torch.float16
+    out = half(torch.tensor(x, dtype=torch.float16))
+    doconv.assert_close(out.float().detach().numpy(), expected, "float16")
+    assert list(layer.to("cpu", torch.float32).state_dict()) == ["W", "D", "bias"]
+
+
+@pytest.mark.parametrize("case_id", ["k3-s2-d2", "g3-k3"])
+def test_autocast_bfloat16(case_id, h):
+    case = get_case(case_id)
+    layer = h.make_layer(case, "float32")
+    x, expected, _, _ = h.reference(case)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(torch.tensor(x, dtype=torch.float32))
+    assert out.dtype == torch.bfloat16
+    doconv.assert_close(out.float().detach().numpy(), expected, "bfloat16")
+    out.float().sum().backward()
+    assert layer.W.grad.dtype == torch.float32 and layer.D.grad is not None
+
+
+# ---- torch.compile, torch.func ---------------------------------------------------------------------
+
+def test_torch_compile_fullgraph_forward_and_backward(h):
+    case = get_case("g3-k3-s2-same-2MN")
+    layer = h.make_layer(case, "float32")
+    x, expected, u, grads = h.reference(case)
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    out, got = h.torch_grads(compiled, torch.tensor(x, dtype=torch.float32), u)
+    doconv.assert_close(out.numpy(), expected, "float32", "compiled forward")
+    for name in ("W", "D", "x"):
+        doconv.assert_close(got[name], grads[name], "float32", f"compiled d{name}")
+    # 'auto' and eval mode compile without graph breaks too (the cache is bypassed while compiling)
+    layer.composition = "auto"
+    with torch.no_grad():
+        out = torch.compile(layer.eval(), fullgraph=True, backend="eager")(torch.tensor(x, dtype=torch.float32))
+    doconv.assert_close(out.numpy(), expected, "float32", "compiled eval forward")
+
+
+def test_functional_call_and_vmap_over_inputs(h):
+    case = get_case("dw-x2-k3")
+    layer = h.make_layer(case, "float64")
+    x, expected, _, _ = h.reference(case)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    out = torch.func.vmap(lambda xi: torch.func.functional_call(layer, params, (xi,)))(torch.tensor(x))
+    doconv.assert_close(out.numpy(), expected, "float64")
+    # per-sample gradients: vmap(grad) over the batch, summed = the batch gradient of the core
+    def loss(p, xi):
+        return torch.func.functional_call(layer, p, (xi[None],)).sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, torch.tensor(x))
+    full = doconv.selfcheck.layer_vjp(np.ones_like(expected), x, case.params(0), case.config)
+    doconv.assert_close(per_sample["D"].sum(0).numpy(), full["D"], "float64", "per-sample dD")
+
+
+# ---- parametrize retrofit ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case_id", ["k3", "g3-k3-s2-Dmul+3", "dw-x2-k3", "k3-circular-d2"])
+def test_parametrize_matches_doconv2d(case_id, h):
+    case = get_case(case_id)
+    c = case.config
+    conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, (c.padding[0][0], c.padding[1][0])
+                     if c.padding not in ("same", "valid") else c.padding, c.dilation, c.groups, c.bias,
+                     c.padding_mode, dtype=torch.float64)
+    before = conv.weight.detach().clone()
+    parametrize(conv, D_mul=c.D_mul)
+    torch.testing.assert_close(conv.weight, before)  # the retrofit keeps the kernel
+    layer = h.make_layer(case, "float64")
+    with torch.no_grad():
+        conv.parametrizations.weight.original0.copy_(layer.W)
+        conv.parametrizations.weight.original1.copy_(layer.D)
+        if c.bias:
+            conv.bias.copy_(layer.bias)
+    x = torch.tensor(case.input(0))
+    doconv.assert_close(conv(x).detach().numpy(), layer(x).detach().numpy(), "float64")
+    with pytest.raises(ValueError, match="already parametrized"):
+        parametrize(conv)
+
+
+def test_parametrize_rejects_pointwise():
+    with pytest.raises(ValueError, match="1x1"):
+        parametrize(nn.Conv2d(2, 2, 1))
+
+
+# ---- fold of one layer --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_fuse_and_switch_to_deploy_keep_outputs(case, h):
+    layer = h.make_layer(case, "float64")
+    x, expected, _, _ = h.reference(case)
+    conv = layer.fuse()
+    assert isinstance(conv, nn.Conv2d)
+    assert sum(p.numel() for p in conv.parameters()) == math.prod(case.config.kernel_shape) + (
+        case.config.out_channels if case.config.bias else 0)
+    doconv.assert_close(conv(torch.tensor(x)).detach().numpy(), expected, "float64", "fused")
+    layer.switch_to_deploy()
+    layer.switch_to_deploy()  # idempotent
+    assert list(layer.state_dict()) == ["weight", "bias"][: 1 + case.config.bias]
+    doconv.assert_close(layer(torch.tensor(x)).detach().numpy(), expected, "float64", "deployed")
+    doconv.assert_close(layer.fuse()(torch.tensor(x)).detach().numpy(), expected, "float64", "fused deployed")
+    assert "deployed=True" in repr(layer)
