@@ -1,1 +1,25 @@
-"""doconv.tf: placeholder until the tf backend lands."""
+"""doconv.tf: DO-Conv for Keras 3 (TensorFlow backend first; also runs with ``KERAS_BACKEND=torch``).
+
+- :class:`DOConv2D` -- a drop-in for ``keras.layers.Conv2D`` (registered as ``doconv>DOConv2D``,
+  so ``.keras`` files load without ``custom_objects``);
+- :func:`convert` / :func:`fold` -- whole models to DO-Conv and back to plain convolutions;
+- :func:`export_canonical` / :func:`import_canonical` / :func:`import_official` -- checkpoints;
+- :func:`layer_from_config`, :func:`layer_config`, :func:`get_params`, :func:`set_params` -- the
+  backend contract shared with ``doconv.torch`` and ``doconv.mxnet`` (canonical NumPy layout).
+"""
+
+from .io import export_canonical, import_canonical, import_official
+from .layer import (KERAS_COMPOSE_EINSUM, W_FROM_CANONICAL, W_TO_CANONICAL, DOConv2D, get_params, keras_padding,
+                    layer_config, layer_from_config, set_params)
+from .model import ConversionReport, ReportRow, convert, fold, folded_layer
+
+#: Features of :data:`doconv.cases.FEATURES` Keras cannot express: its convolutions take only
+#: 'valid'/'same' with zero padding, and refuse stride > 1 together with dilation > 1.
+#: ('same' with stride > 1 and 'same' with an odd total pad are TensorFlow's own rule: supported.)
+UNSUPPORTED_FEATURES = frozenset({"explicit_padding", "asymmetric_padding", "padding_mode", "stride_and_dilation"})
+
+__all__ = [
+    "ConversionReport", "DOConv2D", "KERAS_COMPOSE_EINSUM", "ReportRow", "UNSUPPORTED_FEATURES", "W_FROM_CANONICAL",
+    "W_TO_CANONICAL", "convert", "export_canonical", "fold", "folded_layer", "get_params", "import_canonical",
+    "import_official", "keras_padding", "layer_config", "layer_from_config", "set_params",
+]

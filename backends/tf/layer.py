@@ -1,0 +1,471 @@
+"""``DOConv2D``: a DO-Conv layer for Keras 3, a drop-in for ``keras.layers.Conv2D``.
+
+Written with ``keras.ops`` only, so it runs on the TensorFlow backend (the primary one: tested
+eagerly, in ``tf.function`` and with XLA) and on ``KERAS_BACKEND=torch``.
+
+Variables, in this fixed order (Keras weight files are positional, ``store["0"]``, ``store["1"]``...)::
+
+    W        (C_in/g, D_mul, filters)   the conventional kernel over the D_mul axis, input-channel major
+    D_delta  (M*N, D_mul, C_in)         the trainable delta D' = D - I_fill (absent for 1x1 kernels)
+    bias     (filters,)                 if use_bias
+
+W is stored input-channel major ("filters last", as Keras kernels) because the composition is a
+batch of per-input-channel matrix products (M*N x D_mul) @ (D_mul x filters/g): in this layout the
+matmul reads W as it is stored, with no transpose forward or backward (bench/tf_results.md). The
+official TensorFlow layer's ``kernel`` is (D_mul, C_in/g, filters) and its ``D`` is (M*N, D_mul, C_in),
+with another channel pairing: use :func:`doconv.tf.import_official` to load an official checkpoint.
+(Before 2026-11-25 W was (D_mul, C_in/g, filters): ``.keras`` files of DOConv2D models saved then do
+not load.) The canonical layout of the core is reached by transposes only (:func:`get_params` /
+:func:`set_params`, :data:`W_TO_CANONICAL`). The fixed I_fill
+(paper Section 4) is a constant, never a variable: it is neither trained nor saved.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+import keras
+from keras import activations, constraints, initializers, ops, regularizers
+
+import doconv
+from doconv.config import standardize_pair
+
+#: The composition W' = D^T o W (paper Eq. 3) in this layer's variable layout. It is
+#: :data:`doconv.COMPOSE_EINSUM` (``"gcms,gjcs->gjcm"``) with every operand's axes reordered to
+#: the Keras layout: D' (MN, S, g, C_in/g) "msgc", W (C_in/g, S, g, C_out/g) "csgj", and the
+#: HWIO kernel (MN, C_in/g, g, C_out/g) "mcgj"; the test suite pins it to :func:`doconv.compose`.
+#: The layer evaluates it as one batched matmul (:meth:`DOConv2D._compose`).
+KERAS_COMPOSE_EINSUM = "msgc,csgj->mcgj"
+
+#: Axis permutations of W between the layer variable (C_in/g, S, C_out) and canonical (C_out, C_in/g, S).
+W_TO_CANONICAL, W_FROM_CANONICAL = (2, 0, 1), (1, 2, 0)
+
+COMPOSITIONS = ("kernel", "feature", "auto")
+D_INITS = ("identity", "random")
+
+
+def _positive_int(value, name):
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"Invalid value for argument `{name}`. Expected a strictly positive int. "
+                         f"Received: {name}={value!r}")
+    return int(value)
+
+
+def _one_of(value, allowed, name):
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"The `{name}` argument must be one of {allowed}. Received: {name}={value!r}")
+    return value.lower()
+
+
+def _cache_allowed() -> bool:
+    """False when the current forward pass may be differentiated, or runs under a distribution strategy.
+
+    TensorFlow: no GradientTape is active (also while a ``tf.function`` is traced under one) and no
+    ``tf.distribute`` strategy is in scope (its replica-context variable writes cannot sit inside
+    a ``tf.cond`` branch); torch: grad mode is off. Other backends: never (compose on every call).
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+        from tensorflow.python.eager import record  # the public tapes expose no "is recording" query
+        return not record.could_possibly_record() and not tf.distribute.has_strategy()
+    if backend == "torch":
+        import torch
+        return not torch.is_grad_enabled()
+    return False
+
+
+def _tf_gpu_visible() -> bool:
+    import tensorflow as tf
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _batched_matmul(a, b):
+    """``a @ b`` over the leading axes: ``ops.matmul`` on TensorFlow (its fastest gradient), an einsum
+    elsewhere (Keras 3.15's torch ``ops.matmul`` returns float32 for float64 operands)."""
+    if keras.backend.backend() == "tensorflow":
+        return ops.matmul(a, b)
+    return ops.einsum("...ms,...sj->...mj", a, b)
+
+
+class _DeltaInit(initializers.Initializer):
+    """Initial D' = D - I_fill: zeros for ``'identity'`` (paper default), He-normal D for ``'random'``."""
+
+    def __init__(self, d_init, MN, S, seed=None):
+        self.d_init, self.MN, self.S = d_init, MN, S
+        self.normal = initializers.RandomNormal(stddev=float(np.sqrt(2.0 / MN)), seed=seed)
+
+    def __call__(self, shape, dtype=None):
+        if self.d_init == "identity":
+            return ops.zeros(shape, dtype=dtype)
+        fill = ops.convert_to_tensor(doconv.identity_fill(self.MN, self.S)[:, :, None], dtype=dtype)
+        return self.normal(shape, dtype=dtype) - fill
+
+
+class _ChannelMajorInit(initializers.Initializer):
+    """``initializer`` called with W's Conv2D-like shape (S, C_in/g, filters), stored as (C_in/g, S, filters)."""
+
+    def __init__(self, initializer):
+        self.initializer = initializer
+
+    def __call__(self, shape, dtype=None):
+        cin, S, filters = shape
+        return ops.transpose(self.initializer((S, cin, filters), dtype=dtype), (1, 0, 2))
+
+
+class _KernelCache:
+    """The composed kernel for inference, outside Keras tracking (not a weight: not saved, not counted).
+
+    ``kernel`` holds W' (HWIO, compute dtype); ``stale`` (0 or 1) says it must be recomposed before use.
+    """
+
+    def __init__(self, shape, dtype):
+        agg = dict(aggregation="only_first_replica")  # unused under a strategy, but creatable in its scope
+        self.kernel = keras.Variable(np.zeros(shape), dtype=dtype, trainable=False, name="kernel_cache", **agg)
+        self.stale = keras.Variable(1, dtype="int32", trainable=False, name="kernel_cache_stale", **agg)
+
+
+@keras.saving.register_keras_serializable(package="doconv")
+class DOConv2D(keras.layers.Layer):
+    """2-D DO-Conv (Cao et al.): ``keras.layers.Conv2D`` whose kernel is composed from D and W.
+
+    The layer trains a depthwise kernel D (one (M*N) x D_mul matrix per input channel) and a
+    conventional kernel W; the convolution kernel is their composition (paper Eq. 3 and 4)::
+
+        W'[i, j, c, o] = sum_s D[(o // (filters/g)) * (C_in/g) + c, i*N + j, s] * W[s, c, o]
+
+    so after training the layer folds (:meth:`fold`) into a plain ``Conv2D`` /
+    ``DepthwiseConv2D`` at no extra inference cost. ``groups=1`` is DO-Conv, ``groups=C_in``
+    DO-DConv (what :func:`doconv.tf.convert` makes of a ``DepthwiseConv2D``), else DO-GConv.
+
+    Args:
+        filters ... bias_constraint: as ``keras.layers.Conv2D`` (``padding`` is ``'valid'`` or
+            ``'same'``, TensorFlow's rule at any stride; ``strides > 1`` with ``dilation_rate > 1``
+            is refused, as in Keras). Input channels are inferred in ``build()``.
+        kernel_initializer: initialises W, called with shape (D_mul, C_in/g, filters) (then
+            stored input-channel major). Its fans are D_mul * C_in/g and D_mul * filters, Conv2D's
+            when D_mul = M*N: at identity init W' = W, distributed exactly as a fresh Conv2D kernel.
+        kernel_regularizer, kernel_constraint: apply to **W only**. The official layer also
+            applies them to D; here D has its own ``D_regularizer``/``D_constraint`` (default None)
+            because the trained variable is the delta D' = D - I_fill: an L2 penalty (or an
+            optimizer's weight decay, which reaches every trainable variable) pulls D towards the
+            identity, as the paper intends (Section 4), not towards zero.
+        D_mul: depth multiplier S of D, default M*N; must be >= M*N (1 or None for 1x1 kernels).
+        d_init: ``'identity'`` (D = I_fill, the paper's default) or ``'random'`` (He-normal D).
+        composition: ``'kernel'`` (compose W', then one conv; Fig. 3-b), ``'feature'`` (depthwise
+            conv with D, then grouped 1x1 conv with W; Fig. 3-a) or ``'auto'`` (the cheaper by
+            :func:`doconv.composition_cost`, decided when the input shape is static; else kernel).
+
+    Inference cache. A call with ``training=False`` (``predict``, ``evaluate``, serving,
+    ``model(x, training=False)``) that no gradient can be taken of, outside a ``tf.distribute``
+    strategy, reuses the last composed kernel,
+    recomposing only after a weight change; every other call composes afresh and marks the cache
+    stale (training calls precede the optimizer's update). Every ``assign``/``assign_add``/
+    ``assign_sub`` of W or D_delta through Keras (so ``set_weights``, ``load_weights``, ``.keras``
+    loading, :func:`set_params`, the importers) marks it stale too. Only a write that bypasses the
+    Keras variable (``layer.W.value.assign(...)`` on the raw ``tf.Variable``, as Keras' own
+    optimizers do) outside a training call goes unseen: call :meth:`invalidate_cache` then. The
+    cache is not a weight: it is neither saved nor counted by ``count_params()``.
+    """
+
+    def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None,
+                 dilation_rate=(1, 1), groups=1, activation=None, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
+                 bias_regularizer=None, activity_regularizer=None, kernel_constraint=None,
+                 bias_constraint=None, *, D_mul=None, d_init="identity", composition="kernel",
+                 D_regularizer=None, D_constraint=None, **kwargs):
+        super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        self.filters = _positive_int(filters, "filters")
+        self.groups = _positive_int(groups, "groups")
+        if self.filters % self.groups:
+            raise ValueError(f"The number of filters must be evenly divisible by the number of groups. "
+                             f"Received: groups={groups}, filters={filters}")
+        self.kernel_size = standardize_pair(kernel_size, "kernel_size")
+        self.strides = standardize_pair(strides, "strides")
+        self.dilation_rate = standardize_pair(dilation_rate, "dilation_rate")
+        if max(self.strides) > 1 and max(self.dilation_rate) > 1:
+            raise ValueError(f"`strides > 1` not supported in conjunction with `dilation_rate > 1`. "
+                             f"Received: strides={self.strides} and dilation_rate={self.dilation_rate}")
+        self.padding = _one_of(padding, ("valid", "same"), "padding")
+        self.data_format = _one_of(data_format or keras.config.image_data_format(),
+                                   ("channels_last", "channels_first"), "data_format")
+        self.d_init = _one_of(d_init, D_INITS, "d_init")
+        self.composition = _one_of(composition, COMPOSITIONS, "composition")
+        # D_mul needs only the kernel size: validate it now with the core's message (C_in is a stand-in).
+        self.D_mul = doconv.DOConvConfig(self.groups, self.filters, self.kernel_size, groups=self.groups,
+                                         D_mul=D_mul).D_mul
+        self.activation = activations.get(activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.D_regularizer = regularizers.get(D_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.D_constraint = constraints.get(D_constraint)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
+        self._cache = None
+
+    # ---- build ------------------------------------------------------------------------------
+    @property
+    def _channel_axis(self):
+        return -1 if self.data_format == "channels_last" else 1
+
+    def build(self, input_shape):
+        channels = input_shape[self._channel_axis]
+        if channels is None:
+            raise ValueError(f"The channel dimension of the inputs to {type(self).__name__} should be defined. "
+                             f"Received input_shape={tuple(input_shape)} with data_format={self.data_format!r}")
+        if channels % self.groups:
+            raise ValueError(f"The number of input channels must be evenly divisible by the number of groups. "
+                             f"Received groups={self.groups}, but the input has {channels} channels "
+                             f"(full input shape is {tuple(input_shape)}).")
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis: channels})
+        self.doconv_config = doconv.DOConvConfig(channels, self.filters, self.kernel_size, self.strides, self.padding,
+                                          self.dilation_rate, self.groups, self.use_bias, D_mul=self.D_mul)
+        self.compute_output_shape(input_shape)  # raises on inputs smaller than the dilated kernel
+        c = self.doconv_config
+        self.W = self.add_weight(name="W", shape=(c.in_per_group, c.S, c.out_channels),
+                                 initializer=_ChannelMajorInit(self.kernel_initializer),
+                                 regularizer=self.kernel_regularizer,
+                                 constraint=self.kernel_constraint)
+        self.D_delta = None
+        if c.has_D:
+            self.D_delta = self.add_weight(name="D_delta", shape=(c.MN, c.S, c.in_channels),
+                                           initializer=_DeltaInit(self.d_init, c.MN, c.S),
+                                           regularizer=self.D_regularizer, constraint=self.D_constraint)
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(c.out_channels,), initializer=self.bias_initializer,
+                                        regularizer=self.bias_regularizer, constraint=self.bias_constraint)
+        self._transpose_to_nhwc = (self.data_format == "channels_first" and keras.backend.backend() == "tensorflow"
+                                   and not _tf_gpu_visible())
+        self._cache = _KernelCache((*c.kernel_size, c.in_per_group, c.out_channels), self.compute_dtype)
+        for variable in (self.W, self.D_delta):
+            if variable is not None:
+                self._invalidate_on_assign(variable)
+
+    def compute_output_shape(self, input_shape):
+        shape = list(input_shape)
+        spatial = (1, 2) if self.data_format == "channels_last" else (2, 3)
+        for axis, k, s, d in zip(spatial, self.kernel_size, self.strides, self.dilation_rate):
+            size = shape[axis]
+            if size is None:
+                continue
+            if self.padding == "same":
+                shape[axis] = -(-size // s)
+            else:
+                if size < d * (k - 1) + 1:
+                    raise ValueError(f"The input is smaller than the dilated kernel: input shape "
+                                     f"{tuple(input_shape)}, kernel_size={self.kernel_size}, "
+                                     f"dilation_rate={self.dilation_rate}, padding='valid'")
+                shape[axis] = (size - d * (k - 1) - 1) // s + 1
+        shape[self._channel_axis] = self.filters
+        return tuple(shape)
+
+    # ---- composition (paper Eq. 3 / Fig. 3) -------------------------------------------------
+    def _full_D(self):
+        """D = D' + I_fill in the layer layout (MN, S, C_in); I_fill is a constant."""
+        fill = doconv.identity_fill(self.doconv_config.MN, self.doconv_config.S)[:, :, None]
+        delta = ops.convert_to_tensor(self.D_delta)
+        return delta + ops.convert_to_tensor(fill, dtype=delta.dtype)
+
+    def _compose(self):
+        """W' = D^T o W as an HWIO kernel (M, N, C_in/g, filters), differentiable in W and D'."""
+        c = self.doconv_config
+        W = ops.convert_to_tensor(self.W)
+        if not c.has_D:
+            return ops.reshape(W, (*c.kernel_size, c.in_per_group, c.out_channels))
+        g = c.groups
+        # KERAS_COMPOSE_EINSUM as one batched matmul over the input channels (g, c): (MN x S) @ (S x C_out/g).
+        # Faster than ops.einsum's lowering, which transposes W forward and dW backward (bench/tf_results.md).
+        D = ops.transpose(ops.reshape(self._full_D(), (c.MN, c.S, g, c.in_per_group)), (2, 3, 0, 1))
+        W = ops.reshape(W, (c.in_per_group, c.S, g, c.out_per_group))
+        W = ops.reshape(W, (1, *W.shape[:2], c.out_per_group)) if g == 1 else ops.transpose(W, (2, 0, 1, 3))
+        kernel = ops.transpose(_batched_matmul(D, W), (2, 1, 0, 3))  # (g, c, MN, j) -> (MN, c, g, j): "mcgj"
+        return ops.reshape(kernel, (*c.kernel_size, c.in_per_group, c.out_channels))
+
+    @property
+    def kernel(self):
+        """The composed kernel W' (HWIO, as ``Conv2D.kernel``); recomputed on every read."""
+        if not self.built:
+            raise AttributeError("You must build the layer before accessing `kernel`.")
+        return self._compose()
+
+    def invalidate_cache(self):
+        """Mark the inference kernel cache stale (after assigning W / D_delta directly)."""
+        if self._cache is not None:
+            self._cache.stale.assign(1)
+
+    def _cached_kernel(self):
+        def refresh():
+            kernel = ops.cast(self._compose(), self._cache.kernel.dtype)
+            self._cache.kernel.assign(kernel)
+            self._cache.stale.assign(0)
+            return kernel
+        return ops.cond(ops.not_equal(self._cache.stale, 0), refresh,
+                        lambda: ops.convert_to_tensor(self._cache.kernel))
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _conv(self, inputs, kernel, *, depthwise=False, pointwise=False):
+        """``ops.conv`` / ``ops.depthwise_conv`` with the layer's geometry (``pointwise``: a plain 1x1)."""
+        strides, padding, dilation = (1, "valid", 1) if pointwise else (self.strides, self.padding, self.dilation_rate)
+        data_format = self.data_format
+        if self._transpose_to_nhwc:  # TensorFlow's CPU kernels do not all take NCHW (float64 Conv2D does not)
+            inputs, data_format = ops.transpose(inputs, (0, 2, 3, 1)), "channels_last"
+        op = ops.depthwise_conv if depthwise else ops.conv
+        outputs = op(inputs, kernel, strides, padding, data_format, dilation)
+        return ops.transpose(outputs, (0, 3, 1, 2)) if self._transpose_to_nhwc else outputs
+
+    def _resolve_composition(self, inputs):
+        if self.composition != "auto":
+            return self.composition
+        shape = tuple(inputs.shape)
+        if any(v is None for v in shape):
+            return "kernel"
+        nchw = shape if self.data_format == "channels_first" else (shape[0], shape[3], shape[1], shape[2])
+        return doconv.choose_composition(self.doconv_config, nchw)
+
+    def call(self, inputs, training=None):
+        c = self.doconv_config
+        if self._resolve_composition(inputs) == "feature" and c.has_D:
+            # Fig. 3-a: P' = D o P (depthwise conv into C_in*S channels, channel k*S + s), O = W * P'.
+            depthwise = ops.transpose(ops.reshape(self._full_D(), (*c.kernel_size, c.S, c.in_channels)),
+                                      (0, 1, 3, 2))
+            pointwise = ops.reshape(self.W, (1, 1, c.in_per_group * c.S, c.out_channels))
+            outputs = self._conv(self._conv(inputs, depthwise, depthwise=True), pointwise, pointwise=True)
+        else:
+            if training is False and _cache_allowed():
+                kernel = self._cached_kernel()
+            else:
+                kernel = self._compose()
+                if self._cache is not None:
+                    self._cache.stale.assign(1)
+            if c.groups == c.in_channels and c.groups > 1:  # depthwise: a native op on every backend
+                outputs = self._conv(inputs, ops.reshape(kernel, (*c.kernel_size, c.in_channels, c.out_per_group)),
+                                     depthwise=True)
+            else:
+                outputs = self._conv(inputs, kernel)
+        if self.use_bias:
+            shape = (1, 1, 1, self.filters) if self.data_format == "channels_last" else (1, self.filters, 1, 1)
+            outputs = outputs + ops.reshape(self.bias, shape)
+        return outputs if self.activation is None else self.activation(outputs)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def _invalidate_on_assign(self, variable):
+        """Make ``variable.assign`` (also reached by ``assign_add``/``assign_sub``, ``set_weights``,
+        weight loading) mark the kernel cache stale."""
+        assign = variable.assign
+
+        def assign_and_invalidate(value):
+            out = assign(value)
+            self.invalidate_cache()
+            return out
+        variable.assign = assign_and_invalidate
+
+    def fold(self):
+        """A plain ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) with the composed kernel, built."""
+        from .model import folded_layer
+        return folded_layer(self)
+
+    # ---- serialisation ----------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            filters=self.filters, kernel_size=self.kernel_size, strides=self.strides, padding=self.padding,
+            data_format=self.data_format, dilation_rate=self.dilation_rate, groups=self.groups,
+            activation=activations.serialize(self.activation), use_bias=self.use_bias,
+            kernel_initializer=initializers.serialize(self.kernel_initializer),
+            bias_initializer=initializers.serialize(self.bias_initializer),
+            kernel_regularizer=regularizers.serialize(self.kernel_regularizer),
+            bias_regularizer=regularizers.serialize(self.bias_regularizer),
+            activity_regularizer=regularizers.serialize(self.activity_regularizer),
+            kernel_constraint=constraints.serialize(self.kernel_constraint),
+            bias_constraint=constraints.serialize(self.bias_constraint),
+            D_mul=self.D_mul, d_init=self.d_init, composition=self.composition,
+            D_regularizer=regularizers.serialize(self.D_regularizer),
+            D_constraint=constraints.serialize(self.D_constraint),
+        )
+        return config
+
+
+# ---- the backend contract: canonical <-> layer ---------------------------------------------
+
+def _check_layer(layer):
+    if not isinstance(layer, DOConv2D):
+        raise TypeError(f"layer must be a doconv.tf.DOConv2D, but got {type(layer).__name__}")
+    if not layer.built:
+        raise ValueError(f"layer {layer.name!r} is not built yet: call it on an input (or build it) first, "
+                         f"its input channels are inferred then")
+    return layer
+
+
+def layer_config(layer) -> doconv.DOConvConfig:
+    """The core config of a built :class:`DOConv2D`."""
+    return _check_layer(layer).doconv_config
+
+
+def _numpy(variable) -> np.ndarray:
+    return np.asarray(ops.convert_to_numpy(ops.convert_to_tensor(variable)))
+
+
+def get_params(layer) -> doconv.DOConvParams:
+    """The layer's parameters in canonical layout (NumPy, full D, the variables' dtype)."""
+    c = layer_config(layer)
+    W = _numpy(layer.W).transpose(W_TO_CANONICAL)
+    D = None
+    if c.has_D:
+        delta = _numpy(layer.D_delta).transpose(2, 0, 1)
+        D = doconv.layouts.delta_to_D(delta, c)
+    bias = None if layer.bias is None else _numpy(layer.bias)
+    return doconv.DOConvParams(np.ascontiguousarray(W), None if D is None else np.ascontiguousarray(D), bias)
+
+
+def set_params(layer, params: doconv.DOConvParams) -> None:
+    """Assign canonical parameters (full D) to the layer; ValueError naming layer, array and shapes."""
+    c = layer_config(layer)
+    if not isinstance(params, doconv.DOConvParams):
+        raise TypeError(f"params must be a doconv.DOConvParams, but got {type(params).__name__}")
+    params.check(c, where=f"layer {layer.name!r}")
+    layer.W.assign(np.asarray(params.W).transpose(W_FROM_CANONICAL))
+    if c.has_D:
+        layer.D_delta.assign(doconv.layouts.D_to_delta(params.D, c).transpose(1, 2, 0))
+    if c.bias:
+        layer.bias.assign(np.asarray(params.bias))
+
+
+def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", composition="kernel",
+                      data_format="channels_last", **kwargs) -> DOConv2D:
+    """A built :class:`DOConv2D` for a core config (padding must be expressible in Keras)."""
+    if not isinstance(config, doconv.DOConvConfig):
+        raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
+    layer = DOConv2D(config.out_channels, config.kernel_size, config.stride, keras_padding(config),
+                     data_format, config.dilation, config.groups, use_bias=config.bias, D_mul=config.D_mul,
+                     composition=composition, dtype=dtype, **kwargs)
+    shape = (None, None, None, config.in_channels) if layer.data_format == "channels_last" else \
+        (None, config.in_channels, None, None)
+    layer.build(shape)
+    return layer
+
+
+def keras_padding(config: doconv.DOConvConfig) -> str:
+    """``'same'``/``'valid'`` for a core config, or ValueError when Keras cannot express its padding.
+
+    Explicit zero pads map to ``'valid'``; symmetric pads equal to TensorFlow's SAME pads at
+    stride 1 (which then do not depend on the input size) map to ``'same'``.
+    """
+    if config.padding_mode != "zeros":
+        raise ValueError(f"Keras convolutions pad with zeros only, but got padding_mode={config.padding_mode!r}")
+    if isinstance(config.padding, str):
+        return config.padding
+    if config.padding == ((0, 0), (0, 0)):
+        return "valid"
+    if config.stride == (1, 1):
+        same = tuple(doconv.same_pads(0, k, 1, d) for k, d in zip(config.kernel_size, config.dilation))
+        if config.padding == same:
+            return "same"
+    raise ValueError(f"Keras padding is 'valid' or 'same' only; padding={config.padding} of {config!r} "
+                     f"is neither")

@@ -1,0 +1,302 @@
+"""DOConv2D against the core on the shared case table: forward and gradients, eager / tf.function / XLA."""
+
+import json
+
+import numpy as np
+import pytest
+from doconv_tf_testing import (DTYPES, FORMATS, SUBSET, TF_CASE_IDS, TF_CASES, check_forward_and_grads, from_layout,
+                      layer_grads, make_layer, to_layout)
+
+import doconv
+import doconv.tf as dtf
+import keras
+import tensorflow as tf
+from doconv import cases
+from doconv.compose import COMPOSE_EINSUM
+
+
+def test_unsupported_features_are_what_keras_refuses():
+    assert dtf.UNSUPPORTED_FEATURES <= set(cases.FEATURES)
+    assert {"same_strided", "same_even_kernel"}.isdisjoint(dtf.UNSUPPORTED_FEATURES)  # TF's own 'same' rule
+    assert len(TF_CASES) >= 15
+    skipped = [c for c in cases.CASES if c not in TF_CASES]
+    assert all(c.features & dtf.UNSUPPORTED_FEATURES for c in skipped)
+    with pytest.raises(ValueError, match="dilation_rate"):  # Keras itself refuses stride > 1 with dilation > 1
+        keras.layers.Conv2D(2, 3, strides=2, dilation_rate=2)
+
+
+def test_einsum_is_the_core_composition_in_keras_layout():
+    assert COMPOSE_EINSUM == "gcms,gjcs->gjcm"  # the string KERAS_COMPOSE_EINSUM relabels
+    for case in TF_CASES:
+        if case.config.has_D:
+            layer, params = make_layer(case, "float64")
+            kernel = np.asarray(layer.kernel)  # HWIO
+            doconv.assert_close(doconv.layouts.hwio_to_oihw(kernel), doconv.compose(params, case.config),
+                                "float64", case.id)
+            c, g = case.config, case.config.groups
+            einsum = np.einsum(dtf.KERAS_COMPOSE_EINSUM, np.asarray(layer._full_D()).reshape(c.MN, c.S, g, -1),
+                               np.asarray(layer.W).reshape(c.in_per_group, c.S, g, -1))
+            doconv.assert_close(einsum.reshape(kernel.shape), kernel, "float64", case.id)
+
+
+@pytest.mark.parametrize("data_format", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TF_CASES, ids=TF_CASE_IDS)
+def test_forward_eager(case, dtype, data_format):
+    """Training-mode and cached inference-mode outputs, kernel and feature composition, vs the core."""
+    c, x = case.config, case.input(0, dtype)
+    for composition in ("kernel", "feature"):
+        layer, params = make_layer(case, dtype, data_format, composition)
+        want = doconv.forward(x, params, c)
+        for training in (True, False, False):  # the second inference call reads the cache
+            y = layer(to_layout(x, data_format), training=training)
+            assert y.dtype == dtype
+            doconv.assert_close(from_layout(y, data_format), want, dtype, f"{case.id} {composition} {training}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TF_CASES, ids=TF_CASE_IDS)
+def test_gradients_eager(case, dtype):
+    check_forward_and_grads(case, dtype, "channels_last", layer_grads)
+
+
+@pytest.mark.parametrize("case", [cases.case("g3-k3"), cases.case("dw-x2-k3")], ids=str)
+def test_gradients_channels_first_and_feature(case):
+    check_forward_and_grads(case, "float64", "channels_first", layer_grads)
+    layer, params = make_layer(case, "float64", composition="feature")
+    x = to_layout(case.input(0, "float64"), "channels_last")
+    u = np.ones(layer.compute_output_shape(x.shape))
+    _, grads = layer_grads(layer, x, u)
+    _, want = layer_grads(make_layer(case, "float64")[0], x, u)
+    for name in want:
+        doconv.assert_close(grads[name], want[name], "float64", name)
+
+
+def _graph_runner(jit_compile):
+    def run(layer, x, u):
+        @tf.function(jit_compile=jit_compile)
+        def step(x, u):
+            return layer_grads(layer, x, u)
+        return step(tf.constant(x), tf.constant(u))
+    return run
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["tf.function", "xla"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", SUBSET, ids=str)
+def test_forward_and_gradients_in_graph(case, dtype, jit_compile):
+    check_forward_and_grads(case, dtype, "channels_last", _graph_runner(jit_compile))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["tf.function", "xla"])
+def test_inference_cache_in_graph_follows_weight_updates(jit_compile):
+    """A compiled inference function composes once, then again only after a training step / assignment."""
+    case = cases.case("g3-k3")
+    layer, params = make_layer(case)
+    x = to_layout(case.input(0, "float32"), "channels_last")
+    infer = tf.function(lambda x: layer(x, training=False), jit_compile=jit_compile)
+    optimizer = keras.optimizers.SGD(0.5)
+
+    @tf.function(jit_compile=jit_compile)
+    def train(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) ** 2)
+        optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables))
+
+    for _ in range(2):
+        y = infer(x)
+        doconv.assert_close(from_layout(y, "channels_last"), doconv.forward(case.input(0), dtf.get_params(layer),
+                                                                             case.config), "float32", "cached")
+        assert int(layer._cache.stale.numpy()) == 0
+        train(x)
+        assert int(layer._cache.stale.numpy()) == 1
+    new = case.params(5, "float32")
+    dtf.set_params(layer, new)
+    doconv.assert_close(from_layout(infer(x), "channels_last"), doconv.forward(case.input(0), new, case.config),
+                        "float32", "after set_params")
+    for update in (lambda: layer.W.assign(layer.W * 2.0), lambda: layer.D_delta.assign_add(layer.D_delta + 0.1),
+                   lambda: layer.set_weights([w * 0.5 for w in layer.get_weights()])):
+        update()  # every write through the Keras variable invalidates the cache
+        doconv.assert_close(from_layout(infer(x), "channels_last"),
+                            doconv.forward(case.input(0), dtf.get_params(layer), case.config), "float32", "assign")
+    layer.W.value.assign(layer.W * 2.0)  # a raw tf.Variable write is not seen ...
+    stale = doconv.forward(case.input(0), dtf.get_params(layer), case.config)
+    assert doconv.max_error(from_layout(infer(x), "channels_last"), stale) > 1e-3
+    layer.invalidate_cache()  # ... until the cache is invalidated
+    doconv.assert_close(from_layout(infer(x), "channels_last"), stale, "float32", "invalidate_cache")
+
+
+def test_training_false_under_a_tape_still_trains_W_and_D():
+    """The fine-tuning recipe ``base(x, training=False)`` inside a tape must not use the cache."""
+    case = cases.case("k3-same")
+    layer, _ = make_layer(case, "float64")
+    x = to_layout(case.input(0, "float64"), "channels_last")
+    layer(x, training=False)  # fills the cache
+    u = np.ones(layer.compute_output_shape(x.shape))
+    _, frozen = layer_grads(layer, x, u, training=False)
+    _, trained = layer_grads(layer, x, u, training=True)
+    for name in trained:
+        assert frozen[name] is not None
+        doconv.assert_close(frozen[name], trained[name], "float64", name)
+
+
+def test_weights_order_names_and_shapes():
+    layer = dtf.DOConv2D(6, 3, groups=2, D_mul=12)
+    layer.build((None, 8, 8, 4))
+    assert [w.name for w in layer.weights] == ["W", "D_delta", "bias"]
+    assert [tuple(w.shape) for w in layer.weights] == [(2, 12, 6), (9, 12, 4), (6,)]
+    assert [w.trainable for w in layer.weights] == [True, True, True]
+    assert layer.count_params() == 12 * 2 * 6 + 9 * 12 * 4 + 6
+    np.testing.assert_array_equal(np.asarray(layer.D_delta), 0.0)  # identity init: D' = 0
+    pointwise = dtf.DOConv2D(5, 1, use_bias=False)
+    pointwise.build((None, 3, 3, 4))
+    assert [w.name for w in pointwise.weights] == ["W"]
+    doconv.assert_close(doconv.layouts.hwio_to_oihw(np.asarray(pointwise.kernel)),
+                        dtf.get_params(pointwise).W.reshape(5, 4, 1, 1), "float32")
+
+
+def test_initialisation_matches_conv2d_and_d_init_random():
+    layer = dtf.DOConv2D(64, 3, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    layer.build((None, 8, 8, 32))
+    reference = keras.layers.Conv2D(64, 3, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    reference.build((None, 8, 8, 32))
+    # identity init: W' = W, drawn with Conv2D's fan-in and fan-out
+    np.testing.assert_allclose(np.std(np.asarray(layer.kernel)), np.std(np.asarray(reference.kernel)), rtol=0.05)
+    random = dtf.DOConv2D(8, 3, d_init="random", D_mul=18)
+    random.build((None, 5, 5, 40))
+    D = dtf.get_params(random).D
+    np.testing.assert_allclose(np.std(D), np.sqrt(2 / 9), rtol=0.1)  # He init of a depthwise kernel (fan-in MN)
+
+
+def test_regularizers_apply_to_W_only_unless_D_has_its_own():
+    layer = dtf.DOConv2D(4, 3, kernel_regularizer=keras.regularizers.L2(1.0))
+    layer.build((None, 5, 5, 2))
+    layer.D_delta.assign(np.ones(layer.D_delta.shape))
+    assert len(layer.losses) == 1
+    np.testing.assert_allclose(float(layer.losses[0]), np.sum(np.asarray(layer.W) ** 2), rtol=1e-5)
+    layer = dtf.DOConv2D(4, 3, D_regularizer=keras.regularizers.L2(1.0))
+    layer.build((None, 5, 5, 2))
+    layer.D_delta.assign(np.full(layer.D_delta.shape, 0.5))
+    np.testing.assert_allclose(float(layer.losses[0]), 0.25 * np.prod(layer.D_delta.shape), rtol=1e-5)
+
+
+def test_config_round_trip():
+    layer = dtf.DOConv2D(6, (3, 5), strides=2, padding="same", data_format="channels_first", groups=3,
+                         activation="relu", use_bias=False, kernel_regularizer="l2", D_mul=20, d_init="random",
+                         composition="auto", D_constraint="non_neg", name="block_conv")
+    config = layer.get_config()
+    assert {k: config[k] for k in ("D_mul", "d_init", "composition", "groups", "padding")} == \
+        dict(D_mul=20, d_init="random", composition="auto", groups=3, padding="same")
+    clone = dtf.DOConv2D.from_config(json.loads(json.dumps(config)))
+    assert clone.get_config() == config
+    serialized = keras.saving.serialize_keras_object(layer)
+    assert serialized["registered_name"] == "doconv>DOConv2D"
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == config
+
+
+def test_keras_file_round_trip_without_custom_objects(tmp_path):
+    case = cases.case("g3-k3-s2-same-2MN")
+    inputs = keras.Input((8, 7, 6))
+    conv = dtf.layer_from_config(case.config)
+    model = keras.Model(inputs, keras.layers.ReLU()(dtf.DOConv2D(4, 3, padding="same", name="second")(conv(inputs))))
+    dtf.set_params(conv, case.params(0, "float32"))
+    x = to_layout(case.input(0, "float32"), "channels_last")
+    before = np.asarray(model(x, training=False))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # no custom_objects: registered as doconv>DOConv2D
+    assert isinstance(loaded.layers[1], dtf.DOConv2D)
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), before)
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=True)), before)
+    weights = tmp_path / "w.weights.h5"
+    model.save_weights(weights)
+    loaded.layers[1].W.assign(np.zeros(loaded.layers[1].W.shape))
+    loaded(x, training=False)
+    loaded.load_weights(weights)  # must refresh the inference cache
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), before)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(policy):
+    case = cases.case("g3-k3-s2-same-2MN")
+    compute = policy.split("_")[1]
+    layer = dtf.layer_from_config(case.config, dtype=policy)
+    params = case.params(0, "float32")
+    dtf.set_params(layer, params)
+    assert layer.W.dtype == "float32" and layer.compute_dtype == compute
+    x = to_layout(case.input(0, "float32"), "channels_last")
+    want = doconv.forward(case.input(0, "float64"), params.astype("float64"), case.config)
+    for training in (True, False, False):
+        y = layer(x, training=training)
+        assert keras.backend.standardize_dtype(y.dtype) == compute
+        doconv.assert_close(from_layout(np.asarray(keras.ops.cast(y, "float32")), "channels_last"), want, compute)
+    reference = keras.layers.Conv2D(9, 3, strides=2, padding="same", groups=3, dtype=policy)
+    assert reference(x).dtype == y.dtype
+
+
+BAD_ARGUMENTS = [
+    (dict(filters=0, kernel_size=3), ValueError, "filters=0"),
+    (dict(filters=2.5, kernel_size=3), ValueError, "filters=2.5"),
+    (dict(filters=6, kernel_size=3, groups=4), ValueError, "groups=4, filters=6"),
+    (dict(filters=6, kernel_size=0), ValueError, "kernel_size"),
+    (dict(filters=6, kernel_size=(3, 3, 3)), ValueError, "kernel_size"),
+    (dict(filters=6, kernel_size="3"), TypeError, "kernel_size"),
+    (dict(filters=6, kernel_size=3, strides=2, dilation_rate=2), ValueError, "dilation_rate=\\(2, 2\\)"),
+    (dict(filters=6, kernel_size=3, padding="causal"), ValueError, "padding='causal'"),
+    (dict(filters=6, kernel_size=3, padding=1), ValueError, "padding=1"),
+    (dict(filters=6, kernel_size=3, data_format="NHWC"), ValueError, "data_format='NHWC'"),
+    (dict(filters=6, kernel_size=3, D_mul=4), ValueError, "D_mul=4"),
+    (dict(filters=6, kernel_size=1, D_mul=2), ValueError, "D_mul=2"),
+    (dict(filters=6, kernel_size=3, d_init="zeros"), ValueError, "d_init='zeros'"),
+    (dict(filters=6, kernel_size=3, composition="fast"), ValueError, "composition='fast'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, match", BAD_ARGUMENTS, ids=[m for _, _, m in BAD_ARGUMENTS])
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dtf.DOConv2D(**kwargs)
+
+
+def test_bad_inputs_at_build_and_call():
+    with pytest.raises(ValueError, match="groups=2, but the input has 3 channels"):
+        dtf.DOConv2D(4, 3, groups=2)(np.zeros((1, 5, 5, 3), "float32"))
+    layer = dtf.DOConv2D(4, 3)
+    layer(np.zeros((1, 5, 5, 3), "float32"))
+    with pytest.raises(ValueError, match="expected axis -1 of input shape to have value 3"):
+        layer(np.zeros((1, 5, 5, 2), "float32"))
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        dtf.DOConv2D(4, 3, dilation_rate=2)(np.zeros((1, 4, 4, 3), "float32"))
+    with pytest.raises(ValueError, match="not built"):
+        dtf.get_params(dtf.DOConv2D(4, 3))
+    with pytest.raises(TypeError, match="DOConv2D, but got Conv2D"):
+        dtf.get_params(keras.layers.Conv2D(4, 3))
+
+
+def test_set_params_names_layer_array_and_shapes():
+    case = cases.case("k3-same")
+    layer = dtf.layer_from_config(case.config)
+    wrong = case.params(0, "float32")
+    wrong.D = wrong.D[:, :, :4]
+    with pytest.raises(ValueError, match=r"layer 'do_conv2d.*': D has shape \(4, 9, 4\) but .* needs \(4, 9, 9\)"):
+        dtf.set_params(layer, wrong)
+
+
+def test_layer_from_config_maps_and_refuses_padding():
+    c = doconv.DOConvConfig(3, 4, 3, padding=1)
+    assert dtf.keras_padding(c) == "same" and dtf.keras_padding(doconv.DOConvConfig(3, 4, 3)) == "valid"
+    assert dtf.layer_config(dtf.layer_from_config(c)).padding == "same"
+    for bad in (doconv.DOConvConfig(3, 4, 3, padding=1, stride=2), doconv.DOConvConfig(3, 4, 3, padding=2),
+                doconv.DOConvConfig(3, 4, 3, padding=1, padding_mode="reflect")):
+        with pytest.raises(ValueError, match="padding"):
+            dtf.layer_from_config(bad)
+    for case in TF_CASES:  # the contract: a layer for every supported case, whose config is the case's
+        layer = dtf.layer_from_config(case.config)
+        assert dtf.layer_config(layer) == case.config
+        dtf.set_params(layer, case.params(3, "float32"))
+        params = dtf.get_params(layer)
+        for name in ("W", "D", "bias"):
+            want = getattr(case.params(3, "float32"), name)
+            assert (want is None) == (getattr(params, name) is None)
+            if want is not None:
+                np.testing.assert_allclose(getattr(params, name), want, rtol=0, atol=1e-6)

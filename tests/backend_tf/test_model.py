@@ -1,0 +1,155 @@
+"""convert / fold on keras.applications models (weights=None, 32x32 inputs) and small Sequential models."""
+
+import numpy as np
+import pytest
+from doconv_tf_testing import run_python  # noqa: F401  (registers the helpers)
+
+import doconv
+import doconv.tf as dtf
+import keras
+import tensorflow as tf
+
+rng = np.random.default_rng(0)
+X = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+
+
+def _randomise_D(model, scale=0.3):
+    """Move every D away from the identity, so that fold has to compose for real."""
+    for layer in model.layers:
+        if isinstance(layer, dtf.DOConv2D) and layer.D_delta is not None:
+            layer.D_delta.assign(rng.normal(0, scale / np.sqrt(layer.D_mul), layer.D_delta.shape))
+
+
+def _convs(model):
+    return [layer for layer in model.layers if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D))]
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
+    # moving statistics away from (0, 1) so that BatchNorm weights are carried over visibly
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+    return model
+
+
+def test_resnet50_convert_and_fold():
+    keras.utils.set_random_seed(1)
+    model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
+    before = np.asarray(model(X, training=False))
+    converted, report = dtf.convert(model)
+    kinds = {row.action for row in report}
+    assert len(report) == len(_convs(model)) == 53
+    assert len(report.converted) == 17 and kinds == {"DO-Conv", "kept: pointwise (1x1): no D (paper Section 4)"}
+    assert "17 of 53 convolutions converted" in str(report)
+    assert sum(isinstance(layer, dtf.DOConv2D) for layer in converted.layers) == 17
+    doconv.assert_close(converted(X, training=False), before, "float32", "convert at identity init")
+    _randomise_D(converted)
+    after = np.asarray(converted(X, training=False))
+    assert doconv.max_error(after, before) > 1e-3
+    folded = dtf.fold(converted)
+    assert not any(isinstance(layer, dtf.DOConv2D) for layer in folded.layers)
+    assert folded.count_params() == model.count_params()
+    doconv.assert_close(folded(X, training=False), after, "float32", "fold")
+
+
+def test_mobilenetv2_depthwise_convert_fold_save_and_export(mobilenet, tmp_path):
+    model = mobilenet
+    before = np.asarray(model(X, training=False))
+    converted, report = dtf.convert(model)
+    kinds = [row.action for row in report.converted]
+    assert kinds.count("DO-DConv") == 17 and kinds.count("DO-Conv") == 1
+    depthwise = [layer for layer in converted.layers if isinstance(layer, dtf.DOConv2D) and layer.groups > 1]
+    assert len(depthwise) == 17 and all(layer.groups == layer.filters for layer in depthwise)
+    doconv.assert_close(converted(X, training=False), before, "float32", "convert at identity init")
+    _randomise_D(converted)
+    after = np.asarray(converted(X, training=False))
+    folded = dtf.fold(converted)
+    assert sum(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in folded.layers) == 17
+    assert folded.count_params() == model.count_params()
+    doconv.assert_close(folded(X, training=False), after, "float32", "fold")
+    folded.save(tmp_path / "folded.keras")
+    reloaded = keras.saving.load_model(tmp_path / "folded.keras")
+    np.testing.assert_array_equal(np.asarray(reloaded(X, training=False)), np.asarray(folded(X, training=False)))
+    folded.export(str(tmp_path / "saved_model"), verbose=False)
+    artifact = tf.saved_model.load(str(tmp_path / "saved_model"))  # keep it referenced while serving
+    served = artifact.serve(tf.constant(X))
+    doconv.assert_close(served, after, "float32", "SavedModel")
+
+
+def test_convert_include_exclude_and_random_init(mobilenet):
+    names = [row.name for row in dtf.convert(mobilenet)[1].converted]
+    _, report = dtf.convert(mobilenet, include=names[:3])
+    assert [row.name for row in report.converted] == names[:3]
+    _, report = dtf.convert(mobilenet, exclude=lambda layer: isinstance(layer, keras.layers.DepthwiseConv2D))
+    assert [row.action for row in report.converted] == ["DO-Conv"]
+    converted, report = dtf.convert(mobilenet, D_mul=12, include=names[:1])
+    assert report.converted[0].D_mul == 12 and converted.get_layer(names[0]).D_mul == 12
+    doconv.assert_close(converted(X, training=False), mobilenet(X, training=False), "float32", "D_mul > MN")
+    converted, _ = dtf.convert(mobilenet, d_init="random", include=names[:1])
+    fresh, original = converted.get_layer(names[0]), mobilenet.get_layer(names[0])
+    assert fresh.d_init == "random" and doconv.max_error(fresh.kernel, original.kernel) > 1e-2
+    with pytest.raises(ValueError, match="d_init='eye'"):
+        dtf.convert(mobilenet, d_init="eye")
+    with pytest.raises(TypeError, match="include=3"):
+        dtf.convert(mobilenet, include=3)
+
+
+def test_sequential_channels_first_convert_fold_keeps_the_original_untouched():
+    model = keras.Sequential([keras.Input((3, 9, 9)),
+                              keras.layers.Conv2D(8, 3, strides=2, padding="same", data_format="channels_first",
+                                                  activation="relu"),
+                              keras.layers.Conv2D(8, 3, groups=4, data_format="channels_first"),
+                              keras.layers.DepthwiseConv2D(3, depth_multiplier=2, data_format="channels_first",
+                                                           padding="same")])
+    x = rng.normal(size=(2, 3, 9, 9)).astype("float32")
+    before = np.asarray(model(x))
+    converted, report = dtf.convert(model)
+    assert [row.action for row in report] == ["DO-Conv", "DO-GConv", "DO-DConv"]
+    doconv.assert_close(converted(x), before, "float32", "convert")
+    _randomise_D(converted)
+    folded = dtf.fold(converted)
+    doconv.assert_close(folded(x), converted(x, training=False), "float32", "fold")
+    # channels_first folds to channels_last plain layers between Permutes (see doconv.tf.folded_layer)
+    assert [type(layer).__name__ for layer in folded.layers] == ["Permute", "Conv2D", "Permute"] * 2 + [
+        "Permute", "DepthwiseConv2D", "Permute"]
+    assert folded.count_params() == model.count_params()
+    np.testing.assert_array_equal(model(x), before)  # convert and fold copy, never share variables
+
+
+def test_convert_refuses_non_models():
+    with pytest.raises(TypeError, match="keras.Model"):
+        dtf.convert(keras.layers.Conv2D(3, 3))
+    with pytest.raises(ValueError, match="not built"):
+        dtf.convert(keras.Sequential([keras.layers.Conv2D(3, 3)]))
+
+
+@pytest.mark.parametrize("case_id, dtype", [("g3-k3", "float32"), ("g3-k3", "float64"), ("k3-same", "float64"),
+                                            ("dw-x2-k3", "float32")])
+def test_channels_first_fold_matches_the_core(case_id, dtype, tmp_path):
+    """A channels_first fold equals the core's forward, in a Sequential and in a functional model.
+
+    g3-k3 has 9 filters on a 9-pixel-wide input: a channels_first keras Conv2D adds its bias along
+    the width there (Keras' TF ``ops.add`` bias heuristic), and float64 NCHW Conv2D cannot run on CPU.
+    """
+    case = doconv.cases.case(case_id)
+    config, x = case.config, case.input(0, dtype)
+    layer = dtf.layer_from_config(config, dtype=dtype, data_format="channels_first")
+    params = case.params(0, dtype)
+    dtf.set_params(layer, params)
+    want = doconv.forward(x, params, config)
+    inputs = keras.Input((config.in_channels, None, None), dtype=dtype)
+    sequential = keras.Sequential([inputs, layer])
+    functional = keras.Model(inputs, keras.layers.Activation("linear", dtype=dtype)(layer(inputs)))
+    for model in (sequential, functional):
+        folded = dtf.fold(model)
+        assert not any(isinstance(sub, dtf.DOConv2D) for sub in folded._flatten_layers())
+        assert folded.count_params() == np.prod(config.kernel_size) * config.in_per_group * config.out_channels + (
+            config.out_channels if config.bias else 0)
+        doconv.assert_close(folded(x, training=False), want, dtype, f"{case_id} fold {type(model).__name__}")
+    folded.save(tmp_path / "folded.keras")
+    reloaded = keras.saving.load_model(tmp_path / "folded.keras")
+    doconv.assert_close(reloaded(x, training=False), want, dtype, f"{case_id} fold reloaded")
