@@ -129,10 +129,10 @@ class Framework:
         raise NotImplementedError
 
     def set_params(self, layer: Layer, params: DOConvParams) -> None:
-        raise NotImplementedError
+        self.backend.set_params(layer.layer, params)
 
     def get_params(self, layer: Layer) -> DOConvParams:
-        raise NotImplementedError
+        return self.backend.get_params(layer.layer)
 
     def forward(self, layer: Layer, x: np.ndarray, *, training: bool = True) -> np.ndarray:
         """Output (NCHW) for an NCHW input; ``training=False`` is the framework's inference path."""
@@ -160,14 +160,15 @@ class Framework:
         """Fold with the backend's ``fold``: (OIHW kernel, bias, forward of the plain conv on NCHW input)."""
         raise NotImplementedError
 
+    # The backend's contract functions, called as they are (``self.backend`` is the doconv.<fw> module).
     def export_canonical(self, layer: Layer, path: str) -> None:
-        raise NotImplementedError
+        self.backend.export_canonical(layer.obj, path)
 
     def import_canonical(self, layer: Layer, path: str) -> None:
-        raise NotImplementedError
+        self.backend.import_canonical(layer.obj, path)
 
     def import_official(self, layer: Layer, arrays: Dict[str, np.ndarray], *, refold: bool = False) -> None:
-        raise NotImplementedError
+        self.backend.import_official(layer.layer, arrays, refold=refold)
 
     # ---- shared helpers ---------------------------------------------------------------------------
     def layer_name(self, layer: Layer) -> str:

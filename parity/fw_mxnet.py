@@ -42,12 +42,6 @@ class GluonFramework(Framework):
         net.add(conv)
         return Layer(net, conv, config, dtype)
 
-    def set_params(self, layer, params):
-        self.backend.set_params(layer.layer, params)
-
-    def get_params(self, layer):
-        return self.backend.get_params(layer.layer)
-
     def forward(self, layer, x, *, training=True):
         if training:
             with self.mx.autograd.train_mode():
@@ -93,15 +87,6 @@ class GluonFramework(Framework):
         bias = None if conv.bias is None else conv.bias.data(self.ctx).asnumpy()
         return (conv.weight.data(self.ctx).asnumpy(), bias,
                 lambda x: folded(self._nd(x, layer)).asnumpy())
-
-    def export_canonical(self, layer, path):
-        self.backend.export_canonical(layer.obj, path)
-
-    def import_canonical(self, layer, path):
-        self.backend.import_canonical(layer.obj, path)
-
-    def import_official(self, layer, arrays, *, refold=False):
-        self.backend.import_official(layer.layer, arrays, refold=refold)
 
 
 def frameworks():

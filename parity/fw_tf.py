@@ -52,12 +52,6 @@ class KerasFramework(Framework):
         model = self.keras.Sequential([self.keras.Input(shape=shape, dtype=dtype), conv])
         return Layer(model, conv, config, dtype)
 
-    def set_params(self, layer, params):
-        self.backend.set_params(layer.layer, params)
-
-    def get_params(self, layer):
-        return self.backend.get_params(layer.layer)
-
     def forward(self, layer, x, *, training=True):
         return self._out(layer.obj(self._in(x, layer), training=training))
 
@@ -106,15 +100,6 @@ class KerasFramework(Framework):
                   else hwio_to_oihw(kernel))
         bias = None if plain.bias is None else np.array(plain.bias)
         return kernel, bias, lambda x: self._out(folded(self._in(x, layer), training=False))
-
-    def export_canonical(self, layer, path):
-        self.backend.export_canonical(layer.obj, path)
-
-    def import_canonical(self, layer, path):
-        self.backend.import_canonical(layer.obj, path)
-
-    def import_official(self, layer, arrays, *, refold=False):
-        self.backend.import_official(layer.layer, arrays, refold=refold)
 
 
 def frameworks():

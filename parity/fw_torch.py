@@ -32,12 +32,6 @@ class TorchFramework(Framework):
         model = self.torch.nn.Sequential(OrderedDict(conv=conv))
         return Layer(model, conv, config, dtype)
 
-    def set_params(self, layer, params):
-        self.backend.set_params(layer.layer, params)
-
-    def get_params(self, layer):
-        return self.backend.get_params(layer.layer)
-
     def forward(self, layer, x, *, training=True):
         layer.obj.train(training)
         with self.torch.set_grad_enabled(training):
@@ -82,15 +76,6 @@ class TorchFramework(Framework):
                 return folded(self._t(x, layer)).numpy()
         bias = None if plain.bias is None else plain.bias.detach().numpy()
         return plain.weight.detach().numpy(), bias, run
-
-    def export_canonical(self, layer, path):
-        self.backend.export_canonical(layer.obj, path)
-
-    def import_canonical(self, layer, path):
-        self.backend.import_canonical(layer.obj, path)
-
-    def import_official(self, layer, arrays, *, refold=False):
-        self.backend.import_official(layer.layer, arrays, refold=refold)
 
 
 def frameworks():

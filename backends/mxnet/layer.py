@@ -381,24 +381,7 @@ class DOConv2D(gluon.HybridBlock):
         return bias
 
     def _feature(self, F, x, W, D, bias, compute):
-        """**Kernel cache** (``composition='kernel'``, M*N > 1). The graph does not compose: W' enters it as the input
-``kernel_cache`` (a :class:`ComposedKernel` parameter, ``grad_req='null'``, never saved), whose value is fetched
-at every call -- also by a hybridized parent's CachedOp, which reads each parameter's ``data()`` per call:
-
-- inside ``autograd.record()`` it is composed afresh, imperatively and recorded, so gradients reach W and D
-  through it, and every cached copy is dropped;
-- outside, the cached W' of that context is returned, composed first if it is stale. It is cached only while
-  no gradient of W or D is pending (``_fresh_grad``: set by ``backward``, cleared by ``Trainer.step``), so a
-  ``backward`` -> inference -> ``step`` sequence never leaves a stale kernel behind;
-- every write Gluon makes to W, D or the cache -- ``set_data``, ``load_parameters``, ``initialize``, ``cast``,
-  ``reset_ctx`` -- drops it (:class:`WatchedParameter`).
-
-Not seen: raw in-place writes to the arrays (``layer.W.data()[:] = v``, ``nd.*(out=...)``) and a
-``Trainer`` with ``update_on_kvstore=True`` never clears ``_fresh_grad`` (correct, but then never cached). Call
-:meth:`DOConv2D.invalidate_cache` after raw writes. W and D stay graph inputs through a zero that joins the
-bias (``zeros_like`` of one element each), so Gluon sees every parameter used.
-
-Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
+        """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
         cin, a = self.in_channels, self._args
         if not cin:
             raise ValueError(f"{self.name}: composition='feature' needs in_channels (it sets the depthwise "

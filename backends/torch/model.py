@@ -87,7 +87,7 @@ def _config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
 
 
 def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "identity",
-              composition: str = "kernel") -> DOConv2d:
+              composition: str = "auto") -> DOConv2d:
     """A ``DOConv2d`` with ``conv``'s configuration, device, dtype and weights (W[..., :MN] = kernel).
 
     With ``d_init='identity'`` it computes exactly what ``conv`` computes; ``'random'`` keeps the kernel
@@ -108,7 +108,7 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
 
 
 def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity", include: Selector = None,
-            exclude: Selector = None, inplace: bool = False, composition: str = "kernel"):
+            exclude: Selector = None, inplace: bool = False, composition: str = "auto"):
     """Replace every non-pointwise ``nn.Conv2d`` of ``model`` by a ``DOConv2d`` keeping its weights.
 
     ``include``/``exclude``: glob patterns over module paths (``'layer1.*'``), lists of them, or a callable

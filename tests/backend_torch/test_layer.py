@@ -78,7 +78,8 @@ def test_extra_repr_lists_non_defaults_and_D_mul():
     text = repr(DOConv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect", D_mul=12))
     assert text == ("DOConv2d(4, 8, kernel_size=(3, 3), stride=(2, 2), padding=((1, 1), (1, 1)), groups=2, "
                     "bias=False, padding_mode='reflect', D_mul=12)")
-    assert "composition='auto'" in repr(DOConv2d(2, 2, 3, composition="auto"))
+    assert "composition='kernel'" in repr(DOConv2d(2, 2, 3, composition="kernel"))
+    assert "composition" not in repr(DOConv2d(2, 2, 3))  # 'auto' is the default
 
 
 def test_identity_init_composes_to_W_and_has_conv_init_distribution():
