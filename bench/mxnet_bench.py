@@ -2,9 +2,11 @@
 
     /tmp/envs/mx/bin/python bench/mxnet_bench.py [--repeats 21]
 
-Rows (the issue's protocol): batch-1 inference with the *unfolded* layer (W' from the layer's kernel cache),
-and a full training step (forward, backward, SGD update through gluon.Trainer) at batch 8. Each repeat times
-the baseline and DO-Conv back to back, so machine load hits both alike; the ratio is of the medians.
+Rows (the issue's protocol): batch-1 inference with the *unfolded* layer, and a full training step (forward,
+backward, SGD update through gluon.Trainer) at batch 8. Each net is fresh, so its graph is built by its first
+call: an inference graph (W' read from the layer's kernel cache) for the inference row, a training graph (W'
+composed inside the CachedOp) for the training rows -- see doconv/mxnet/layer.py. Each repeat times the
+baseline and DO-Conv back to back, so machine load hits both alike; the ratio is of the medians.
 """
 
 import argparse

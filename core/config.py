@@ -26,6 +26,8 @@ import math
 import numbers
 from typing import Any, Literal, Sequence, Tuple, Union
 
+import numpy as np
+
 Pair = Tuple[int, int]
 Pads = Tuple[Pair, Pair]  # ((top, bottom), (left, right))
 PaddingSpec = Union[Literal["same", "valid"], Pads]
@@ -146,7 +148,7 @@ class DOConvConfig:
             if getattr(self, name) % self.groups:
                 raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(self, name)} "
                                  f"and groups={self.groups}")
-        if not isinstance(self.bias, (bool, numbers.Integral)) or self.bias not in (0, 1):
+        if not isinstance(self.bias, (bool, np.bool_, numbers.Integral)) or self.bias not in (0, 1):
             raise TypeError(f"bias must be True or False, but got bias={self.bias!r}")
         put("bias", bool(self.bias))
         if self.padding_mode not in PADDING_MODES:

@@ -9,19 +9,29 @@ Parameters (their names in ``save_parameters`` files, ``collect_params`` and ``h
 The fixed I_fill (M*N identities tiled along D_mul, :func:`doconv.identity_fill`) is no parameter: the graph
 builds it from ``eye`` (or, for D_mul = M*N, never materialises it at all), so it is neither saved nor trained.
 
-Kernel composition (Fig. 3-b) runs as **one batched matrix product**, ``linalg.gemm`` with ``axis=1``:
-with W viewed as ``(g, C_out/g, C_in/g, S)`` and D as ``(g, M*N, C_in/g, S)`` the batch axes are
+Kernel composition (Fig. 3-b) runs as **one batched matrix product**, ``linalg.gemm2`` with ``axis=1``:
+with W viewed as ``(g, C_out/g, C_in/g, S)`` and D = I_fill + D' as ``(g, M*N, C_in/g, S)`` the batch axes are
 ``(g, C_in/g)`` and the result is W' directly in OIHW order -- the einsum ``gcms,gjcs->gjcm`` of
-:data:`doconv.COMPOSE_EINSUM` without moving W. For D_mul = M*N the identity part is W itself and enters as
-gemm's accumulator ``C`` (``W' = W + W D'^T``). The only intermediates are D-sized (its transposed copy) and
-W' itself; the official Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
+:data:`doconv.COMPOSE_EINSUM` without moving W. The only intermediates are D-sized (D and its transposed copy)
+and W' itself; the official Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
+(For D_mul = M*N, ``W + W D'^T`` with W as gemm's accumulator is the same product; its backward is slower.)
 
-**Kernel cache** (``composition='kernel'``, M*N > 1). The graph does not compose: W' enters it as the input
-``kernel_cache`` (a :class:`ComposedKernel` parameter, ``grad_req='null'``, never saved), whose value is fetched
-at every call -- also by a hybridized parent's CachedOp, which reads each parameter's ``data()`` per call:
+**Two graphs, one kernel cache** (``composition='kernel'``, M*N > 1). A symbol graph (the layer's own after
+``hybridize()``, or a hybridized parent's, which calls ``hybrid_forward`` once to build its single CachedOp) is
+built for the mode of the call that builds it:
 
-- inside ``autograd.record()`` it is composed afresh, imperatively and recorded, so gradients reach W and D
-  through it, and every cached copy is dropped;
+- built inside ``autograd.record()`` -- a *training graph* -- it composes W' itself (the gemm above, and its
+  backward, inside the CachedOp: the fastest training step we measured);
+- built outside -- an *inference graph* -- W' enters it as the input ``kernel_cache`` (a :class:`ComposedKernel`
+  parameter, ``grad_req='null'``, never saved), and no composition runs per call.
+
+Either graph is correct in either mode, only slower in the other: ``hybridize()`` again to rebuild for the
+next call's mode (e.g. after training, before deployment-style inference; or fold). The cache's ``data()``,
+which every CachedOp reads per call, does the rest:
+
+- inside ``autograd.record()``, if some graph of the layer reads the cache (an inference graph used to train), it
+  returns W' composed afresh, imperatively and recorded, so gradients reach W and D through it; a training graph
+  only ties the cache in (below) and gets the buffer untouched. Every cached copy is dropped;
 - outside, the cached W' of that context is returned, composed first if it is stale. It is cached only while
   no gradient of W or D is pending (``_fresh_grad``: set by ``backward``, cleared by ``Trainer.step``), so a
   ``backward`` -> inference -> ``step`` sequence never leaves a stale kernel behind;
@@ -30,8 +40,12 @@ at every call -- also by a hybridized parent's CachedOp, which reads each parame
 
 Not seen: raw in-place writes to the arrays (``layer.W.data()[:] = v``, ``nd.*(out=...)``) and a
 ``Trainer`` with ``update_on_kvstore=True`` never clears ``_fresh_grad`` (correct, but then never cached). Call
-:meth:`DOConv2D.invalidate_cache` after raw writes. W and D stay graph inputs through a zero that joins the
-bias (``zeros_like`` of one element each), so Gluon sees every parameter used.
+:meth:`DOConv2D.invalidate_cache` after raw writes. Gluon warns about a parameter that is no graph input, so a
+graph ties the parameters it does not compute with in by one ``reshape_like`` each, which reads only their shape
+(:meth:`_tie`): W to the bias's length (C_out) and D to the input's channel axis (C_in) in an inference graph, the
+cache to the bias in a training graph (without bias: to W' instead). A layer remembers the kinds of graph built
+for it (``_graphs``) for its lifetime. Imperatively (no graph), the layer composes while recording and reads the
+cache otherwise.
 
 Feature composition (Fig. 3-a, ``composition='feature'``) is a depthwise conv with D into C_in*D_mul channels
 followed by a grouped 1x1 conv with W. ``'auto'`` picks the cheaper by :func:`doconv.choose_composition` for
@@ -135,6 +149,8 @@ class ComposedKernel(WatchedParameter):
         ctx = buffer.context
         if mx.autograd.is_recording():
             self._fresh = set()
+            if "cache" not in layer._graphs:  # no graph reads W' from here: they compose it themselves
+                return buffer
             return layer._compose_nd(ctx)
         if ctx not in self._fresh:
             W, D = layer.W.data(ctx), layer.D.data(ctx)
@@ -189,6 +205,7 @@ class DOConv2D(gluon.HybridBlock):
                           padding=pad, dilation=cfg.dilation, groups=cfg.groups, bias=cfg.bias, D_mul=cfg.D_mul,
                           depthwise_separable=depthwise_separable)
         self._layout, self._composition, self._auto = layout, composition, None
+        self._graphs = set()  # kinds of symbol graph built so far: 'compose' (recording), 'cache' (not)
         self._activation, self.d_init = activation, d_init
         self._check_in_channels(int(in_channels))
         cin = int(in_channels)
@@ -319,19 +336,15 @@ class DOConv2D(gluon.HybridBlock):
         return m * n
 
     def compose(self, F, W, D, dtype=None):
-        """W' = D^T o W in OIHW (Eq. 3), one ``linalg.gemm``; ``D`` is the stored delta D'."""
+        """W' = D^T o W in OIHW (Eq. 3), one ``linalg.gemm2``; ``D`` is the stored delta D'."""
         a = self._args
         g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
         if D is None:  # 1x1: no D, W' is W
             return F.reshape(W, (0, 0) + a["kernel_size"])
         wg = F.reshape(W, (g, cout // g, -1, s))                              # (g, C_out/g, C_in/g, S)
-        dt = F.swapaxes(F.reshape(D, (g, -1, mn, s)), 1, 2)                   # (g, MN, C_in/g, S)
-        if s == mn:  # W' = W I + W D'^T: the identity part is W itself, gemm's accumulator
-            kernel = F.linalg.gemm(wg, dt, wg, transpose_b=True, axis=1, alpha=1.0, beta=1.0)
-        else:
-            eye = F.reshape(self._identity_fill(F, dtype or self._dtype), (1, mn, 1, s))
-            full = F.broadcast_add(dt, eye)
-            kernel = F.linalg.gemm2(wg, full, transpose_b=True, axis=1)
+        eye = self._identity_fill(F, dtype or self._dtype)                    # (1, MN, S)
+        full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (g, -1, mn, s)), 1, 2)  # D, as (g, MN, C_in/g, S)
+        kernel = F.linalg.gemm2(wg, full, transpose_b=True, axis=1)         # (g, C_out/g, C_in/g, MN)
         return F.reshape(kernel, (cout, -1) + a["kernel_size"])            # (C_out, C_in/g, M, N)
 
     @property
@@ -350,35 +363,44 @@ class DOConv2D(gluon.HybridBlock):
         mode = self._auto or ("kernel" if self._composition == "auto" else self._composition)
         if mode == "feature" and D is not None:
             if kernel_cache is not None and F is mx.sym:  # 'auto' chose feature: the cache is unused
-                bias = self._join_zero(F, bias, kernel_cache)
+                W = F.reshape_like(W, kernel_cache, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1)  # C_out
             compute = self._dtype not in ("float32", "float64")
             if compute:
                 W, D = F.cast(W, "float32"), F.cast(D, "float32")
             out = self._feature(F, x, W, D, bias, compute)
         else:
-            if F is mx.sym and not self.in_channels:
+            probing = F is mx.sym and not self.in_channels
+            if probing:
                 bias = self._shape_probe(F, x, W, D, bias)
-            if kernel_cache is None:
+            if kernel_cache is None or (F is mx.nd and mx.autograd.is_recording()):
                 kernel = self._kernel(F, W, D)
-            else:  # W' from the cache (see the module docstring); W and D only join the graph as a zero
+            elif F is mx.nd:
                 kernel = kernel_cache
-                if F is mx.sym:
-                    bias = self._join_zero(F, bias, W, D)
+            elif mx.autograd.is_recording():  # a training graph: composes W' itself, the cache is unused
+                self._graphs.add("compose")
+                kernel = self._kernel(F, W, D)
+                bias, kernel = self._tie(F, bias, kernel, kernel_cache)
+            else:  # an inference graph: W' from the cache; W and D are inputs only through shape ties
+                self._graphs.add("cache")
+                kernel = kernel_cache
+                if not probing:  # (the probe already reads W and D)
+                    bias, kernel = self._tie(F, bias, kernel, W)
+                    x = F.reshape_like(x, D, lhs_begin=self._layout.find("C"), lhs_end=self._layout.find("C") + 1,
+                                       rhs_begin=0, rhs_end=1)                           # C_in -> C_in
             if self._layout == "NHWC":  # MXNet's NHWC Convolution takes OHWI kernels
                 kernel = F.transpose(kernel, (0, 2, 3, 1))
             extra = (bias,) if bias is not None else ()
             out = F.Convolution(x, kernel, *extra, no_bias=bias is None, **self._conv_kwargs())
         return self.act(out) if self.act is not None else out
 
-    def _join_zero(self, F, bias, *params):
-        """``bias`` plus an exact zero shaped like one element of each of ``params`` (keeps them graph inputs)."""
-        for param in params:
-            zero = F.zeros_like(F.slice_axis(F.reshape(param, (-1,)), axis=0, begin=0, end=1))   # (1,), exactly 0
-            if bias is None:
-                bias = F.broadcast_to(F.cast(zero, self._dtype), shape=(self._args["out_channels"],))
-            else:
-                bias = F.broadcast_add(bias, zero)
-        return bias
+    @staticmethod
+    def _tie(F, bias, other, param):
+        """Make ``param`` a graph input at the cost of one op: ``reshape_like`` of ``bias`` (or, without bias, of
+        ``other``'s first axis) to ``param``'s first axis -- of equal length, so nothing changes. ``param`` is
+        read for its shape only and gets a zero gradient. Returns ``(bias, other)``."""
+        if bias is not None:
+            return F.reshape_like(bias, param, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1), other
+        return bias, F.reshape_like(other, param, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1)
 
     def _feature(self, F, x, W, D, bias, compute):
         """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""

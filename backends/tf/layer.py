@@ -154,6 +154,8 @@ class DOConv2D(keras.layers.Layer):
             identity, as the paper intends (Section 4), not towards zero.
         D_mul: depth multiplier S of D, default M*N; must be >= M*N (1 or None for 1x1 kernels).
         d_init: ``'identity'`` (D = I_fill, the paper's default) or ``'random'`` (He-normal D).
+        lora_rank, lora_alpha: ``keras.layers.Conv2D``'s LoRA arguments; only None is accepted (a
+            clear ValueError otherwise): LoRA on the composed kernel would bypass W and D.
         composition: ``'kernel'`` (compose W', then one conv; Fig. 3-b), ``'feature'`` (depthwise
             conv with D, then grouped 1x1 conv with W; Fig. 3-a) or ``'auto'`` (the cheaper by
             :func:`doconv.composition_cost`, decided when the input shape is static; else kernel).
@@ -174,9 +176,13 @@ class DOConv2D(keras.layers.Layer):
                  dilation_rate=(1, 1), groups=1, activation=None, use_bias=True,
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, activity_regularizer=None, kernel_constraint=None,
-                 bias_constraint=None, *, D_mul=None, d_init="identity", composition="kernel",
-                 D_regularizer=None, D_constraint=None, **kwargs):
+                 bias_constraint=None, lora_rank=None, lora_alpha=None, *, D_mul=None, d_init="identity",
+                 composition="kernel", D_regularizer=None, D_constraint=None, **kwargs):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
+        if lora_rank is not None or lora_alpha is not None:  # Conv2D's LoRA arguments: accepted, not supported
+            raise ValueError(f"DOConv2D does not support LoRA: W' is composed from W and D, which a low-rank delta "
+                             f"on the composed kernel would bypass. Received: lora_rank={lora_rank}, "
+                             f"lora_alpha={lora_alpha}")
         self.filters = _positive_int(filters, "filters")
         self.groups = _positive_int(groups, "groups")
         if self.filters % self.groups:

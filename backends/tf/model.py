@@ -166,8 +166,8 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
         model: a built Sequential or functional model (e.g. ``keras.applications.ResNet50(weights=None)``).
         D_mul: depth multiplier for every converted layer (None: M*N of each layer).
         d_init: ``'identity'`` carries the original kernel exactly (W = kernel, D = I_fill);
-            ``'random'`` gives freshly initialised layers (He-normal D, W from the layer's own
-            initializer) for training from scratch: outputs then change.
+            ``'random'`` keeps the kernel in W and the bias but draws D He-normal (Table 7's
+            random init, as ``doconv.torch.convert``): outputs then change.
         include, exclude: layer names (or a callable ``layer -> bool``) to convert / to keep.
         composition: passed to every :class:`DOConv2D`.
 
@@ -209,10 +209,12 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
                        trainable=layer.trainable)
         new.build(_build_shape(layer, cin))
         config = layer_config(new)
-        if d_init == "identity":
-            oihw = layouts.depthwise_hwcm_to_oihw(kernel) if depthwise else layouts.hwio_to_oihw(kernel)
-            bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
-            set_params(new, doconv.params_for_kernel(oihw, config, bias))
+        oihw = layouts.depthwise_hwcm_to_oihw(kernel) if depthwise else layouts.hwio_to_oihw(kernel)
+        bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
+        params = doconv.params_for_kernel(oihw, config, bias)
+        if d_init == "random":
+            params.D = get_params(new).D  # the new layer's own He-normal draw; W and bias stay the original's
+        set_params(new, params)
         row.action, row.D_mul, row.params_after = config.kind, config.D_mul, new.count_params()
         return new
 

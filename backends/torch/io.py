@@ -21,7 +21,7 @@ from .layer import DOConv2d
 ROOT_NAME = "self"
 
 
-def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "kernel", **kwargs) -> DOConv2d:
+def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "auto", **kwargs) -> DOConv2d:
     """A ready ``DOConv2d`` for ``config`` (``kwargs``: ``device``, ``d_init``)."""
     if not isinstance(config, DOConvConfig):
         raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")

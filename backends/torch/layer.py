@@ -66,7 +66,8 @@ class DOConv2d(nn.Module):
     Arguments are validated by :class:`doconv.DOConvConfig` (the error names the argument).
     In ``eval()`` mode or under ``torch.no_grad()``, whenever the kernel needs no gradient, the
     composed kernel is cached and reused until a parameter changes (tensor version counters,
-    data pointers, dtype and device form the key) or ``train()`` is called.
+    data pointers, dtype and device form the key) or ``train()`` is called. Writes through ``.data``
+    bypass version counters: call :meth:`invalidate_cache` after them.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -159,8 +160,14 @@ class DOConv2d(nn.Module):
                 self._cache = (key, self.compose())
         return self._cache[1]
 
-    def train(self, mode: bool = True):
+    def invalidate_cache(self) -> None:
+        """Drop the cached W'. Needed only after writes that bypass autograd's version counters:
+        ``layer.W.data.mul_(2)`` or ``layer.W.data.copy_(...)`` (``.data`` is a separate tensor with its own
+        counter); every ordinary in-place update, optimizer step and ``load_state_dict`` is detected."""
         self._cache = None
+
+    def train(self, mode: bool = True):
+        self.invalidate_cache()
         return super().train(mode)
 
     # ---- forward ------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 import doconv
-from doconv.mxnet import DOConv2D, get_params, layer_config
+from doconv.mxnet import UNSUPPORTED_FEATURES, DOConv2D, get_params, layer_config, set_params
 from doconv.mxnet._mx import gluon, mx
+
+GLUON_CASES = doconv.cases.select(UNSUPPORTED_FEATURES)
 
 
 def two_layer_net(hybridize):
@@ -104,3 +106,56 @@ def test_cache_is_per_context_and_never_saved(tmp_path):
     layer.save_parameters(str(tmp_path / "layer.params"))
     assert sorted(mx.nd.load(str(tmp_path / "layer.params"))) == ["D", "W", "bias"]
     assert layer.kernel_cache.grad_req == "null"
+
+
+def _graph_grads(net, layer, x, u):
+    """Output and {x, W, D, bias} gradients of ``layer`` run through the hybridized parent ``net``."""
+    xn = mx.nd.array(x, dtype=x.dtype)
+    xn.attach_grad()
+    with mx.autograd.record():
+        y = net(xn)
+    y.backward(mx.nd.array(u, dtype=x.dtype))
+    grads = {"x": xn.grad.asnumpy(), "W": layer.W.grad().asnumpy(), "D": layer.D.grad().asnumpy()}
+    if layer.bias is not None:
+        grads["bias"] = layer.bias.grad().asnumpy()
+    return y.asnumpy(), grads
+
+
+def _parent(layer):
+    net = gluon.nn.HybridSequential()
+    net.add(layer)
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+KERNEL_CASES = [c for c in GLUON_CASES if c.config.has_D]
+
+
+@pytest.mark.parametrize("first", ["training", "inference", "both"],
+                         ids=["graph-built-recording", "graph-built-for-inference", "two-parents-both-kinds"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=[c.id for c in KERNEL_CASES])
+def test_hybridized_parent_graphs_match_the_core(case, first, counted, h):
+    """A parent's graph composes W' itself when built inside ``autograd.record()`` (a training graph) and reads
+    the kernel cache when built outside (an inference graph); each gives the core's output and gradients in
+    both modes, and so does a layer shared by parents of both kinds."""
+    layer, params = h.build(case, "float64", seed=5)
+    x = case.input(5, np.float64)
+    u = np.random.default_rng(6).normal(size=case.config.output_shape(x.shape))
+    want_out, want_grads = h.reference(case, params, x, u)
+    net = _parent(layer)
+    if first in ("inference", "both"):
+        doconv.assert_close(net(h.nd(x, "float64")).asnumpy(), want_out, "float64", f"{case.id} inference")
+    if first == "both":  # a second parent, its graph built while recording
+        _graph_grads(_parent(layer), layer, x, u)
+    counted.clear()
+    out, grads = _graph_grads(net, layer, x, u)
+    assert (counted == []) == (first == "training"), "a training graph composes in-graph, an inference one not"
+    doconv.assert_close(out, want_out, "float64", f"{case.id} output")
+    for name, grad in grads.items():
+        doconv.assert_close(grad, want_grads[name], "float64", f"{case.id} d{name}")
+    assert layer._graphs == {"training": {"compose"}, "inference": {"cache"}, "both": {"cache", "compose"}}[first]
+
+    params.D = params.D + 0.25  # a weight change, then inference through the same graph
+    set_params(layer, params)
+    doconv.assert_close(net(h.nd(x, "float64")).asnumpy(), doconv.forward(x, params, case.config), "float64",
+                        f"{case.id} inference after D.set_data")

@@ -215,3 +215,14 @@ def test_trainer_over_two_contexts_matches_one(kvstore, h):
     assert np.abs(one["D"]).max() > 0.1 and np.abs(one["W"] - start.W).max() > 1e-3  # it trained
     for name in one:
         doconv.assert_close(two[name], one[name], "float32", f"{kvstore} {name}")
+
+
+def test_accepts_every_conv2d_argument_with_its_default():
+    """A drop-in: every parameter of gluon.nn.Conv2D is a parameter of DOConv2D, same position and default."""
+    import inspect
+    from mxnet import gluon
+    ours = list(inspect.signature(DOConv2D).parameters.values())
+    theirs = [p for p in inspect.signature(gluon.nn.Conv2D).parameters.values() if p.kind != p.VAR_KEYWORD]
+    for mine, p in zip(ours, theirs):
+        assert (mine.name, mine.default) == (p.name, p.default)
+    assert any(p.kind == p.VAR_KEYWORD for p in ours)

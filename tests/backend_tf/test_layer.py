@@ -249,7 +249,20 @@ BAD_ARGUMENTS = [
     (dict(filters=6, kernel_size=1, D_mul=2), ValueError, "D_mul=2"),
     (dict(filters=6, kernel_size=3, d_init="zeros"), ValueError, "d_init='zeros'"),
     (dict(filters=6, kernel_size=3, composition="fast"), ValueError, "composition='fast'"),
+    (dict(filters=6, kernel_size=3, lora_rank=2), ValueError, "does not support LoRA.*lora_rank=2"),
 ]
+
+
+def test_accepts_every_conv2d_argument():
+    """Every parameter of keras.layers.Conv2D is a parameter of DOConv2D (a drop-in), with the same default."""
+    import inspect
+    ours = inspect.signature(dtf.DOConv2D).parameters
+    for name, p in inspect.signature(keras.layers.Conv2D).parameters.items():
+        if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        assert name in ours, name
+        assert ours[name].default == p.default, (name, ours[name].default, p.default)
+    dtf.DOConv2D(4, 3, lora_rank=None, lora_alpha=None)
 
 
 @pytest.mark.parametrize("kwargs, error, match", BAD_ARGUMENTS, ids=[m for _, _, m in BAD_ARGUMENTS])

@@ -6,6 +6,7 @@ from doconv_tf_testing import run_python  # noqa: F401  (registers the helpers)
 
 import doconv
 import doconv.tf as dtf
+from doconv import layouts
 import keras
 import tensorflow as tf
 
@@ -92,6 +93,15 @@ def test_convert_include_exclude_and_random_init(mobilenet):
     converted, _ = dtf.convert(mobilenet, d_init="random", include=names[:1])
     fresh, original = converted.get_layer(names[0]), mobilenet.get_layer(names[0])
     assert fresh.d_init == "random" and doconv.max_error(fresh.kernel, original.kernel) > 1e-2
+    # the trained kernel and bias stay (W[..., :MN] = kernel), only D is drawn: Table 7's random init
+    trained = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c")])
+    trained.get_layer("c").kernel.assign(rng.normal(size=(3, 3, 3, 4)))
+    trained.get_layer("c").bias.assign(rng.normal(size=4))
+    kept = dtf.get_params(dtf.convert(trained, d_init="random")[0].get_layer("c"))
+    np.testing.assert_array_equal(kept.W[..., :9].reshape(4, 3, 3, 3),
+                                  layouts.hwio_to_oihw(np.asarray(trained.get_layer("c").kernel)))
+    np.testing.assert_array_equal(kept.bias, np.asarray(trained.get_layer("c").bias))
+    assert abs(kept.D - np.broadcast_to(doconv.identity_fill(9, 9), kept.D.shape)).max() > 0.1
     with pytest.raises(ValueError, match="d_init='eye'"):
         dtf.convert(mobilenet, d_init="eye")
     with pytest.raises(TypeError, match="include=3"):

@@ -207,6 +207,21 @@ def test_eval_cache_reuses_kernel_until_a_parameter_changes(h):
     assert layer._cache is None
 
 
+def test_writes_through_data_need_invalidate_cache(h):
+    """``.data`` has its own version counter, so such writes are invisible to the cache key (documented);
+    ``invalidate_cache()`` brings the layer back in line with the core."""
+    case = get_case("g3-k3")
+    layer = h.make_layer(case, "float64").eval()
+    x = torch.tensor(case.input(0))
+    with torch.no_grad():
+        layer(x)
+        layer.W.data.mul_(2.0)
+        layer.D.data.add_(0.3)
+        layer.invalidate_cache()
+        out = layer(x)
+    doconv.assert_close(out.numpy(), doconv.forward(case.input(0), get_params(layer), case.config), "float64")
+
+
 def test_eval_mode_with_grad_never_uses_a_stale_kernel(h):
     case = get_case("k3")
     layer = h.make_layer(case, "float64").eval()  # fine-tuning with frozen BN: eval() + gradients
@@ -347,3 +362,13 @@ def test_fuse_and_switch_to_deploy_keep_outputs(case, h):
     doconv.assert_close(layer(torch.tensor(x)).detach().numpy(), expected, "float64", "deployed")
     doconv.assert_close(layer.fuse()(torch.tensor(x)).detach().numpy(), expected, "float64", "fused deployed")
     assert "deployed=True" in repr(layer)
+
+
+def test_accepts_every_conv2d_argument_with_its_default():
+    """A drop-in: every parameter of nn.Conv2d is a parameter of DOConv2d, same position and default."""
+    import inspect
+    ours = list(inspect.signature(DOConv2d).parameters.values())
+    theirs = list(inspect.signature(torch.nn.Conv2d).parameters.values())
+    for mine, p in zip(ours, theirs):
+        assert (mine.name, mine.default, mine.kind) == (p.name, p.default, p.kind)
+    assert len(ours) >= len(theirs)

@@ -55,6 +55,11 @@ def test_D_mul_below_MN_explains_why_and_separable_mode_opts_in():
     assert config.S == 4 and config.D_shape == (4, 9, 4)
 
 
+def test_bias_accepts_numpy_and_integer_booleans():
+    import numpy as np
+    assert DOConvConfig(2, 2, 3, bias=np.True_).bias is True and DOConvConfig(2, 2, 3, bias=0).bias is False
+
+
 def test_defaults_and_shapes():
     c = DOConvConfig(6, 9, (3, 5), groups=3, D_mul=20)
     assert c.MN == 15 and c.S == 20 and c.in_per_group == 2 and c.out_per_group == 3
