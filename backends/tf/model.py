@@ -181,6 +181,10 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
 
     def make(layer):
         if type(layer) not in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
+            if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and not isinstance(layer, DOConv2D):
+                report.append(ReportRow(layer.name, type(layer).__name__, "kept: a Conv2D subclass (its call may "
+                                        "differ)", tuple(layer.kernel_size), tuple(layer.strides), "", getattr(layer, "groups", 1),
+                                        None, layer.count_params(), layer.count_params()))
             return None
         depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
         cin = _in_channels(layer)

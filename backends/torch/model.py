@@ -120,12 +120,12 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Conv2d):
             continue
-        if include is not None and not _matches(include, name, module, "include"):
-            continue
-        if _matches(exclude, name, module, "exclude"):
-            continue
         size = _count(module)
-        if type(module) is not nn.Conv2d:
+        if include is not None and not _matches(include, name, module, "include"):
+            report.append(ReportRow(name, "skipped", type(module).__name__, size, size, "not included"))
+        elif _matches(exclude, name, module, "exclude"):
+            report.append(ReportRow(name, "skipped", type(module).__name__, size, size, "excluded"))
+        elif type(module) is not nn.Conv2d:
             report.append(ReportRow(name, "skipped", type(module).__name__, size, size,
                                     "nn.Conv2d subclass: its forward may differ"))
         elif module.kernel_size == (1, 1):

@@ -163,3 +163,14 @@ def test_channels_first_fold_matches_the_core(case_id, dtype, tmp_path):
     folded.save(tmp_path / "folded.keras")
     reloaded = keras.saving.load_model(tmp_path / "folded.keras")
     doconv.assert_close(reloaded(x, training=False), want, dtype, f"{case_id} fold reloaded")
+
+
+def test_convert_reports_conv2d_subclasses_it_keeps():
+    class Custom(keras.layers.Conv2D):
+        pass
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), Custom(4, 3, name="custom"), keras.layers.Conv2D(4, 3, name="plain")])
+    converted, report = dtf.convert(model)
+    actions = {row.name: row.action for row in report}
+    assert actions["custom"].startswith("kept: a Conv2D subclass") and actions["plain"] == "DO-Conv"
+    assert type(converted.get_layer("custom")) is Custom and isinstance(converted.get_layer("plain"), dtf.DOConv2D)

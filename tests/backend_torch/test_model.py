@@ -62,9 +62,11 @@ def test_include_exclude_inplace_and_D_mul():
     assert out is model
     assert isinstance(model[0], nn.Conv2d) and isinstance(model[1][1], nn.Conv2d)
     assert isinstance(model[1][0], DOConv2d) and model[1][0].D_mul == 12
-    assert [r.name for r in report] == ["1.0"]
+    assert [(r.name, r.action, r.reason) for r in report if r.action == "skipped"] == \
+        [("0", "skipped", "not included"), ("1.1", "skipped", "excluded")]
+    assert [r.name for r in report if r.action == "converted"] == ["1.0"]
     _, report = convert(model, include=lambda name, m: m.kernel_size == (5, 5))
-    assert [r.name for r in report] == ["1.1"]
+    assert [r.name for r in report if r.action == "converted"] == ["1.1"]
     with pytest.raises(ValueError, match="D_mul must be >= M\\*N = 25"):
         convert(model, D_mul=12)
     with pytest.raises(TypeError, match="include"):
