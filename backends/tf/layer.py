@@ -22,6 +22,7 @@ not load.) The canonical layout of the core is reached by transposes only (:func
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import numpy as np
@@ -460,18 +461,15 @@ def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", compositi
 def keras_padding(config: doconv.DOConvConfig) -> str:
     """``'same'``/``'valid'`` for a core config, or ValueError when Keras cannot express its padding.
 
-    Explicit zero pads map to ``'valid'``; symmetric pads equal to TensorFlow's SAME pads at
-    stride 1 (which then do not depend on the input size) map to ``'same'``.
+    Explicit pads map to ``'valid'``/``'same'`` when :meth:`doconv.DOConvConfig.resolved` says they are
+    the same layer: zero pads, or TensorFlow's SAME pads at stride 1 (which do not depend on the input size).
     """
     if config.padding_mode != "zeros":
         raise ValueError(f"Keras convolutions pad with zeros only, but got padding_mode={config.padding_mode!r}")
     if isinstance(config.padding, str):
         return config.padding
-    if config.padding == ((0, 0), (0, 0)):
-        return "valid"
-    if config.stride == (1, 1):
-        same = tuple(doconv.same_pads(0, k, 1, d) for k, d in zip(config.kernel_size, config.dilation))
-        if config.padding == same:
-            return "same"
+    for name in ("valid", "same"):  # the core's resolved() is the one rule for "the same padding"
+        if config.resolved() == dataclasses.replace(config, padding=name).resolved():
+            return name
     raise ValueError(f"Keras padding is 'valid' or 'same' only; padding={config.padding} of {config!r} "
                      f"is neither")
