@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ from torch import nn
 
 import doconv
 from doconv.cases import case as get_case, select
-from doconv.torch import UNSUPPORTED_FEATURES, DOConv2d, get_params, layer_config, layer_from_config, parametrize, set_params
+from doconv.torch import UNSUPPORTED_FEATURES, DOConv2d, get_params, layer_config, parametrize, set_params
 from doconv.torch import functional as DF
 
 CASES = select(UNSUPPORTED_FEATURES)

@@ -1,7 +1,6 @@
 """The canonical interchange file: bit-exact round trips, and clear errors for every kind of damage."""
 
 import json
-import os
 
 import numpy as np
 import pytest
