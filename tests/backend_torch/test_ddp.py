@@ -33,6 +33,8 @@ WORKER = textwrap.dedent('''
         loss.backward()
         if rank == 0:
             torch.save({k: p.grad for k, p in model.named_parameters()}, out)
+        # Both ranks leave together: tearing gloo down while the peer still runs can abort (seen in CI).
+        dist.barrier()
         dist.destroy_process_group()
 
     if __name__ == "__main__":
