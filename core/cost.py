@@ -49,6 +49,15 @@ def composition_cost(config: DOConvConfig, input_shape: Sequence[int], itemsize:
     )
 
 
-def choose_composition(config: DOConvConfig, input_shape: Sequence[int]) -> str:
-    """What ``composition='auto'`` runs: the composition with fewer MACC for this input."""
-    return composition_cost(config, input_shape).cheaper
+def choose_composition(config: DOConvConfig, input_shape: Sequence[int], margin: float = 0.0) -> str:
+    """What ``composition='auto'`` runs: the composition with fewer MACC for this input.
+
+    ``margin`` (0 <= margin < 1) is the fraction of kernel composition's MACC that feature composition
+    must save to be chosen: a backend whose kernel composition runs closer to its arithmetic than its
+    depthwise convolution does (a depthwise conv with a channel multiplier of S is far from a dense
+    conv's efficiency) sets it from its own measurements.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), but got margin={margin!r}")
+    cost = composition_cost(config, input_shape)
+    return "feature" if cost.feature_macc < (1.0 - margin) * cost.kernel_macc else "kernel"

@@ -9,6 +9,14 @@ channel pairing). :class:`ComposeKernel` evaluates the same einsum with an expli
 forward is one batched product over the C_in input channels ``(C_out/g, S) x (S, MN)``; the
 backward computes dW as the mirror product and dD as one product whose reduction runs over the
 C_out/g output channels of each group, instead of letting autograd transpose the einsum.
+
+The fast layout (groups=1, what :class:`~doconv.torch.DOConv2d` allocates): W keeps its canonical
+*shape* (C_out, C_in, S) but is stored c-major, ``X = W.permute(1, 2, 0)`` a contiguous (C_in, S, C_out).
+Then every product has C_out, the long side, as its contiguous output dimension, the one shape MKL's
+batched GEMM runs fast here (an output 9 floats wide runs 3-5x slower, bench/torch_results.md), and
+dW comes out in the parameter's own strides. Training at stride 1 convolves with
+``conv_transpose2d``, whose weight (C_in, C_out, M, N) takes the product per input channel with
+one small transpose instead of the two (C_in, MN, C_out) -> OIHW needs.
 """
 
 from __future__ import annotations
@@ -88,10 +96,67 @@ class ComposeKernel(torch.autograd.Function):
         return dW, dD, None
 
 
+def c_major(W: torch.Tensor, groups: int) -> bool:
+    """Whether W (C_out, C_in, S) is stored c-major (the fast layout, groups=1 only)."""
+    return groups == 1 and W.permute(1, 2, 0).is_contiguous()
+
+
+def c_major_empty(shape, **factory) -> torch.Tensor:
+    """An uninitialised W of canonical shape (C_out, C_in, S) stored c-major."""
+    cout, cin, s = shape
+    return torch.empty((cin, s, cout), **factory).permute(2, 0, 1)
+
+
+class ComposeCMajor(torch.autograd.Function):
+    """W' = D^T o W for a c-major W (groups=1), with X = W.permute(1, 2, 0) (C_in, S, C_out)::
+
+        forward   Y_k  = D_k  @ X_k         (MN, S) x (S, C_out), then Y -> the requested layout
+        backward  dX_k = D_k^T @ dY_k       (S, MN) x (MN, C_out)
+                  dD_k = dY_k @ X_k^T       (MN, C_out) x (C_out, S)   reduction over C_out
+
+    ``transposed=False`` returns OIHW (C_out, C_in, MN) for conv2d; ``True`` returns the taps reversed
+    in (C_in, C_out, MN), i.e. ``conv_transpose2d``'s weight for the same correlation at stride 1.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> torch.Tensor:  # type: ignore[override]
+        with torch.autocast(W.device.type, enabled=False):  # W' in the parameters' precision; conv casts it
+            Y = torch.bmm(D.flip(1) if transposed else D, W.permute(1, 2, 0)).transpose(1, 2)  # (C_in, C_out, MN)
+            return Y.contiguous() if transposed else Y.contiguous().transpose(0, 1).contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        W, D, ctx.transposed = inputs
+        ctx.save_for_backward(W, D)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        W, D = ctx.saved_tensors
+        grad = grad.to(W.dtype)
+        if ctx.transposed:
+            D, G = D.flip(1), grad                      # G_k (C_out, MN), per input channel
+        else:
+            G = grad.transpose(0, 1).contiguous()       # OIHW -> (C_in, C_out, MN)
+        dW = dD = None
+        if ctx.needs_input_grad[0]:
+            dW = torch.bmm(D.transpose(1, 2), G.transpose(1, 2)).permute(2, 0, 1)   # W's own strides
+        if ctx.needs_input_grad[1]:
+            dD = torch.bmm(W.permute(1, 2, 0), G).transpose(1, 2)
+            dD = dD.flip(1) if ctx.transposed else dD
+        return dW, dD, None
+
+
 def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:
-    """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, M, N)``, through :class:`ComposeKernel`."""
+    """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, M, N)``.
+
+    Through :class:`ComposeCMajor` when W is stored c-major, else :class:`ComposeKernel` (any layout).
+    """
     if D is None:
         return W.reshape(config.kernel_shape)
+    if c_major(W, config.groups):
+        return ComposeCMajor.apply(W, D, False).reshape(config.kernel_shape)
     return ComposeKernel.apply(W, D, config.groups).reshape(config.kernel_shape)
 
 
@@ -129,10 +194,40 @@ def conv(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], co
                     config.groups if groups is None else groups)
 
 
+def transposed_padding(config: DOConvConfig, height: int, width: int):
+    """``(pre_pad, padding)`` for :func:`transposed_forward`, or None where it does not apply.
+
+    At stride 1, ``conv2d(x, K, padding=p)`` equals ``conv_transpose2d(x, K', padding=d*(k-1) - p)``
+    with ``K'[c, o] = K[o, c]`` spatially reversed; that needs groups=1 and ``p <= d*(k-1)``.
+    """
+    if config.groups != 1 or config.stride != (1, 1):
+        return None
+    pre, padding = conv_padding(config, height, width)
+    q = tuple(d * (k - 1) - p for d, k, p in zip(config.dilation, config.kernel_size, padding))
+    return None if min(q) < 0 else (pre, q)
+
+
+def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
+                       config: DOConvConfig, pads) -> torch.Tensor:
+    """The layer's convolution at stride 1 with a c-major W: ``conv_transpose2d`` of the reversed taps.
+
+    Same values as ``conv(x, compose_kernel(W, D, config), bias, config)``, one transpose cheaper in
+    the forward and two in the backward (``pads`` from :func:`transposed_padding`).
+    """
+    pre, q = pads
+    if pre is not None and any(pre):
+        x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
+    kernel = ComposeCMajor.apply(W, D, True).reshape(config.in_channels, config.out_channels,
+                                                     *config.kernel_size)
+    return F.conv_transpose2d(x, kernel, bias, 1, q, 0, 1, config.dilation)
+
+
 def feature_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
                     config: DOConvConfig) -> torch.Tensor:
     """Feature composition (Fig. 3-a): depthwise conv of x with D into C_in*S channels, then W as a 1x1 conv."""
     features = conv(x, depthwise_kernel(D, config), None, config, groups=config.in_channels)
+    if c_major(W, config.groups):  # W^T is a contiguous (C_in*S, C_out): conv_transpose2d's 1x1 weight
+        return F.conv_transpose2d(features, W.permute(1, 2, 0).reshape(-1, config.out_channels, 1, 1), bias)
     return conv(features, pointwise_kernel(W, config), bias, config, geometry=False)
 
 

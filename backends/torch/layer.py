@@ -30,6 +30,11 @@ from doconv.config import kaiming_bound
 from . import functional as DF
 
 COMPOSITIONS = ("kernel", "feature", "auto")
+#: 'auto' with a c-major W: feature composition must save this share of kernel composition's MACC.
+#: Measured (bench/torch_results.md, round 4): at 512@7x7 batch 8 feature saves 0.5% of the MACC but
+#: its training step is 1.5x nn.Conv2d's against kernel composition's 1.27x (its depthwise conv with
+#: a channel multiplier of S costs 13.5 ms for 16 M MACC), so a tie in MACC is a clear loss in time.
+FAST_KERNEL_MARGIN = 0.05
 D_INITS = ("identity", "random")
 
 
@@ -80,7 +85,9 @@ class DOConv2d(nn.Module):
         self.composition = _check_choice(composition, "composition", COMPOSITIONS)
         self.deployed = False
         c, factory = self.config, {"device": device, "dtype": dtype}
-        self.W = nn.Parameter(torch.empty(c.W_shape, **factory))
+        # groups=1: W stored c-major (same shape, strides of (C_in, S, C_out)), see doconv.torch.functional
+        fast = c.has_D and c.groups == 1
+        self.W = nn.Parameter(DF.c_major_empty(c.W_shape, **factory) if fast else torch.empty(c.W_shape, **factory))
         if c.has_D:
             self.D = nn.Parameter(torch.empty(c.D_shape, **factory))
             fill = torch.as_tensor(identity_fill(c.MN, c.S), dtype=self.W.dtype, device=self.W.device)
@@ -90,7 +97,7 @@ class DOConv2d(nn.Module):
             self.register_buffer("I_fill", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(c.out_channels, **factory)) if c.bias else None
         self._cache = None  # (key, kernel)
-        self._auto = {}     # input shape -> composition, for composition='auto'
+        self._auto = {}     # (input shape, margin) -> composition, for composition="auto"
         self.reset_parameters()
 
     # ---- nn.Conv2d-compatible attributes -----------------------------------------------------
@@ -189,17 +196,34 @@ class DOConv2d(nn.Module):
         if not torch.compiler.is_compiling() and self._can_cache():
             return "kernel"  # the cached kernel makes kernel composition free
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
+        margin = FAST_KERNEL_MARGIN if DF.c_major(self.W, self.config.groups) else 0.0
         if torch.compiler.is_compiling():
-            return choose_composition(self.config, shape)
-        if shape not in self._auto:
-            self._auto[shape] = choose_composition(self.config, shape)
-        return self._auto[shape]
+            return choose_composition(self.config, shape, margin)
+        if (shape, margin) not in self._auto:
+            self._auto[shape, margin] = choose_composition(self.config, shape, margin)
+        return self._auto[shape, margin]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self.deployed and self.D is not None and self._route(x) == "feature":
-            return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
+        if not self.deployed and self.D is not None:
+            route = self._route(x)
+            if route == "feature":
+                return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
+            pads = self._transposed_pads(x)
+            if pads is not None:
+                return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
         return DF.conv(x, self.kernel(), self.bias, self.config)
+
+    def _transposed_pads(self, x: torch.Tensor):
+        """Pads for :func:`DF.transposed_forward` when training a c-major layer at stride 1, else None."""
+        if self._can_cache() or not DF.c_major(self.W, self.config.groups):
+            return None
+        return DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not keep_vars and self.W is not None and not self.W.is_contiguous():
+            destination[prefix + "W"] = self.W.detach().contiguous()  # c-major storage; savers want contiguous
 
     # ---- folding --------------------------------------------------------------------------------
     def fuse(self) -> nn.Conv2d:

@@ -46,7 +46,87 @@ def test_custom_backward_equals_einsum_autograd(case):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
 
 
-@pytest.mark.parametrize("case_id", ["g3-k3-s2-Dmul+3", "dw-x2-k3-circular-asym", "g2-k3-reflect-asym"])
+def _c_major(W: np.ndarray, requires_grad=True) -> torch.Tensor:
+    out = DF.c_major_empty(W.shape, dtype=torch.float64)
+    with torch.no_grad():
+        out.copy_(torch.as_tensor(W))
+    return out.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D and c.config.groups == 1], ids=str)
+def test_c_major_compositions_equal_einsum_autograd(case):
+    """Both layouts ComposeCMajor returns (OIHW for conv2d; reversed taps in (C_in, C_out, MN) for
+    conv_transpose2d) and their gradients, against autograd through the core's einsum."""
+    c = case.config
+    p = case.params(3, np.float64)
+    W, D = _c_major(p.W), torch.tensor(p.D, requires_grad=True)
+    assert DF.c_major(W, 1) and not W.is_contiguous()
+    W0, D0 = torch.tensor(p.W, requires_grad=True), torch.tensor(p.D, requires_grad=True)
+    ref = DF.compose_einsum(W0, D0, c)                                         # OIHW
+    g = torch.randn(c.kernel_shape, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (W0, D0), g)
+    np.testing.assert_allclose(ref.detach().numpy(), doconv.compose(p, c), atol=1e-12)
+    oihw = DF.compose_kernel(W, D, c)
+    flipped = DF.ComposeCMajor.apply(W, D, True).reshape(c.in_channels, c.out_channels, *c.kernel_size)
+    np.testing.assert_allclose(oihw.detach().numpy(), ref.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(flipped.detach().numpy(), ref.detach().transpose(0, 1).flip(2, 3).numpy(), atol=1e-12)
+    for got in (torch.autograd.grad(oihw, (W, D), g),
+                torch.autograd.grad(flipped, (W, D), g.transpose(0, 1).flip(2, 3))):
+        assert got[0].stride() == W.stride()   # dW arrives in W's own (c-major) strides: no copy
+        for x, y in zip(got, want):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
+
+
+def test_groups_1_layers_store_W_c_major_and_save_it_contiguous(tmp_path):
+    from safetensors.torch import load_file, save_file
+    layer = DOConv2d(4, 6, 3, padding=1, D_mul=12)
+    assert layer.W.shape == (6, 4, 12) and layer.W.permute(1, 2, 0).is_contiguous()
+    assert DOConv2d(4, 6, 1).W.is_contiguous() and DOConv2d(4, 6, 3, groups=2).W.is_contiguous()
+    sd = layer.state_dict()
+    assert sd["W"].is_contiguous() and torch.equal(sd["W"], layer.W)
+    assert layer.state_dict(keep_vars=True)["W"] is layer.W
+    save_file(sd, tmp_path / "w.safetensors")   # refuses non-contiguous tensors
+    other = DOConv2d(4, 6, 3, padding=1, D_mul=12)
+    other.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert torch.equal(other.W, layer.W) and other.W.stride() == layer.W.stride()   # copy_ keeps the layout
+    assert other.double().W.stride() == layer.W.stride()
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(DF.F, name)
+    monkeypatch.setattr(DF.F, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("case_id, transposed", [("k3", True), ("k3-zeros-asym", True), ("k3-circular-d2", True),
+                                                 ("k3-s2", False), ("g3-k3", False)])
+def test_training_at_stride_1_runs_conv_transpose2d(case_id, transposed, monkeypatch, h):
+    layer = h.make_layer(get_case(case_id), "float64", composition="kernel")
+    calls = _spy(monkeypatch, "conv_transpose2d")
+    x = torch.as_tensor(get_case(case_id).input(0))
+    layer(x).sum().backward()
+    assert len(calls) == int(transposed)
+    with torch.no_grad():
+        layer(x)                                  # inference: the cached OIHW kernel and conv2d
+    assert len(calls) == int(transposed)
+
+
+def test_padding_beyond_the_transposed_range_falls_back_to_conv2d(monkeypatch):
+    # conv_transpose2d would need padding d*(k-1) - p = -1 here: the layer must use conv2d, same values
+    torch.manual_seed(0)
+    layer = DOConv2d(3, 5, 3, padding=3, dtype=torch.float64, d_init="random")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    calls = _spy(monkeypatch, "conv_transpose2d")
+    out = layer(x)
+    assert not calls and out.shape == (2, 5, 10, 10)
+    ref = torch.nn.functional.conv2d(x, DF.compose_einsum(layer.W, layer.full_D(), layer.config), layer.bias,
+                                     padding=3)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case_id", ["g3-k3-s2-Dmul+3", "dw-x2-k3-circular-asym", "g2-k3-reflect-asym",
+                                     "k3-zeros-asym", "k3-replicate-s2"])
 @pytest.mark.parametrize("composition", ["kernel", "feature"])
 def test_gradcheck_float64(case_id, composition, h):
     case = get_case(case_id)

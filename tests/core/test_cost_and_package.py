@@ -29,6 +29,22 @@ def test_auto_prefers_feature_when_it_is_cheaper():
     assert doconv.composition_cost(g, (1, 8, 4, 4)).kernel_macc == 9 * 9 * 2 * 8 + 16 * 8 * 2 * 9
 
 
+def test_auto_margin_is_the_share_of_kernel_macc_feature_must_save():
+    c = DOConvConfig(512, 512, 3, padding=1)
+    # kernel - feature = 81 * C * (C - P) for S = MN; P = N*H*W: feature wins for P < C
+    shape = (8, 512, 7, 7)                        # P = 392
+    cost = doconv.composition_cost(c, shape)
+    saving = 1 - cost.feature_macc / cost.kernel_macc
+    assert 0 < saving < 0.05
+    assert doconv.choose_composition(c, shape) == "feature"
+    assert doconv.choose_composition(c, shape, margin=saving * 0.99) == "feature"
+    assert doconv.choose_composition(c, shape, margin=saving * 1.01) == "kernel"
+    assert doconv.choose_composition(c, (1, 512, 7, 7), margin=0.05) == "feature"   # P = 49
+    for bad in (-0.1, 1.0, 2):
+        with pytest.raises(ValueError, match=f"margin must be in \\[0, 1\\), but got margin={bad}"):
+            doconv.choose_composition(c, shape, margin=bad)
+
+
 def test_case_table_covers_the_design():
     configs = [c.config for c in CASES]
     assert {c.kernel_size for c in configs} >= {(1, 1), (3, 3), (5, 5), (3, 1), (2, 2)}
