@@ -134,17 +134,25 @@ def composition_tasks(channels: int, with_compile: bool) -> Dict[str, Callable[[
     W = torch.randn(c.W_shape, requires_grad=True)
     D = (torch.eye(9) + 0.1 * torch.randn(c.D_shape)).requires_grad_(True)
     g = torch.randn(c.kernel_shape)
-    impls = {"einsum (autograd)": DF.compose_einsum, "ComposeKernel (custom backward)": DF.compose_kernel}
+    Wc = DF.c_major_empty(c.W_shape)          # the layer's own layout for groups=1
+    with torch.no_grad():
+        Wc.copy_(W)
+    Wc.requires_grad_(True)
+    impls = {"einsum (autograd)": (DF.compose_einsum, W, g),
+             "ComposeKernel (custom backward, contiguous W)": (DF.compose_kernel, W, g),
+             "ComposeCMajor OIHW (c-major W; eval cache, stride 2)": (DF.compose_kernel, Wc, g),
+             "ComposeCMajor reversed taps (c-major W; training at stride 1)":
+                 (lambda W, D, c: DF.ComposeCMajor.apply(W, D, True), Wc, g.reshape(Wc.shape[0], -1, 9))}
     if with_compile:
-        impls["torch.compile(einsum)"] = torch.compile(DF.compose_einsum, dynamic=False)
+        impls["torch.compile(einsum)"] = (torch.compile(DF.compose_einsum, dynamic=False), W, g)
     tasks = {"copy W (bound)": lambda: W.detach().clone()}
-    for name, fn in impls.items():
-        def fwd(fn=fn):
+    for name, (fn, W_, g_) in impls.items():
+        def fwd(fn=fn, W_=W_):
             with torch.no_grad():
-                fn(W, D, c)
+                fn(W_, D, c)
 
-        def fwd_bwd(fn=fn):
-            torch.autograd.grad(fn(W, D, c), (W, D), g)
+        def fwd_bwd(fn=fn, W_=W_, g_=g_):
+            torch.autograd.grad(fn(W_, D, c), (W_, D), g_)
         tasks[f"{name} fwd"] = fwd
         tasks[f"{name} fwd+bwd"] = fwd_bwd
     return tasks

@@ -107,6 +107,18 @@ def c_major_empty(shape, **factory) -> torch.Tensor:
     return torch.empty((cin, s, cout), **factory).permute(2, 0, 1)
 
 
+def _per_channel_products(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``bmm(X, G)``: (C_in, S, C_out) x (C_in, C_out, MN) -> (C_in, S, MN), a reduction over C_out.
+
+    On CPU in float32 as a grouped ``conv1d`` (C_in groups of C_out input channels, S outputs, MN
+    positions): oneDNN runs it 1.3-2.5x faster than MKL's batched GEMM, whose 9x9 outputs waste it.
+    """
+    if X.dtype != torch.float32 or X.device.type != "cpu":
+        return torch.bmm(X, G)
+    cin, s, cout = X.shape
+    return F.conv1d(G.reshape(1, cin * cout, -1), X.reshape(cin * s, cout, 1), groups=cin).view(cin, s, -1)
+
+
 class ComposeCMajor(torch.autograd.Function):
     """W' = D^T o W for a c-major W (groups=1), with X = W.permute(1, 2, 0) (C_in, S, C_out)::
 
@@ -143,7 +155,7 @@ class ComposeCMajor(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dW = torch.bmm(D.transpose(1, 2), G.transpose(1, 2)).permute(2, 0, 1)   # W's own strides
         if ctx.needs_input_grad[1]:
-            dD = torch.bmm(W.permute(1, 2, 0), G).transpose(1, 2)
+            dD = _per_channel_products(W.permute(1, 2, 0), G).transpose(1, 2)
             dD = dD.flip(1) if ctx.transposed else dD
         return dW, dD, None
 

@@ -64,9 +64,14 @@ class DOConv2d(nn.Module):
     - ``composition``: ``'kernel'`` (Fig. 3-b), ``'feature'`` (Fig. 3-a) or ``'auto'`` (the default),
       the cheaper by :func:`doconv.choose_composition` for the input at hand. ``'auto'`` is the default
       because it is never slower here: with a cached kernel (inference) it is kernel composition, and in
-      training it switches to feature composition only where that needs fewer multiply-adds (deep
-      layers at small batch, e.g. 512@7x7 at batch 8: training step 1.41x instead of 1.66x of
-      ``nn.Conv2d``, see BENCHMARKS.md); at ordinary batch sizes it is kernel composition.
+      training it switches to feature composition only where that saves more than
+      :data:`FAST_KERNEL_MARGIN` of the multiply-adds (deep layers at very small batch, e.g. a
+      512-channel 7x7 layer below about 134 input positions); see BENCHMARKS.md.
+
+    Storage and routes (same values everywhere, see :mod:`doconv.torch.functional`): with ``groups=1``
+    W is stored c-major (its shape stays (C_out, C_in, S); ``state_dict()`` gives it contiguous). A
+    training step at stride 1 convolves with ``conv_transpose2d`` of the reversed taps, every other
+    call with ``conv2d`` of the OIHW kernel.
 
     Arguments are validated by :class:`doconv.DOConvConfig` (the error names the argument).
     In ``eval()`` mode or under ``torch.no_grad()``, whenever the kernel needs no gradient, the
