@@ -350,7 +350,7 @@ def test_to_double_half_like_conv2d(h):
     assert list(layer.to("cpu", torch.float32).state_dict()) == ["W", "D", "bias"]
 
 
-@pytest.mark.parametrize("case_id", ["k3-s2-d2", "g3-k3"])
+@pytest.mark.parametrize("case_id", ["k3-s2-d2", "g3-k3", "k3-d2"])
 def test_autocast_bfloat16(case_id, h):
     case = get_case(case_id)
     layer = h.make_layer(case, "float32")
@@ -365,8 +365,9 @@ def test_autocast_bfloat16(case_id, h):
 
 # ---- torch.compile, torch.func ---------------------------------------------------------------------
 
-def test_torch_compile_fullgraph_forward_and_backward(h):
-    case = get_case("g3-k3-s2-same-2MN")
+@pytest.mark.parametrize("case_id", ["g3-k3-s2-same-2MN", "k3-zeros-asym"])   # ComposeKernel; c-major, transposed
+def test_torch_compile_fullgraph_forward_and_backward(case_id, h):
+    case = get_case(case_id)
     layer = h.make_layer(case, "float32")
     x, expected, u, grads = h.reference(case)
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
@@ -381,19 +382,22 @@ def test_torch_compile_fullgraph_forward_and_backward(h):
     doconv.assert_close(out.numpy(), expected, "float32", "compiled eval forward")
 
 
-def test_functional_call_and_vmap_over_inputs(h):
-    case = get_case("dw-x2-k3")
-    layer = h.make_layer(case, "float64")
+@pytest.mark.parametrize("case_id, dtype", [("dw-x2-k3", "float64"), ("k3", "float32"), ("k3-s2", "float32")])
+def test_functional_call_and_vmap_over_inputs(case_id, dtype, h):
+    case = get_case(case_id)
+    layer = h.make_layer(case, dtype)
     x, expected, _, _ = h.reference(case)
     params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = x.astype(dtype)
     out = torch.func.vmap(lambda xi: torch.func.functional_call(layer, params, (xi,)))(torch.tensor(x))
-    doconv.assert_close(out.numpy(), expected, "float64")
+    doconv.assert_close(out.numpy(), expected, dtype)
     # per-sample gradients: vmap(grad) over the batch, summed = the batch gradient of the core
     def loss(p, xi):
         return torch.func.functional_call(layer, p, (xi[None],)).sum()
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, torch.tensor(x))
     full = doconv.selfcheck.layer_vjp(np.ones_like(expected), x, case.params(0), case.config)
-    doconv.assert_close(per_sample["D"].sum(0).numpy(), full["D"], "float64", "per-sample dD")
+    for name in ("W", "D"):
+        doconv.assert_close(per_sample[name].sum(0).numpy(), full[name], dtype, f"per-sample d{name}")
 
 
 # ---- parametrize retrofit ----------------------------------------------------------------------------
