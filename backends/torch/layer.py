@@ -9,6 +9,10 @@ state_dict keys (canonical layout, :mod:`doconv.compose`)
                                        paper Section 4: "we optimize D' = D - I"); absent for 1x1
     ``bias``  (C_out,)                 absent with ``bias=False``
 The fixed ``I_fill`` (M*N, D_mul) is a non-persistent buffer: it moves with ``to()`` but is not saved.
+With ``groups=1`` the parameter W keeps that shape but is *stored* c-major (strides of a contiguous
+(C_in, D_mul, C_out), the layout the composition's products run fast in; see
+:mod:`doconv.torch.functional`); ``state_dict()`` hands it out contiguous, ``load_state_dict`` copies
+into the stored layout, and a W of any layout (e.g. through ``torch.func.functional_call``) is correct.
 
 Why not a subclass of ``nn.Conv2d``: a model-zoo init loop ``if isinstance(m, nn.Conv2d):
 nn.init.kaiming_normal_(m.weight)`` would silently write into a freshly computed tensor and change
