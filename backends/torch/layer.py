@@ -34,6 +34,7 @@ from doconv.config import kaiming_bound
 from . import functional as DF
 
 COMPOSITIONS = ("kernel", "feature", "auto")
+W_STORAGES = ("c-major", "contiguous")
 #: 'auto' with a c-major W: feature composition must save this share of kernel composition's MACC.
 #: Measured (bench/torch_results.md, round 4): at 512@7x7 batch 8 feature saves 0.5% of the MACC but
 #: its training step is 1.5x nn.Conv2d's against kernel composition's 1.27x (its depthwise conv with
@@ -65,6 +66,11 @@ class DOConv2d(nn.Module):
 
     - ``D_mul``: the depth multiplier S >= M*N (default M*N);
     - ``d_init``: ``'identity'`` (D' = 0, the paper's default) or ``'random'`` (D ~ N(0, 2/MN));
+    - ``W_storage``: ``'c-major'`` (the default; groups=1 layers with M*N > 1, others are contiguous
+      either way) or ``'contiguous'``. Code that flattens parameters with ``view(-1)`` --
+      ``torch.optim.LBFGS``, ``torch.nn.utils.parameters_to_vector`` -- raises on a c-major W, as on
+      any non-contiguous (e.g. channels_last) parameter: use ``'contiguous'`` there (same values,
+      training step about 10-20% slower, BENCHMARKS.md), or :meth:`contiguous_W` on built layers;
     - ``composition``: ``'kernel'`` (Fig. 3-b), ``'feature'`` (Fig. 3-a) or ``'auto'`` (the default),
       the cheaper by :func:`doconv.choose_composition` for the input at hand. ``'auto'`` is the default
       because it is never slower here: with a cached kernel (inference) it is kernel composition, and in
@@ -86,16 +92,18 @@ class DOConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "auto"):
+                 D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "auto",
+                 W_storage: str = "c-major"):
         super().__init__()
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                    bias, padding_mode, D_mul)
         self.d_init = _check_choice(d_init, "d_init", D_INITS)
         self.composition = _check_choice(composition, "composition", COMPOSITIONS)
+        _check_choice(W_storage, "W_storage", W_STORAGES)
         self.deployed = False
         c, factory = self.config, {"device": device, "dtype": dtype}
         # groups=1: W stored c-major (same shape, strides of (C_in, S, C_out)), see doconv.torch.functional
-        fast = c.has_D and c.groups == 1
+        fast = c.has_D and c.groups == 1 and W_storage == "c-major"
         self.W = nn.Parameter(DF.c_major_empty(c.W_shape, **factory) if fast else torch.empty(c.W_shape, **factory))
         if c.has_D:
             self.D = nn.Parameter(torch.empty(c.D_shape, **factory))
@@ -175,6 +183,19 @@ class DOConv2d(nn.Module):
             with torch.inference_mode(False), torch.no_grad():
                 self._cache = (key, self.compose())
         return self._cache[1]
+
+    @property
+    def W_storage(self) -> str:
+        """``'c-major'`` or ``'contiguous'``: how W is stored now (its shape is the same either way)."""
+        return "c-major" if self.W is not None and DF.c_major(self.W, self.config.groups) and \
+            not self.W.is_contiguous() else "contiguous"
+
+    def contiguous_W(self) -> "DOConv2d":
+        """Store W contiguous in place (same values, same Parameter object, so optimizers keep it)."""
+        if self.W is not None and not self.W.is_contiguous():
+            self.W.data = self.W.data.contiguous()
+            self._cache = None
+        return self
 
     def invalidate_cache(self) -> None:
         """Drop the cached W'. Needed only after writes that bypass autograd's version counters:
@@ -283,6 +304,8 @@ class DOConv2d(nn.Module):
         s += f", D_mul={c.D_mul}"
         if self.composition != "auto":
             s += f", composition={self.composition!r}"
+        if not self.deployed and self.D is not None and self.config.groups == 1 and self.W_storage != "c-major":
+            s += ", W_storage='contiguous'"
         if self.deployed:
             s += ", deployed=True"
         return s

@@ -87,7 +87,7 @@ def _config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
 
 
 def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "identity",
-              composition: str = "auto") -> DOConv2d:
+              composition: str = "auto", W_storage: str = "c-major") -> DOConv2d:
     """A ``DOConv2d`` with ``conv``'s configuration, device, dtype and weights (W[..., :MN] = kernel).
 
     With ``d_init='identity'`` it computes exactly what ``conv`` computes; ``'random'`` keeps the kernel
@@ -96,7 +96,7 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
     c = _config_of(conv, D_mul)
     layer = DOConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                      c.bias, c.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype, D_mul=c.D_mul,
-                     d_init=d_init, composition=composition)
+                     d_init=d_init, composition=composition, W_storage=W_storage)
     with torch.no_grad():
         layer.W.zero_()
         layer.W[..., :c.MN].copy_(conv.weight.reshape(c.out_channels, c.in_per_group, c.MN))
@@ -108,13 +108,14 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
 
 
 def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity", include: Selector = None,
-            exclude: Selector = None, inplace: bool = False, composition: str = "auto"):
+            exclude: Selector = None, inplace: bool = False, composition: str = "auto", W_storage: str = "c-major"):
     """Replace every non-pointwise ``nn.Conv2d`` of ``model`` by a ``DOConv2d`` keeping its weights.
 
     ``include``/``exclude``: glob patterns over module paths (``'layer1.*'``), lists of them, or a callable
     ``(name, module) -> bool``; ``include=None`` means every candidate. 1x1 convolutions (no D, paper
     Section 4) and ``nn.Conv2d`` subclasses (their ``forward`` may differ) are left alone and reported.
-    Returns ``(model, report)``; the model is a deep copy unless ``inplace=True``.
+    Returns ``(model, report)``; the model is a deep copy unless ``inplace=True``. ``D_mul``, ``d_init``,
+    ``composition`` and ``W_storage`` are passed to every :class:`DOConv2d`.
     """
     model, report = _start(model, inplace, "converted")
     for name, module in list(model.named_modules()):
@@ -131,7 +132,7 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
         elif module.kernel_size == (1, 1):
             report.append(ReportRow(name, "skipped", "Conv2d 1x1", size, size, "pointwise: DO-Conv has no D"))
         else:
-            layer = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition)
+            layer = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition, W_storage=W_storage)
             model = _set_submodule(model, name, layer)
             report.append(ReportRow(name, "converted", repr(layer.config).replace("DOConvConfig", layer.config.kind),
                                     size, _count(layer)))

@@ -11,7 +11,7 @@ from torch import nn
 
 import doconv
 from doconv.cases import case as get_case, select
-from doconv.torch import UNSUPPORTED_FEATURES, DOConv2d, get_params, layer_config, parametrize, set_params
+from doconv.torch import UNSUPPORTED_FEATURES, DOConv2d, convert, get_params, layer_config, parametrize, set_params
 from doconv.torch import functional as DF
 
 CASES = select(UNSUPPORTED_FEATURES)
@@ -90,6 +90,39 @@ def test_groups_1_layers_store_W_c_major_and_save_it_contiguous(tmp_path):
     other.load_state_dict(load_file(tmp_path / "w.safetensors"))
     assert torch.equal(other.W, layer.W) and other.W.stride() == layer.W.stride()   # copy_ keeps the layout
     assert other.double().W.stride() == layer.W.stride()
+
+
+def test_W_storage_contiguous_serves_code_that_flattens_parameters(h):
+    """LBFGS and parameters_to_vector call param.view(-1): they raise on a c-major W, as on any
+    non-contiguous parameter; W_storage='contiguous' (or contiguous_W()) gives the same layer they accept."""
+    case = get_case("k3-zeros-asym")
+    fast = h.make_layer(case, "float64")
+    plain = h.make_layer(case, "float64", W_storage="contiguous")
+    assert (fast.W_storage, plain.W_storage) == ("c-major", "contiguous") and plain.W.is_contiguous()
+    assert "W_storage='contiguous'" in repr(plain) and "W_storage" not in repr(fast)
+    with pytest.raises(RuntimeError, match="view"):
+        torch.nn.utils.parameters_to_vector(fast.parameters())
+    x = torch.as_tensor(case.input(0))
+    results = []
+    for layer in (plain, fast.contiguous_W()):
+        assert layer.W.is_contiguous()
+        before = torch.nn.utils.parameters_to_vector(layer.parameters())
+        opt = torch.optim.LBFGS(layer.parameters(), max_iter=3)
+
+        def closure(layer=layer, opt=opt):
+            opt.zero_grad()
+            loss = layer(x).square().mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        results.append(torch.nn.utils.parameters_to_vector(layer.parameters()))
+        assert not torch.equal(results[-1], before)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-12)   # same training either way
+    with pytest.raises(ValueError, match="W_storage must be one of \\('c-major', 'contiguous'\\), but got W_storage='x'"):
+        DOConv2d(2, 2, 3, W_storage="x")
+    model, _ = convert(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3)), W_storage="contiguous")
+    assert model[0].W_storage == "contiguous"
+    assert convert(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3)))[0][0].W_storage == "c-major"
 
 
 def _spy(monkeypatch, name):
