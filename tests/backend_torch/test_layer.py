@@ -125,6 +125,28 @@ def test_W_storage_contiguous_serves_code_that_flattens_parameters(h):
     assert convert(torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3)))[0][0].W_storage == "c-major"
 
 
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+                                  lambda p: torch.optim.Adam(p, lr=0.01, fused=True),
+                                  lambda p: torch.optim.AdamW(p, lr=0.01, foreach=True),
+                                  lambda p: torch.optim.RMSprop(p, lr=0.01)], ids=["SGD-fused", "Adam-fused",
+                                                                                   "AdamW-foreach", "RMSprop"])
+def test_optimizers_train_a_c_major_W_like_a_contiguous_one(make, h):
+    case = get_case("k3")
+    x = torch.as_tensor(case.input(0))
+    trained = []
+    for storage in ("c-major", "contiguous"):
+        layer = h.make_layer(case, "float64", W_storage=storage)
+        opt = make(layer.parameters())
+        for _ in range(3):
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            opt.step()
+        assert layer.W_storage == storage
+        trained.append([p.detach().clone() for p in layer.parameters()])
+    for a, b in zip(*trained):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def _spy(monkeypatch, name):
     calls = []
     real = getattr(DF.F, name)
