@@ -103,7 +103,7 @@ class DOConv2d(nn.Module):
         self.deployed = False
         c, factory = self.config, {"device": device, "dtype": dtype}
         # groups=1: W stored c-major (same shape, strides of (C_in, S, C_out)), see doconv.torch.functional
-        fast = c.has_D and c.groups == 1 and W_storage == "c-major"
+        self._c_major = fast = c.has_D and c.groups == 1 and W_storage == "c-major"
         self.W = nn.Parameter(DF.c_major_empty(c.W_shape, **factory) if fast else torch.empty(c.W_shape, **factory))
         if c.has_D:
             self.D = nn.Parameter(torch.empty(c.D_shape, **factory))
@@ -192,6 +192,7 @@ class DOConv2d(nn.Module):
 
     def contiguous_W(self) -> "DOConv2d":
         """Store W contiguous in place (same values, same Parameter object, so optimizers keep it)."""
+        self._c_major = False
         if self.W is not None and not self.W.is_contiguous():
             self.W.data = self.W.data.contiguous()
             self._cache = None
@@ -249,6 +250,13 @@ class DOConv2d(nn.Module):
         if self._can_cache() or not DF.c_major(self.W, self.config.groups):
             return None
         return DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._c_major and self.W is not None and not DF.c_major(self.W, 1):   # load_state_dict(assign=True)
+            with torch.no_grad():
+                self.W.data = DF.c_major_empty(self.W.shape, dtype=self.W.dtype, device=self.W.device).copy_(self.W)
+            self._cache = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -90,6 +90,13 @@ def test_groups_1_layers_store_W_c_major_and_save_it_contiguous(tmp_path):
     other.load_state_dict(load_file(tmp_path / "w.safetensors"))
     assert torch.equal(other.W, layer.W) and other.W.stride() == layer.W.stride()   # copy_ keeps the layout
     assert other.double().W.stride() == layer.W.stride()
+    with torch.device("meta"):
+        lazy = DOConv2d(4, 6, 3, padding=1, D_mul=12)
+    lazy.load_state_dict(load_file(tmp_path / "w.safetensors"), assign=True)   # the meta-device init flow
+    assert torch.equal(lazy.W, layer.W) and lazy.W.stride() == layer.W.stride() and lazy.W_storage == "c-major"
+    plain = DOConv2d(4, 6, 3, padding=1, D_mul=12).contiguous_W()
+    plain.load_state_dict(sd, assign=True)
+    assert plain.W.is_contiguous() and torch.equal(plain.W, layer.W)
 
 
 def test_W_storage_contiguous_serves_code_that_flattens_parameters(h):
