@@ -253,7 +253,7 @@ class DOConv2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._c_major and self.W is not None and not DF.c_major(self.W, 1):   # load_state_dict(assign=True)
+        if getattr(self, "_c_major", False) and self.W is not None and not DF.c_major(self.W, 1):  # assign=True
             with torch.no_grad():
                 self.W.data = DF.c_major_empty(self.W.shape, dtype=self.W.dtype, device=self.W.device).copy_(self.W)
             self._cache = None
