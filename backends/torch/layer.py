@@ -70,7 +70,7 @@ class DOConv2d(nn.Module):
       either way) or ``'contiguous'``. Code that flattens parameters with ``view(-1)`` --
       ``torch.optim.LBFGS``, ``torch.nn.utils.parameters_to_vector`` -- raises on a c-major W, as on
       any non-contiguous (e.g. channels_last) parameter: use ``'contiguous'`` there (same values,
-      training step about 10-20% slower, BENCHMARKS.md), or :meth:`contiguous_W` on built layers;
+      a training step 7-17% slower here, BENCHMARKS.md), or :meth:`contiguous_W` on built layers;
     - ``composition``: ``'kernel'`` (Fig. 3-b), ``'feature'`` (Fig. 3-a) or ``'auto'`` (the default),
       the cheaper by :func:`doconv.choose_composition` for the input at hand. ``'auto'`` is the default
       because it is never slower here: with a cached kernel (inference) it is kernel composition, and in
