@@ -134,10 +134,7 @@ def composition_tasks(channels: int, with_compile: bool) -> Dict[str, Callable[[
     W = torch.randn(c.W_shape, requires_grad=True)
     D = (torch.eye(9) + 0.1 * torch.randn(c.D_shape)).requires_grad_(True)
     g = torch.randn(c.kernel_shape)
-    Wc = DF.c_major_empty(c.W_shape)          # the layer's own layout for groups=1
-    with torch.no_grad():
-        Wc.copy_(W)
-    Wc.requires_grad_(True)
+    Wc = DF.to_c_major(W).requires_grad_(True)    # the layer's own layout for groups=1
     impls = {"einsum (autograd)": (DF.compose_einsum, W, g),
              "ComposeKernel (custom backward, contiguous W)": (DF.compose_kernel, W, g),
              "ComposeCMajor OIHW (c-major W; eval cache, stride 2)": (DF.compose_kernel, Wc, g),

@@ -30,7 +30,11 @@ class CompositionCost:
     @property
     def cheaper(self) -> str:
         """``'kernel'`` unless feature composition needs strictly fewer MACC (ties go to kernel)."""
-        return "feature" if self.feature_macc < self.kernel_macc else "kernel"
+        return self.choice(0.0)
+
+    def choice(self, margin: float) -> str:
+        """``'feature'`` only where it saves more than ``margin`` of kernel composition's MACC."""
+        return "feature" if self.feature_macc < (1.0 - margin) * self.kernel_macc else "kernel"
 
 
 def composition_cost(config: DOConvConfig, input_shape: Sequence[int], itemsize: int = 4) -> CompositionCost:
@@ -59,5 +63,4 @@ def choose_composition(config: DOConvConfig, input_shape: Sequence[int], margin:
     """
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), but got margin={margin!r}")
-    cost = composition_cost(config, input_shape)
-    return "feature" if cost.feature_macc < (1.0 - margin) * cost.kernel_macc else "kernel"
+    return composition_cost(config, input_shape).choice(margin)

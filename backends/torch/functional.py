@@ -107,6 +107,12 @@ def c_major_empty(shape, **factory) -> torch.Tensor:
     return torch.empty((cin, s, cout), **factory).permute(2, 0, 1)
 
 
+def to_c_major(W: torch.Tensor) -> torch.Tensor:
+    """A c-major copy of W (C_out, C_in, S), same values, dtype and device (no autograd history)."""
+    with torch.no_grad():
+        return c_major_empty(W.shape, dtype=W.dtype, device=W.device).copy_(W)
+
+
 def _per_channel_products(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``bmm(X, G)``: (C_in, S, C_out) x (C_in, C_out, MN) -> (C_in, S, MN), a reduction over C_out.
 

@@ -221,13 +221,13 @@ class DOConv2d(nn.Module):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
 
-    def _route(self, x: torch.Tensor) -> str:
+    def _route(self, x: torch.Tensor, c_major: bool) -> str:
         if self.composition != "auto" or self.D is None:
             return self.composition
         if not torch.compiler.is_compiling() and self._can_cache():
             return "kernel"  # the cached kernel makes kernel composition free
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
-        margin = FAST_KERNEL_MARGIN if DF.c_major(self.W, self.config.groups) else 0.0
+        margin = FAST_KERNEL_MARGIN if c_major else 0.0
         if torch.compiler.is_compiling():
             return choose_composition(self.config, shape, margin)
         if (shape, margin) not in self._auto:
@@ -237,25 +237,19 @@ class DOConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not self.deployed and self.D is not None:
-            route = self._route(x)
-            if route == "feature":
+            c_major = DF.c_major(self.W, self.config.groups)
+            if self._route(x, c_major) == "feature":
                 return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
-            pads = self._transposed_pads(x)
-            if pads is not None:
-                return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
+            if c_major and not self._can_cache():  # training: at stride 1, conv_transpose2d of the reversed taps
+                pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
+                if pads is not None:
+                    return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
         return DF.conv(x, self.kernel(), self.bias, self.config)
-
-    def _transposed_pads(self, x: torch.Tensor):
-        """Pads for :func:`DF.transposed_forward` when training a c-major layer at stride 1, else None."""
-        if self._can_cache() or not DF.c_major(self.W, self.config.groups):
-            return None
-        return DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if getattr(self, "_c_major", False) and self.W is not None and not DF.c_major(self.W, 1):  # assign=True
-            with torch.no_grad():
-                self.W.data = DF.c_major_empty(self.W.shape, dtype=self.W.dtype, device=self.W.device).copy_(self.W)
+            self.W.data = DF.to_c_major(self.W.data)
             self._cache = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -46,20 +46,13 @@ def test_custom_backward_equals_einsum_autograd(case):
         np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
 
 
-def _c_major(W: np.ndarray, requires_grad=True) -> torch.Tensor:
-    out = DF.c_major_empty(W.shape, dtype=torch.float64)
-    with torch.no_grad():
-        out.copy_(torch.as_tensor(W))
-    return out.requires_grad_(requires_grad)
-
-
 @pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D and c.config.groups == 1], ids=str)
 def test_c_major_compositions_equal_einsum_autograd(case):
     """Both layouts ComposeCMajor returns (OIHW for conv2d; reversed taps in (C_in, C_out, MN) for
     conv_transpose2d) and their gradients, against autograd through the core's einsum."""
     c = case.config
     p = case.params(3, np.float64)
-    W, D = _c_major(p.W), torch.tensor(p.D, requires_grad=True)
+    W, D = DF.to_c_major(torch.as_tensor(p.W)).requires_grad_(True), torch.tensor(p.D, requires_grad=True)
     assert DF.c_major(W, 1) and not W.is_contiguous()
     W0, D0 = torch.tensor(p.W, requires_grad=True), torch.tensor(p.D, requires_grad=True)
     ref = DF.compose_einsum(W0, D0, c)                                         # OIHW
