@@ -72,7 +72,7 @@ def test_c_major_compositions_equal_einsum_autograd(case):
 
 def test_groups_1_layers_store_W_c_major_and_save_it_contiguous(tmp_path):
     from safetensors.torch import load_file, save_file
-    layer = DOConv2d(4, 6, 3, padding=1, D_mul=12)
+    layer = DOConv2d(4, 6, 3, padding=1, D_mul=12, d_init="random")
     assert layer.W.shape == (6, 4, 12) and layer.W.permute(1, 2, 0).is_contiguous()
     assert DOConv2d(4, 6, 1).W.is_contiguous() and DOConv2d(4, 6, 3, groups=2).W.is_contiguous()
     sd = layer.state_dict()
@@ -82,6 +82,8 @@ def test_groups_1_layers_store_W_c_major_and_save_it_contiguous(tmp_path):
     other = DOConv2d(4, 6, 3, padding=1, D_mul=12)
     other.load_state_dict(load_file(tmp_path / "w.safetensors"))
     assert torch.equal(other.W, layer.W) and other.W.stride() == layer.W.stride()   # copy_ keeps the layout
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)                  # D round-trips too
     assert other.double().W.stride() == layer.W.stride()
     with torch.device("meta"):
         lazy = DOConv2d(4, 6, 3, padding=1, D_mul=12)
@@ -165,6 +167,25 @@ def test_training_at_stride_1_runs_conv_transpose2d(case_id, transposed, monkeyp
     with torch.no_grad():
         layer(x)                                  # inference: the cached OIHW kernel and conv2d
     assert len(calls) == int(transposed)
+
+
+@pytest.mark.parametrize("storage, batch, route", [("c-major", 8, "kernel"), ("contiguous", 8, "feature"),
+                                                   ("c-major", 2, "feature")])
+def test_auto_margin_follows_the_storage(storage, batch, route, monkeypatch):
+    # 512@7x7, P = N*49 positions: feature saves 81*C*(C-P) of kernel's 81*C^2 + 9*P*C^2 MACC, i.e. 0.5% at
+    # batch 8 (under FAST_KERNEL_MARGIN) and 6.8% at batch 2 (over it); a contiguous W has no margin
+    layer = DOConv2d(512, 512, 3, padding=1, W_storage=storage)
+    torch.nn.init.normal_(layer.D, std=0.1)
+    x = torch.randn(batch, 512, 7, 7)
+    features = []
+    real = DF.feature_forward
+    monkeypatch.setattr(DF, "feature_forward", lambda *a: features.append(1) or real(*a))
+    out = layer(x)
+    assert len(features) == (route == "feature")
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(x, DF.compose_einsum(layer.W, layer.full_D(), layer.config), layer.bias,
+                                         padding=1)
+    torch.testing.assert_close(out.detach(), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_padding_beyond_the_transposed_range_falls_back_to_conv2d(monkeypatch):
