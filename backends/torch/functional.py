@@ -169,10 +169,14 @@ class ComposeCMajor(torch.autograd.Function):
 def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:
     """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, M, N)``.
 
-    Through :class:`ComposeCMajor` when W is stored c-major, else :class:`ComposeKernel` (any layout).
+    Through :class:`ComposeCMajor` when W is stored c-major, else :class:`ComposeKernel` (any layout);
+    under ``torch.jit.trace`` through :func:`compose_einsum`, because a custom Function would be recorded
+    as a Python call that ``torch.jit.save`` cannot serialise.
     """
     if D is None:
         return W.reshape(config.kernel_shape)
+    if torch.jit.is_tracing():
+        return compose_einsum(W, D, config)
     if c_major(W, config.groups):
         return ComposeCMajor.apply(W, D, False).reshape(config.kernel_shape)
     return ComposeKernel.apply(W, D, config.groups).reshape(config.kernel_shape)

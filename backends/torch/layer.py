@@ -168,7 +168,7 @@ class DOConv2d(nn.Module):
         return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def _can_cache(self) -> bool:
-        if torch.compiler.is_compiling() or _functorch_active():
+        if torch.compiler.is_compiling() or _functorch_active() or torch.jit.is_tracing():
             return False
         if torch.is_grad_enabled() and any(p.requires_grad for p in (self.W, self.D) if p is not None):
             return False  # the kernel needs its graph (e.g. fine-tuning in eval mode): never a stale cache
@@ -215,7 +215,8 @@ class DOConv2d(nn.Module):
         if x.dim() not in (3, 4):
             raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got input shape {tuple(x.shape)}")
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
-        self.config.output_shape(shape)  # ValueError naming channels / sizes / reflect pads
+        if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
+            self.config.output_shape(shape)  # ValueError naming channels / sizes / reflect pads
         dtype = self.compose().dtype if self.deployed else self.W.dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
@@ -224,6 +225,8 @@ class DOConv2d(nn.Module):
     def _route(self, x: torch.Tensor, c_major: bool) -> str:
         if self.composition != "auto" or self.D is None:
             return self.composition
+        if torch.jit.is_tracing():
+            return "kernel"  # a trace is a deployment graph, and its sizes are traced tensors
         if not torch.compiler.is_compiling() and self._can_cache():
             return "kernel"  # the cached kernel makes kernel composition free
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
@@ -240,7 +243,7 @@ class DOConv2d(nn.Module):
             c_major = DF.c_major(self.W, self.config.groups)
             if self._route(x, c_major) == "feature":
                 return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
-            if c_major and not self._can_cache():  # training: at stride 1, conv_transpose2d of the reversed taps
+            if c_major and not self._can_cache() and not torch.jit.is_tracing():  # training: at stride 1, conv_transpose2d of the reversed taps
                 pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
                 if pads is not None:
                     return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
@@ -256,6 +259,12 @@ class DOConv2d(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not keep_vars and self.W is not None and not self.W.is_contiguous():
             destination[prefix + "W"] = self.W.detach().contiguous()  # c-major storage; savers want contiguous
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            "torch.jit.script cannot compile DOConv2d (its composition is a custom autograd.Function); "
+            "fold the model first (doconv.torch.fold(model)), or use torch.jit.trace, torch.export or "
+            "torch.compile, which all take the layer as it is")
 
     # ---- folding --------------------------------------------------------------------------------
     def fuse(self) -> nn.Conv2d:
@@ -327,6 +336,11 @@ class FoldedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DF.conv(x, self.weight, self.bias, self.config)
+
+    def __prepare_scriptable__(self):
+        raise NotImplementedError(
+            f"torch.jit.script cannot compile FoldedConv2d (padding={self.config.padding!r}, which nn.Conv2d "
+            "cannot express); use torch.jit.trace or torch.export instead")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", per-side padding={self.config.padding!r}, " \

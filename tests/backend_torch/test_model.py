@@ -115,13 +115,14 @@ def _folded_example():
     return model.eval(), torch.randn(2, 3, 10, 11)
 
 
-def test_folded_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
+def test_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, folded):
     ort = pytest.importorskip("onnxruntime")
     model, x = _folded_example()
     with torch.no_grad():
         expected = model(x).numpy()
-    path = tmp_path / "folded.onnx"
-    torch.onnx.export(fold(model), (x,), str(path), input_names=["x"], output_names=["y"])
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(fold(model) if folded else model, (x,), str(path), input_names=["x"], output_names=["y"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": x.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -134,3 +135,32 @@ def test_torch_export_of_folded_and_unfolded_models():
     for candidate in (fold(model), model):
         program = torch.export.export(candidate, (x,))
         torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_jit_trace_records_the_composition_and_saves(tmp_path, mode):
+    """A trace is a graph of W and D (no cached constant, no Python call), survives save/load, and
+    follows later updates of W, D in place, as a traced nn.Conv2d follows its weight."""
+    model, x = _folded_example()
+    model = model.train(mode == "train")
+    with torch.no_grad():
+        model(x)  # an eval cache filled before tracing must not become a constant of the trace
+    traced = torch.jit.trace(model, x)
+    path = tmp_path / "traced.pt"
+    torch.jit.save(traced, str(path))
+    x2 = torch.randn(3, 3, 10, 11)
+    torch.testing.assert_close(torch.jit.load(str(path))(x2), model(x2), rtol=1e-5, atol=1e-5)
+    _perturb(model, seed=2)
+    torch.testing.assert_close(traced(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+def test_jit_script_says_to_fold_first():
+    model, _ = _folded_example()
+    with pytest.raises(NotImplementedError, match=r"fold the model first"):
+        torch.jit.script(model)
+    with pytest.raises(NotImplementedError, match=r"FoldedConv2d \(padding=\(\(1, 0\), \(0, 1\)\)"):
+        torch.jit.script(fold(model))
+    scripted = torch.jit.script(fold(model[:3]))  # plain nn.Conv2d's script as usual
+    x = torch.randn(2, 3, 10, 11)
+    torch.testing.assert_close(scripted(x), model[:3](x), rtol=1e-5, atol=1e-5)
