@@ -36,7 +36,9 @@ which every CachedOp reads per call, does the rest:
   no gradient of W or D is pending (``_fresh_grad``: set by ``backward``, cleared by ``Trainer.step``), so a
   ``backward`` -> inference -> ``step`` sequence never leaves a stale kernel behind;
 - every write Gluon makes to W, D or the cache -- ``set_data``, ``load_parameters``, ``initialize``, ``cast``,
-  ``reset_ctx`` -- drops it (:class:`WatchedParameter`).
+  ``reset_ctx``, and ``list_data``, through which every ``Trainer.step`` reaches the arrays it updates -- drops
+  it (:class:`WatchedParameter`). (``_fresh_grad`` alone missed a W' cached by an inference call made between
+  a recorded forward and its ``backward``: the step that followed went unseen.)
 
 Not seen: raw in-place writes to the arrays (``layer.W.data()[:] = v``, ``nd.*(out=...)``) and a
 ``Trainer`` with ``update_on_kvstore=True`` never clears ``_fresh_grad`` (correct, but then never cached). Call
@@ -114,9 +116,13 @@ def _notifying(method):
 
 
 class WatchedParameter(gluon.Parameter):
-    """A ``gluon.Parameter`` that calls its ``listeners`` after every write Gluon makes to it."""
+    """A ``gluon.Parameter`` that calls its ``listeners`` after every write Gluon makes to it.
 
-    WRITES = ("set_data", "_load_init", "_init_impl", "cast", "reset_ctx")
+    ``list_data`` counts as one: it is how ``Trainer`` (its updaters, or a kvstore pull) reaches the arrays it
+    is about to overwrite. Forward passes read ``data()`` only, so an inference loop keeps its cache.
+    """
+
+    WRITES = ("set_data", "_load_init", "_init_impl", "cast", "reset_ctx", "list_data")
 
     def __init__(self, name, **kwargs):
         super().__init__(name, **kwargs)
@@ -163,8 +169,12 @@ class ComposedKernel(WatchedParameter):
         return [self.data(ctx) for ctx in self.list_ctx()]
 
     def _reduce(self):
+        """W' on the CPU (``export`` saves it; ``reset_ctx`` / ``cast`` move it), composed where W lives now:
+        ``reset_ctx`` moves W and D before this buffer."""
         with mx.autograd.pause():
-            return self.data(self.list_ctx()[0]).copyto(mx.cpu())
+            if not self._layer._kernel_mode():
+                return super().data(self.list_ctx()[0]).copyto(mx.cpu())
+            return self._layer._compose_nd(self._layer.W.list_ctx()[0]).copyto(mx.cpu())
 
 
 class DOConv2D(gluon.HybridBlock):

@@ -69,6 +69,14 @@ def test_inference_follows_every_weight_change(hybridize, counted, tmp_path):
     for _ in range(2):
         train_step(net, trainer, x).step(2)
         check(net, x, "after another step")
+    # a validation call between the recorded forward and its backward caches W' before any gradient is
+    # pending; the step after that backward must still be seen
+    with mx.autograd.record():
+        loss = net(mx.nd.array(x)).square().mean()
+    check(net, x, "between a recorded forward and its backward")
+    loss.backward()
+    trainer.step(2)
+    check(net, x, "after the step that followed")
 
     net[0].W.set_data(net[0].W.data() * 1.5)
     check(net, x, "after W.set_data")
@@ -159,3 +167,16 @@ def test_hybridized_parent_graphs_match_the_core(case, first, counted, h):
     set_params(layer, params)
     doconv.assert_close(net(h.nd(x, "float64")).asnumpy(), doconv.forward(x, params, case.config), "float64",
                         f"{case.id} inference after D.set_data")
+
+
+@pytest.mark.parametrize("before, after", [([0], [1]), ([0, 1], [1]), ([0], [0, 1])])
+def test_reset_ctx_moves_the_layer(before, after):
+    layer = DOConv2D(3, 3, in_channels=2)
+    layer.initialize(ctx=[mx.cpu(i) for i in before])
+    layer.D.set_data(mx.nd.array(np.random.default_rng(3).normal(0, 0.3, size=layer.D.shape)))
+    x = np.random.default_rng(4).normal(size=(1, 2, 5, 5)).astype("float32")
+    layer(mx.nd.array(x, ctx=mx.cpu(before[0])))  # fills the cache on the old context
+    layer.collect_params().reset_ctx([mx.cpu(i) for i in after])
+    want = doconv.forward(x, get_params(layer), layer_config(layer))
+    for i in after:
+        doconv.assert_close(layer(mx.nd.array(x, ctx=mx.cpu(i))).asnumpy(), want, "float32", f"cpu({i})")
