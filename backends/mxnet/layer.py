@@ -381,7 +381,7 @@ class DOConv2D(gluon.HybridBlock):
         else:
             probing = F is mx.sym and not self.in_channels
             if probing:
-                bias = self._shape_probe(F, x, W, D, bias)
+                bias = self._shape_probe(F, x, W, D, bias, kernel_cache)
             if kernel_cache is None or (F is mx.nd and mx.autograd.is_recording()):
                 kernel = self._kernel(F, W, D)
             elif F is mx.nd:
@@ -431,21 +431,28 @@ class DOConv2D(gluon.HybridBlock):
         return F.Convolution(feat, wk, *extra, no_bias=bias is None,
                              **self._conv_kwargs(kernel=(1, 1), stride=(1, 1), pad=(0, 0), dilate=(1, 1)))
 
-    def _shape_probe(self, F, x, W, D, bias):
-        """Zeros of shape (C_out,) that tie W's and D's unknown C_in to the input's (symbol graphs only).
+    def _shape_probe(self, F, x, W, D, bias, kernel_cache=None):
+        """Zeros of shape (C_out,) that tie the unknown C_in of W, D and the kernel cache to the input's (symbol
+        graphs only).
 
-        ``FullyConnected`` infers its weight's shape from its data, and ``reshape`` infers backwards, so one
-        pixel of x times W (and times D) pins C_in/g and C_in. ``zeros_like`` passes no gradient.
+        ``FullyConnected`` infers its weight's shape from its data, and ``reshape`` and ``cast`` infer
+        backwards, so one pixel of x times W (times D, times the cache) pins C_in/g and C_in. The probe runs
+        in float32 whatever the layer's dtype; ``zeros_like`` passes no gradient.
         """
         a = self._args
-        g, cout, s = a["groups"], a["out_channels"], a["D_mul"]
+        g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
         pixel = F.slice(x, begin=(0, 0, 0, 0), end=(1, None, 1, 1))                  # one pixel, all C_in
         pixel = F.cast(F.reshape(pixel, (g, -1)), "float32")                          # (g, C_in/g)
-        probes = [F.FullyConnected(F.slice_axis(pixel, axis=0, begin=0, end=1), F.reshape(W, (cout * s, -1)),
-                                   num_hidden=cout * s, no_bias=True)]
+        first = F.slice_axis(pixel, axis=0, begin=0, end=1)                           # (1, C_in/g)
+
+        def probe(data, weight, rows):
+            return F.FullyConnected(data, F.cast(F.reshape(weight, (rows, -1)), "float32"), num_hidden=rows,
+                                    no_bias=True)
+        probes = [probe(first, W, cout * s)]
         if D is not None:
-            probes.append(F.FullyConnected(F.reshape(pixel, (1, -1)), F.reshape(D, (self._mn * s, -1)),
-                                           num_hidden=self._mn * s, no_bias=True))
+            probes.append(probe(F.reshape(pixel, (1, -1)), D, mn * s))
+        if kernel_cache is not None:  # a training graph reads only its first axis (the tie to the bias)
+            probes.append(probe(first, kernel_cache, cout * mn))
         zero = F.add_n(*[F.sum(F.zeros_like(p)) for p in probes])                    # (1,), exactly 0
         zero = F.cast(F.broadcast_to(F.reshape(zero, (1,)), shape=(cout,)), self._dtype)
         return zero if bias is None else F.broadcast_add(bias, zero)

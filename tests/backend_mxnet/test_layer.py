@@ -1,5 +1,7 @@
 """DOConv2D against the NumPy core on the shared case table (randomised D), and its Gluon life cycle."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import doconv
@@ -138,16 +140,25 @@ def _core_forward(net, x):
     return x
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("recorded", [False, True], ids=["first-call-inference", "first-call-recorded"])
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized-parent"])
-def test_deferred_in_channels_inferred_from_first_input(hybridize, h):
+def test_deferred_in_channels_inferred_from_first_input(hybridize, recorded, dtype, h):
+    """The first call may be a training step (the usual loop) and the net may be cast first."""
     net = _deferred_net(hybridize)
-    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype("float32")
-    out = net(h.nd(x)).asnumpy()
+    net.cast(dtype)
+    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype(dtype)
+    with mx.autograd.record() if recorded else contextlib.nullcontext():
+        out = net(h.nd(x, dtype))
+    if recorded:
+        out.backward()
+        assert all(abs(b.W.grad().asnumpy()).sum() > 0 for b in net)
+    out = out.asnumpy()
     assert [b.W.shape for b in net] == [(6, 2, 9), (8, 6, 6)]
     assert [b.D.shape for b in net] == [(4, 9, 9), (6, 3, 6)]
-    doconv.assert_close(out, _core_forward(net, x), "float32", "deferred net")
+    doconv.assert_close(out, _core_forward(net, x), dtype, "deferred net")
     net.hybridize()  # a graph built with known shapes (no shape probe) gives the same numbers
-    doconv.assert_close(net(h.nd(x)).asnumpy(), out, "float32", "rebuilt graph")
+    doconv.assert_close(net(h.nd(x, dtype)).asnumpy(), out, dtype, "rebuilt graph")
 
 
 def test_auto_composition_follows_the_cost_model():
