@@ -147,7 +147,15 @@ class ComposedKernel(WatchedParameter):
     def invalidate(self):
         self._fresh = set()
 
+    def _adopt(self):
+        """Initialise after W: ``load_parameters`` initialises W, D and bias from a file that holds no cache."""
+        if self._data is None and not self._deferred_init and self._layer.W._data is not None:
+            W = self._layer.W
+            self.shape = W.shape[:2] + self._layer._args["kernel_size"]
+            self.initialize(ctx=W.list_ctx())
+
     def data(self, ctx=None):
+        self._adopt()
         buffer = super().data(ctx)
         layer = self._layer
         if not layer._kernel_mode():
@@ -166,6 +174,7 @@ class ComposedKernel(WatchedParameter):
         return buffer
 
     def list_data(self):
+        self._adopt()
         return [self.data(ctx) for ctx in self.list_ctx()]
 
     def _reduce(self):

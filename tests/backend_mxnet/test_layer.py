@@ -183,6 +183,22 @@ def test_save_and_load_parameters_with_stable_names(tmp_path, h):
                         "float32", "reloaded")
 
 
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_load_parameters_initialises_a_fresh_net(tmp_path, hybridize, h):
+    """Gluon's pattern: build, load_parameters (no initialize()), run -- deferred in_channels too."""
+    saved = _deferred_net(hybridize=False)
+    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype("float32")
+    saved(h.nd(x))
+    saved.save_parameters(str(tmp_path / "net.params"))
+    fresh = gluon.nn.HybridSequential()
+    fresh.add(DOConv2D(6, 3, padding=1, groups=2), DOConv2D(8, (3, 1), padding=(1, 0), use_bias=False, D_mul=6,
+                                                             activation="relu", in_channels=6))
+    fresh.load_parameters(str(tmp_path / "net.params"), ctx=mx.cpu())
+    if hybridize:
+        fresh.hybridize()
+    doconv.assert_close(fresh(h.nd(x)).asnumpy(), _core_forward(saved, x), "float32", "loaded")
+
+
 @pytest.mark.filterwarnings("ignore:Cannot decide type for the following arguments:UserWarning")
 @pytest.mark.parametrize("folded", [False, True], ids=["unfolded", "folded"])
 def test_export_and_symbolblock_imports(tmp_prefix, folded, h):
