@@ -137,12 +137,17 @@ class ComposedKernel(WatchedParameter):
     """W' of a ``DOConv2D``, the graph's ``kernel_cache`` input: composed per call while recording, else cached.
 
     The data of this parameter is a per-context buffer; ``data()`` refreshes it (see the module docstring).
+    Layers that share W and D (``params=``) share it too: ``layers`` lists them, the first composes.
     """
 
-    def __init__(self, name, layer, shape):
+    def __init__(self, name, *, layer, shape):
         super().__init__(name, shape=shape, init="zeros", allow_deferred_init=True, differentiable=False)
-        self._layer, self._fresh = layer, set()
+        self.layers, self._fresh = [layer], set()
         self.listeners.append(self.invalidate)
+
+    @property
+    def _layer(self):
+        return self.layers[0]
 
     def invalidate(self):
         self._fresh = set()
@@ -163,7 +168,7 @@ class ComposedKernel(WatchedParameter):
         ctx = buffer.context
         if mx.autograd.is_recording():
             self._fresh = set()
-            if "cache" not in layer._graphs:  # no graph reads W' from here: they compose it themselves
+            if not any("cache" in each._graphs for each in self.layers):  # no graph reads W' from here
                 return buffer
             return layer._compose_nd(ctx)
         if ctx not in self._fresh:
@@ -184,6 +189,11 @@ class ComposedKernel(WatchedParameter):
             if not self._layer._kernel_mode():
                 return super().data(self.list_ctx()[0]).copyto(mx.cpu())
             return self._layer._compose_nd(self._layer.W.list_ctx()[0]).copyto(mx.cpu())
+
+
+def _shapes_agree(a, b) -> bool:
+    """Gluon's rule for shared parameters: equal length, equal where both are known (0 = unknown)."""
+    return a is None or b is None or len(a) == len(b) and all(i == j or 0 in (i, j) for i, j in zip(a, b))
 
 
 class DOConv2D(gluon.HybridBlock):
@@ -237,17 +247,28 @@ class DOConv2D(gluon.HybridBlock):
                                         allow_deferred_init=True) if use_bias else None
             self.kernel_cache = None
             if cfg.has_D and composition != "feature":
-                self.kernel_cache = ComposedKernel(self.params.prefix + "kernel", self,
-                                                   (cfg.out_channels, cin // cfg.groups) + cfg.kernel_size)
-                self.params.update({self.kernel_cache.name: self.kernel_cache})
+                self.kernel_cache = self._watched("kernel", kind=ComposedKernel, layer=self,
+                                                  shape=(cfg.out_channels, cin // cfg.groups) + cfg.kernel_size)
                 for param in (self.W, self.D):
                     param.listeners.append(self.kernel_cache.invalidate)
             self.act = gluon.nn.Activation(activation, prefix=activation + "_") if activation is not None else None
 
-    def _watched(self, key, **kwargs) -> WatchedParameter:
-        param = WatchedParameter(self.params.prefix + key, **kwargs)
-        self.params.update({param.name: param})
-        return param
+    def _watched(self, key, kind=WatchedParameter, **kwargs) -> WatchedParameter:
+        """``self.params.get(key)`` for our parameter classes: a layer built with ``params=other.params`` (Gluon's
+        sharing) takes the other layer's parameter of that name, if its shape agrees."""
+        name = self.params.prefix + key
+        shared = self.params._get_impl(name)
+        if shared is None:
+            param = kind(name, **kwargs)
+            self.params.update({name: param})
+            return param
+        shape = kwargs.get("shape")
+        if not isinstance(shared, kind) or not _shapes_agree(shared.shape, shape):
+            raise ValueError(f"params: the shared parameter {name!r} ({type(shared).__name__}, shape "
+                             f"{shared.shape}) does not fit this layer (needs a {kind.__name__} of shape {shape})")
+        if isinstance(shared, ComposedKernel):
+            shared.layers.append(self)
+        return shared
 
     def invalidate_cache(self):
         """Drop the cached W' (needed only after raw in-place writes to W's or D's arrays; see the module doc)."""

@@ -253,3 +253,32 @@ def test_accepts_every_conv2d_argument_with_its_default():
     for mine, p in zip(ours, theirs):
         assert (mine.name, mine.default) == (p.name, p.default)
     assert any(p.kind == p.VAR_KEYWORD for p in ours)
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_params_sharing_as_gluon_does(hybridize, h):
+    """``DOConv2D(..., params=other.params)`` shares W, D and bias (Gluon 1.x weight tying): one set of
+    parameters, both uses add to its gradient, and inference after a step follows the update."""
+    a = DOConv2D(4, 3, padding=1, in_channels=4)
+    b = DOConv2D(4, 3, padding=1, in_channels=4, params=a.params)
+    net = gluon.nn.HybridSequential()
+    net.add(a, b)
+    net.initialize(mx.init.Xavier())
+    a.D.set_data(mx.nd.array(np.random.default_rng(0).normal(0, 0.3, size=a.D.shape)))
+    assert (a.W, a.D, a.bias) == (b.W, b.D, b.bias) and len(net.collect_params().keys()) == 4
+    if hybridize:
+        net.hybridize()
+    x = np.random.default_rng(1).normal(size=(2, 4, 6, 6)).astype("float32")
+    params = get_params(a)
+    doconv.assert_close(net(h.nd(x)).asnumpy(), doconv.forward(doconv.forward(x, params, a.config), params, a.config),
+                        "float32", "shared twice")
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    with mx.autograd.record():
+        loss = net(h.nd(x)).square().sum()
+    loss.backward()
+    trainer.step(1)
+    params = get_params(a)
+    doconv.assert_close(net(h.nd(x)).asnumpy(), doconv.forward(doconv.forward(x, params, a.config), params, a.config),
+                        "float32", "after a step")
+    with pytest.raises(ValueError, match=r"params: the shared parameter '.*_W'"):
+        DOConv2D(4, 5, padding=1, in_channels=4, params=a.params)
