@@ -84,7 +84,7 @@ class ComposeKernel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        W, D = ctx.saved_tensors
+        W, D = (t.conj() for t in ctx.saved_tensors)  # complex: the VJP takes conjugates (a no-op when real)
         g, grad = ctx.groups, grad.to(W.dtype)
         cout, cin_g, _ = W.shape
         grad_rows = _per_channel(grad, g, cout // g, cin_g)           # (C_in, C_out/g, MN)
@@ -151,7 +151,7 @@ class ComposeCMajor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        W, D = ctx.saved_tensors
+        W, D = (t.conj() for t in ctx.saved_tensors)  # complex: the VJP takes conjugates (a no-op when real)
         grad = grad.to(W.dtype)
         if ctx.transposed:
             D, G = D.flip(1), grad                      # G_k (C_out, MN), per input channel

@@ -25,15 +25,13 @@ def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str
     """A ready ``DOConv2d`` for ``config`` (``kwargs``: ``device``, ``d_init``)."""
     if not isinstance(config, DOConvConfig):
         raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
-    if config.depthwise_separable:
-        raise ValueError(f"depthwise_separable configs (D_mul={config.D_mul} < M*N={config.MN}) are not "
-                         f"offered by DOConv2d")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or its name, but got dtype={dtype!r}")
     return DOConv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, config.padding,
                     config.dilation, config.groups, config.bias, config.padding_mode, dtype=torch_dtype,
-                    D_mul=config.D_mul, composition=composition, **kwargs)
+                    D_mul=config.D_mul, composition=composition, depthwise_separable=config.depthwise_separable,
+                    **kwargs)
 
 
 def _check_layer(layer) -> DOConv2d:

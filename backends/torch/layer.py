@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from doconv import DOConvConfig, choose_composition, identity_fill
 from doconv.config import kaiming_bound
@@ -53,6 +54,20 @@ def _functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+#: Optimizer steps taken in this process (a key of every cached kernel). Fused optimizers
+#: (``fused=True``) update parameters without bumping their version counters; torch's global
+#: post-step hook sees every ``Optimizer.step``, fused or not.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class DOConv2d(nn.Module):
     r"""Depthwise over-parameterized 2-D convolution (Cao et al., Eq. 3), a drop-in for ``nn.Conv2d``.
 
@@ -64,7 +79,8 @@ class DOConv2d(nn.Module):
     ``((top, bottom), (left, right))`` with every padding mode, and ``'same'`` with any stride, TF's
     rule), plus
 
-    - ``D_mul``: the depth multiplier S >= M*N (default M*N);
+    - ``D_mul``: the depth multiplier S >= M*N (default M*N); ``depthwise_separable=True`` allows
+      S < M*N (a rank-S kernel per input channel, trained by kernel composition on purpose);
     - ``d_init``: ``'identity'`` (D' = 0, the paper's default) or ``'random'`` (D ~ N(0, 2/MN));
     - ``W_storage``: ``'c-major'`` (the default; groups=1 layers with M*N > 1, others are contiguous
       either way) or ``'contiguous'``. Code that flattens parameters with ``view(-1)`` --
@@ -85,18 +101,19 @@ class DOConv2d(nn.Module):
 
     Arguments are validated by :class:`doconv.DOConvConfig` (the error names the argument).
     In ``eval()`` mode or under ``torch.no_grad()``, whenever the kernel needs no gradient, the
-    composed kernel is cached and reused until a parameter changes (tensor version counters,
-    data pointers, dtype and device form the key) or ``train()`` is called. Writes through ``.data``
+    composed kernel is cached and reused until a parameter changes (tensor identities, version
+    counters, data pointers, dtype, device and the process's optimizer step count form the key: fused
+    optimizers do not bump version counters) or ``train()`` is called. Writes through ``.data``
     bypass version counters: call :meth:`invalidate_cache` after them.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "auto",
-                 W_storage: str = "c-major"):
+                 W_storage: str = "c-major", depthwise_separable: bool = False):
         super().__init__()
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                   bias, padding_mode, D_mul)
+                                   bias, padding_mode, D_mul, depthwise_separable=depthwise_separable)
         self.d_init = _check_choice(d_init, "d_init", D_INITS)
         self.composition = _check_choice(composition, "composition", COMPOSITIONS)
         _check_choice(W_storage, "W_storage", W_STORAGES)
@@ -113,7 +130,7 @@ class DOConv2d(nn.Module):
             self.register_parameter("D", None)
             self.register_buffer("I_fill", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(c.out_channels, **factory)) if c.bias else None
-        self._cache = None  # (key, kernel)
+        self._cache = None  # (key, kernel, the tensors the key describes)
         self._auto = {}     # (input shape, margin) -> composition, for composition="auto"
         self.reset_parameters()
 
@@ -138,6 +155,8 @@ class DOConv2d(nn.Module):
         with torch.no_grad():
             if self.deployed:
                 raise RuntimeError("reset_parameters() on a deployed (folded) DOConv2d: fold a fresh layer instead")
+            if self.I_fill is not None:  # rebuilt too: after meta-device init + to_empty() it is garbage
+                self.I_fill.copy_(torch.as_tensor(identity_fill(self.config.MN, self.config.S)))
             self.W.uniform_(-bound, bound)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
@@ -164,8 +183,12 @@ class DOConv2d(nn.Module):
         return self.compose()
 
     def _cache_key(self):
+        """Identity, version counter, address, dtype and device of W and D, and the optimizer step count.
+
+        The cache holds W and D themselves, so that neither their ids nor their memory can be reused by
+        other tensors (e.g. fresh ones passed through ``functional_call``) while the entry lives."""
         tensors = [t for t in (self.W, self.D) if t is not None]
-        return tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        return (_optimizer_steps,) + tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     def _can_cache(self) -> bool:
         if torch.compiler.is_compiling() or _functorch_active() or torch.jit.is_tracing():
@@ -181,7 +204,7 @@ class DOConv2d(nn.Module):
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.compose())
+                self._cache = (key, self.compose(), (self.W, self.D))
         return self._cache[1]
 
     @property
@@ -312,7 +335,7 @@ class DOConv2d(nn.Module):
             s += ", bias=False"
         if c.padding_mode != "zeros":
             s += f", padding_mode={c.padding_mode!r}"
-        s += f", D_mul={c.D_mul}"
+        s += f", D_mul={c.D_mul}" + (", depthwise_separable=True" if c.depthwise_separable else "")
         if self.composition != "auto":
             s += f", composition={self.composition!r}"
         if not self.deployed and self.D is not None and self.config.groups == 1 and self.W_storage != "c-major":

@@ -398,6 +398,92 @@ def test_no_grad_in_train_mode_also_caches(h):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("optimizer", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=True),
+], ids=["AdamW-fused", "SGD-fused", "Adam-foreach"])
+def test_no_grad_calls_between_optimizer_steps_follow_the_weights(optimizer, h):
+    """A GAN's ``fake = G(z)`` or an EMA teacher: no_grad forwards between steps. Fused optimizers write
+    without bumping version counters; the cache must still follow every step."""
+    case = get_case("k3")
+    layer = h.make_layer(case, "float32")
+    opt = optimizer(list(layer.parameters()))
+    x = torch.tensor(case.input(0), dtype=torch.float32)
+    for _ in range(3):
+        layer(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            got = layer(x)
+        doconv.assert_close(got.numpy(), doconv.forward(case.input(0), get_params(layer), case.config), "float32",
+                            "no_grad call after a step")
+
+
+def test_cache_is_not_fooled_by_fresh_tensors_at_a_reused_address(h):
+    """functional_call with a fresh W each time: a new tensor starts at version 0 and may land at the
+    freed one's address, so the key alone would match; the cache pins the tensors it describes."""
+    case = get_case("k3-nobias")
+    layer = h.make_layer(case, "float32").eval()
+    D = layer.D.detach().clone()
+    x = torch.tensor(case.input(0), dtype=torch.float32)
+    for i in range(30):
+        W = torch.randn(layer.W.shape, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            got = torch.func.functional_call(layer, {"W": W, "D": D}, (x,))
+        want = torch.nn.functional.conv2d(x, DF.compose_einsum(W, D + layer.I_fill, case.config), padding=1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        del W, got
+
+
+def test_meta_device_init_then_to_empty_and_reset_parameters():
+    """The FSDP / torchtitan pattern: build on 'meta', materialise, reset -- I_fill is rebuilt too."""
+    with torch.device("meta"):
+        layer = DOConv2d(3, 4, 3, padding=1, d_init="random")
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    torch.manual_seed(0)
+    fresh = DOConv2d(3, 4, 3, padding=1, d_init="random")
+    torch.testing.assert_close(layer.I_fill, torch.as_tensor(doconv.identity_fill(9, 9), dtype=torch.float32))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("W_storage, groups", [("c-major", 1), ("contiguous", 1), ("contiguous", 2)])
+def test_complex_gradients_match_autograd_of_the_einsum(W_storage, groups):
+    """nn.Conv2d takes complex dtypes; the hand-written VJPs conjugate as autograd does."""
+    torch.manual_seed(0)
+    layer = DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.complex128, d_init="random",
+                     W_storage=W_storage, composition="kernel")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.complex128)
+    u = torch.randn(2, 6, 5, 5, dtype=torch.complex128)
+    (layer(x) * u.conj()).real.sum().backward()
+    W = layer.W.detach().clone().requires_grad_(True)
+    D = layer.D.detach().clone().requires_grad_(True)
+    kernel = DF.compose_einsum(W, D + layer.I_fill, layer.config)
+    out = torch.nn.functional.conv2d(x, kernel, layer.bias, padding=1, groups=groups)
+    (out * u.conj()).real.sum().backward()
+    torch.testing.assert_close(layer.W.grad, W.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.D.grad, D.grad, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_depthwise_separable_D_mul_below_MN(groups, h):
+    """D_mul < M*N only on purpose (``depthwise_separable=True``, as in the core and the MXNet layer)."""
+    with pytest.raises(ValueError, match=r"D_mul must be >= M\*N = 9.*depthwise_separable=True"):
+        DOConv2d(4, 6, 3, D_mul=4)
+    case = doconv.cases.Case("dsep", dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=groups,
+                                          D_mul=4, depthwise_separable=True), (2, 4, 6, 7))
+    layer = h.make_layer(case, "float64")
+    assert "depthwise_separable=True" in repr(layer)
+    x, expected, u, grads = h.reference(case)
+    out, got = h.torch_grads(layer, torch.tensor(x), u)
+    doconv.assert_close(out.numpy(), expected, "float64", "forward")
+    for name in ("x", "W", "D"):
+        doconv.assert_close(got[name], grads[name], "float64", f"d{name}")
+
+
 def test_inference_mode_cache_is_usable_afterwards(h):
     case = get_case("k3")
     layer = h.make_layer(case, "float64").eval()
