@@ -139,7 +139,13 @@ class DOConv2d(nn.Module):
     out_channels = property(lambda self: self.config.out_channels)
     kernel_size = property(lambda self: self.config.kernel_size)
     stride = property(lambda self: self.config.stride)
-    padding = property(lambda self: self.config.padding)
+    @property
+    def padding(self):
+        """As ``nn.Conv2d.padding``: ``'same'``/``'valid'`` or ``(pad_h, pad_w)``; per-side pads, which
+        ``nn.Conv2d`` cannot hold, as ``((top, bottom), (left, right))``."""
+        p = self.config.padding
+        return p if isinstance(p, str) or any(lo != hi for lo, hi in p) else (p[0][0], p[1][0])
+
     dilation = property(lambda self: self.config.dilation)
     groups = property(lambda self: self.config.groups)
     padding_mode = property(lambda self: self.config.padding_mode)
@@ -181,6 +187,14 @@ class DOConv2d(nn.Module):
     def weight(self) -> torch.Tensor:
         """The composed kernel W' = D^T o W, OIHW. Computed on every read: writing into it changes nothing."""
         return self.compose()
+
+    def __setattr__(self, name, value):
+        if name == "weight" and not self.__dict__.get("deployed", True):
+            raise AttributeError(
+                "DOConv2d.weight is the composed kernel W' = D^T o W, computed from W and D on every read; "
+                "set W and D (set_params, load_state_dict), or fold first (fuse(), switch_to_deploy(), "
+                "doconv.torch.fold) to get a plain convolution whose weight can be replaced")
+        super().__setattr__(name, value)
 
     def _cache_key(self):
         """Identity, version counter, address, dtype and device of W and D, and the optimizer step count.
@@ -326,7 +340,7 @@ class DOConv2d(nn.Module):
         c = self.config
         s = f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, stride={c.stride}"
         if c.padding != ((0, 0), (0, 0)):
-            s += f", padding={c.padding!r}"
+            s += f", padding={self.padding!r}"
         if c.dilation != (1, 1):
             s += f", dilation={c.dilation}"
         if c.groups != 1:

@@ -232,8 +232,32 @@ def test_state_dict_keys_and_buffers():
 
 def test_extra_repr_lists_non_defaults_and_D_mul():
     text = repr(DOConv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False, padding_mode="reflect", D_mul=12))
-    assert text == ("DOConv2d(4, 8, kernel_size=(3, 3), stride=(2, 2), padding=((1, 1), (1, 1)), groups=2, "
+    assert text == ("DOConv2d(4, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), groups=2, "
                     "bias=False, padding_mode='reflect', D_mul=12)")
+    assert "padding=((1, 0), (2, 2))" in repr(DOConv2d(2, 2, 3, padding=((1, 0), (2, 2))))
+
+
+@pytest.mark.parametrize("padding", [0, 1, (2, 1), "same", "valid"])
+def test_attributes_read_as_nn_conv2d_s(padding):
+    ours, theirs = DOConv2d(4, 6, 3, padding=padding, dilation=2), nn.Conv2d(4, 6, 3, padding=padding, dilation=2)
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    rebuilt = nn.Conv2d(ours.in_channels, ours.out_channels, ours.kernel_size, ours.stride, ours.padding,
+                        ours.dilation, ours.groups)  # code that copies a conv's geometry
+    x = torch.randn(1, 4, 9, 9)
+    assert rebuilt(x).shape == ours(x).shape
+
+
+def test_assigning_weight_is_a_clear_error():
+    layer = DOConv2d(4, 6, 3, padding=1)
+    with pytest.raises(AttributeError, match=r"DOConv2d.weight is the composed kernel.*fold first"):
+        layer.weight = nn.Parameter(torch.zeros(6, 4, 3, 3))
+    with pytest.raises(AttributeError, match=r"fold first"):
+        torch.nn.utils.fusion.fuse_conv_bn_eval(layer.eval(), nn.BatchNorm2d(6).eval())
+    layer.switch_to_deploy()  # a deployed layer holds a real weight, replaceable as nn.Conv2d's
+    layer.weight = nn.Parameter(torch.zeros(6, 4, 3, 3))
+    assert layer(torch.randn(1, 4, 5, 5)).abs().max() == layer.bias.abs().max()
     assert "composition='kernel'" in repr(DOConv2d(2, 2, 3, composition="kernel"))
     assert "composition" not in repr(DOConv2d(2, 2, 3))  # 'auto' is the default
 
