@@ -226,8 +226,10 @@ class DOConv2D(gluon.HybridBlock):
             raise ValueError(f"in_channels must be a positive int, or 0 to infer it from the first input, "
                              f"but got in_channels={in_channels!r}")
         pad = gluon_padding(padding)
-        # Validate everything now (the core names argument and value); groups stands in for unknown C_in.
-        cfg = DOConvConfig(int(in_channels) or groups, channels, kernel_size, stride=strides, padding=pad,
+        # Validate everything now (the core names argument and value); groups stands in for unknown C_in
+        # (1 when groups itself is bad, so that the core's error names groups, not in_channels).
+        stand_in = groups if isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups > 0 else 1
+        cfg = DOConvConfig(int(in_channels) or stand_in, channels, kernel_size, stride=strides, padding=pad,
                            dilation=dilation, groups=groups, bias=use_bias, D_mul=D_mul,
                            depthwise_separable=depthwise_separable)
         self._args = dict(out_channels=cfg.out_channels, kernel_size=cfg.kernel_size, stride=cfg.stride,
@@ -348,6 +350,8 @@ class DOConv2D(gluon.HybridBlock):
             if self._composition == "auto" and self._auto is None:
                 channels = int(x.shape[self._layout.find("C")])
                 cfg = DOConvConfig(channels, **self._args)
+                if not self.in_channels:  # a graph built next may need C_in (feature composition)
+                    self.infer_shape(x)
                 shape = x.shape if self._layout == "NCHW" else (x.shape[0], x.shape[3], *x.shape[1:3])
                 self._auto = choose_composition(cfg, shape)
                 self._clear_cached_op()

@@ -79,6 +79,8 @@ def test_set_params_names_layer_array_and_shapes():
     (dict(groups=4, in_channels=6), "in_channels must be divisible by groups"),
     (dict(groups=5), "out_channels must be divisible by groups"),
     (dict(in_channels=-1), "in_channels must be a positive int"),
+    (dict(groups=0), "groups must be a positive int, but got groups=0"),  # not in_channels (unknown here)
+    (dict(groups=-2, in_channels=4), "groups must be a positive int, but got groups=-2"),
     (dict(layout="NCW"), "layout must be one of"),
     (dict(composition="fast"), "composition must be one of"),
     (dict(d_init="ones"), "d_init must be one of"),
@@ -161,13 +163,19 @@ def test_deferred_in_channels_inferred_from_first_input(hybridize, recorded, dty
     doconv.assert_close(net(h.nd(x, dtype)).asnumpy(), out, dtype, "rebuilt graph")
 
 
-def test_auto_composition_follows_the_cost_model():
-    wide = DOConv2D(64, 3, padding=1, in_channels=4, composition="auto")    # 4 positions < 64 outputs
-    narrow = DOConv2D(4, 3, padding=1, in_channels=64, composition="auto")
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("deferred", [False, True], ids=["in_channels", "deferred"])
+def test_auto_composition_follows_the_cost_model(deferred, hybridize):
+    wide = DOConv2D(64, 3, padding=1, in_channels=0 if deferred else 4, composition="auto")  # 4 positions < 64
+    narrow = DOConv2D(4, 3, padding=1, in_channels=0 if deferred else 64, composition="auto")
     for layer, shape, want in ((wide, (1, 4, 2, 2), "feature"), (narrow, (8, 64, 16, 16), "kernel")):
         layer.initialize()
-        layer(mx.nd.ones(shape))
+        if hybridize:
+            layer.hybridize()
+        x = np.random.default_rng(0).normal(size=shape).astype("float32")
+        out = layer(mx.nd.array(x)).asnumpy()
         assert layer._auto == want == doconv.choose_composition(layer.config, shape)
+        doconv.assert_close(out, doconv.forward(x, get_params(layer), layer.config), "float32", want)
 
 
 def test_save_and_load_parameters_with_stable_names(tmp_path, h):
