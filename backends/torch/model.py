@@ -18,7 +18,7 @@ from torch import nn
 
 from doconv import DOConvConfig
 
-from .layer import DOConv2d
+from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _check_choice
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -31,6 +31,7 @@ class ReportRow:
     params_before: int
     params_after: int
     reason: str = ""
+    shared_with: str = ""  # the first path of a module used at several paths (its parameters count once)
 
 
 class Report(list):
@@ -40,24 +41,64 @@ class Report(list):
         head = "| module | action | layer | params before | params after | note |\n|---|---|---|---:|---:|---|"
         rows = [f"| {r.name} | {r.action} | {r.layer} | {r.params_before} | {r.params_after} | {r.reason} |"
                 for r in self]
-        changed = [r for r in self if r.action != "skipped"]
-        total = (f"\n\n{len(changed)} layer(s) {self.verb}, {len(self) - len(changed)} skipped; parameters "
+        changed = [r for r in self if r.action != "skipped" and not r.shared_with]
+        skipped = [r for r in self if r.action == "skipped" and not r.shared_with]
+        shared = [r for r in self if r.shared_with]
+        total = (f"\n\n{len(changed)} layer(s) {self.verb}, {len(skipped)} skipped; parameters "
                  f"{sum(r.params_before for r in changed)} -> {sum(r.params_after for r in changed)}")
+        if shared:
+            total += f"; {len(shared)} more path(s) use a module listed above (shared, counted once)"
         return "\n".join([head, *rows]) + total
 
     verb = "changed"
 
 
-def _matches(selector: Selector, name: str, module: nn.Module, argument: str) -> bool:
+def _selector(selector: Selector, argument: str):
+    """``selector`` checked once, up front: None, a callable, or its glob patterns as a list."""
+    if selector is None or callable(selector):
+        return selector
+    if isinstance(selector, str):
+        return [selector]
+    try:
+        patterns = list(selector)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{argument} must be None, a glob pattern, a list of patterns or a callable(name, module), "
+                        f"but got {argument}={selector!r}")
+    return patterns
+
+
+def _matches(selector, name: str, module: nn.Module) -> bool:
     if selector is None:
         return False
     if callable(selector):
         return bool(selector(name, module))
-    patterns = [selector] if isinstance(selector, str) else list(selector)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{argument} must be None, a glob pattern, a list of patterns or a callable(name, module), "
-                        f"but got {argument}={selector!r}")
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(fnmatch.fnmatchcase(name, p) for p in selector)
+
+
+def _check_patterns(selectors: dict, names) -> None:
+    """A pattern matching no module path is a typo: refuse it rather than convert what it meant to leave."""
+    unmatched = {argument: [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+                 for argument, patterns in selectors.items() if isinstance(patterns, list)}
+    unmatched = {argument: patterns for argument, patterns in unmatched.items() if patterns}
+    if unmatched:
+        examples = ", ".join(repr(n) for n in [n for n in names if n][:6])
+        raise ValueError("; ".join(f"{argument} pattern(s) {patterns} match no module path of the model"
+                                   for argument, patterns in unmatched.items())
+                         + f" (paths look like {examples or 'none: the model has no submodules'})")
+
+
+def _check_options(D_mul, d_init: str, composition: str, W_storage: str) -> None:
+    """The options every converted layer gets, checked once by the layer's and the core's checks."""
+    _check_choice(d_init, "d_init", D_INITS)
+    _check_choice(composition, "composition", COMPOSITIONS)
+    _check_choice(W_storage, "W_storage", W_STORAGES)
+    try:  # the core's D_mul check apart from the kernel size (which convert checks per layer)
+        DOConvConfig(1, 1, (1, 2), D_mul=D_mul, depthwise_separable=True)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"D_mul must be a positive int or None (meaning M*N of each layer), "
+                          f"but got D_mul={D_mul!r}") from error
 
 
 def _count(module: nn.Module) -> int:
@@ -107,35 +148,82 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
     return layer
 
 
+def _skip_reason(name: str, module: nn.Conv2d, include, exclude):
+    """``(layer, reason)`` for a conv that ``convert`` leaves alone, None for one it converts."""
+    if include is not None and not _matches(include, name, module):
+        return type(module).__name__, "not included"
+    if _matches(exclude, name, module):
+        return type(module).__name__, "excluded"
+    if type(module) is not nn.Conv2d:
+        return type(module).__name__, "nn.Conv2d subclass: its forward may differ"
+    if module.kernel_size == (1, 1):
+        return "Conv2d 1x1", "pointwise: DO-Conv has no D"
+    return None
+
+
+def _paths(model: nn.Module, kind) -> list:
+    """``(path, module, first path of that module)`` for every path to a ``kind`` module, shared ones included."""
+    first = {}
+    return [(name, module, first.setdefault(id(module), name))
+            for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, kind)]
+
+
+def _shared_note(name: str, first: str, reason: str = "") -> str:
+    note = "" if name == first else f"same module as {first!r} (shared)"
+    return "; ".join(text for text in (reason, note) if text)
+
+
 def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity", include: Selector = None,
             exclude: Selector = None, inplace: bool = False, composition: str = "auto", W_storage: str = "c-major"):
     """Replace every non-pointwise ``nn.Conv2d`` of ``model`` by a ``DOConv2d`` keeping its weights.
 
     ``include``/``exclude``: glob patterns over module paths (``'layer1.*'``), lists of them, or a callable
-    ``(name, module) -> bool``; ``include=None`` means every candidate. 1x1 convolutions (no D, paper
-    Section 4) and ``nn.Conv2d`` subclasses (their ``forward`` may differ) are left alone and reported.
-    Returns ``(model, report)``; the model is a deep copy unless ``inplace=True``. ``D_mul``, ``d_init``,
-    ``composition`` and ``W_storage`` are passed to every :class:`DOConv2d`.
+    ``(name, module) -> bool``; ``include=None`` means every candidate. A pattern that matches no module
+    path is refused (ValueError), as a typo. 1x1 convolutions (no D, paper Section 4) and ``nn.Conv2d``
+    subclasses (their ``forward`` may differ) are left alone and reported. A conv used at several paths
+    (weight sharing) becomes one ``DOConv2d`` held at all of them, with a report row per path; include /
+    exclude must then select all of its paths or none. Returns ``(model, report)``; the model is a deep
+    copy unless ``inplace=True``. ``D_mul``, ``d_init``, ``composition`` and ``W_storage`` are passed to
+    every :class:`DOConv2d`; they and every layer's configuration are checked before the model changes
+    (an error names the layer's path).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+    _check_options(D_mul, d_init, composition, W_storage)
+    include, exclude = _selector(include, "include"), _selector(exclude, "exclude")
+    _check_patterns({"include": include, "exclude": exclude},
+                    [name for name, _ in model.named_modules(remove_duplicate=False)])
     model, report = _start(model, inplace, "converted")
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Conv2d):
-            continue
+    plan, decided = [], {}
+    for name, module, first in _paths(model, nn.Conv2d):
+        skip = _skip_reason(name, module, include, exclude)
+        if first != name and (skip is None) != (decided[first] is None):
+            converted, kept = (first, name) if skip is not None else (name, first)
+            raise ValueError(f"the nn.Conv2d at {first!r} is also used at {name!r} (one shared module), but include/"
+                             f"exclude select {converted!r} and not {kept!r}: select all of its paths or none "
+                             f"(converting one path only would untie the weights)")
+        if first == name:
+            decided[name] = skip
+            if skip is None:
+                try:
+                    _config_of(module, D_mul)
+                except (TypeError, ValueError) as error:
+                    raise type(error)(f"layer {name!r}: {error}") from error
+        plan.append((name, module, first, skip))
+    layers = {}
+    for name, module, first, skip in plan:
         size = _count(module)
-        if include is not None and not _matches(include, name, module, "include"):
-            report.append(ReportRow(name, "skipped", type(module).__name__, size, size, "not included"))
-        elif _matches(exclude, name, module, "exclude"):
-            report.append(ReportRow(name, "skipped", type(module).__name__, size, size, "excluded"))
-        elif type(module) is not nn.Conv2d:
-            report.append(ReportRow(name, "skipped", type(module).__name__, size, size,
-                                    "nn.Conv2d subclass: its forward may differ"))
-        elif module.kernel_size == (1, 1):
-            report.append(ReportRow(name, "skipped", "Conv2d 1x1", size, size, "pointwise: DO-Conv has no D"))
-        else:
-            layer = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition, W_storage=W_storage)
-            model = _set_submodule(model, name, layer)
-            report.append(ReportRow(name, "converted", repr(layer.config).replace("DOConvConfig", layer.config.kind),
-                                    size, _count(layer)))
+        shared = "" if name == first else first
+        if skip is not None:
+            report.append(ReportRow(name, "skipped", skip[0], size, size, _shared_note(name, first, skip[1]), shared))
+            continue
+        if first not in layers:
+            layers[first] = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition,
+                                      W_storage=W_storage)
+        layer = layers[first]
+        model = _set_submodule(model, name, layer)
+        report.append(ReportRow(name, "converted", repr(layer.config).replace("DOConvConfig", layer.config.kind),
+                                size, _count(layer), _shared_note(name, first), shared))
     return model, report
 
 
@@ -149,11 +237,16 @@ def fold(model: nn.Module, *, inplace: bool = False):
 
 
 def fold_report(model: nn.Module, *, inplace: bool = False):
+    """``fold`` and its report: ``(model, rows)``; a ``DOConv2d`` used at several paths becomes one
+    plain convolution held at all of them (a row per path)."""
     model, report = _start(model, inplace, "folded")
-    for name, module in list(model.named_modules()):
-        if isinstance(module, DOConv2d):
-            conv = module.fuse()
-            conv.train(module.training)
-            report.append(ReportRow(name, "folded", repr(module.config), _count(module), _count(conv)))
-            model = _set_submodule(model, name, conv)
+    convs = {}
+    for name, module, first in _paths(model, DOConv2d):
+        if first not in convs:
+            convs[first] = module.fuse()
+            convs[first].train(module.training)
+        conv = convs[first]
+        report.append(ReportRow(name, "folded", repr(module.config), _count(module), _count(conv),
+                                _shared_note(name, first), "" if name == first else first))
+        model = _set_submodule(model, name, conv)
     return model, report

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from doconv.torch import DOConv2d, convert, fold, fold_report
+import doconv
+from doconv.torch import DOConv2d, convert, fold, fold_report, get_params
 
 
 def _perturb(model, seed=1):
@@ -105,6 +106,112 @@ def test_fold_report_and_per_side_padding():
     x = torch.randn(1, 3, 9, 8)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _shared_twice(conv):
+    return nn.Sequential(conv, nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(conv.out_channels, 2, 1))
+
+
+def _core_shared_twice(model, x):
+    """The core's float64 forward of ``_shared_twice``: the same DO-Conv parameters at both uses."""
+    p, cfg = get_params(model[0]), model[0].config
+    h = np.maximum(doconv.forward(x.numpy(), p, cfg), 0)
+    h = np.maximum(doconv.forward(h, p, cfg), 0)
+    head = model[4]
+    return np.einsum("nchw,oc->nohw", h, head.weight.detach().numpy()[:, :, 0, 0]) + \
+        head.bias.detach().numpy()[None, :, None, None]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_convert_and_fold_keep_a_shared_conv_shared(inplace):
+    """A conv used at two paths (weight tying) becomes one DOConv2d at both, then one folded conv."""
+    torch.manual_seed(0)
+    model = _shared_twice(nn.Conv2d(3, 3, 3, padding=1, dtype=torch.float64)).double()
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    converted, report = convert(model, inplace=inplace)
+    assert (converted is model) == inplace
+    assert isinstance(converted[0], DOConv2d) and converted[2] is converted[0]
+    if not inplace:
+        assert type(model[0]) is nn.Conv2d and model[2] is model[0]
+    assert [(r.name, r.action, r.shared_with) for r in report] == \
+        [("0", "converted", ""), ("2", "converted", "0"), ("4", "skipped", "")]
+    assert "same module as '0'" in report[1].reason
+    layer_size = sum(p.numel() for p in converted[0].parameters())
+    assert f"1 layer(s) converted, 1 skipped; parameters 84 -> {layer_size}; 1 more path(s)" in str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), before, rtol=0, atol=1e-12)
+    _perturb(converted, seed=5)  # D randomised, once: the two paths hold one layer
+    expected = _core_shared_twice(converted, x)
+    with torch.no_grad():
+        np.testing.assert_allclose(converted(x).numpy(), expected, rtol=1e-10, atol=1e-10)
+    folded, rows = fold_report(converted, inplace=inplace)
+    assert type(folded[0]) is nn.Conv2d and folded[2] is folded[0]
+    assert [(r.name, r.action, r.shared_with) for r in rows] == [("0", "folded", ""), ("2", "folded", "0")]
+    assert "1 layer(s) folded, 0 skipped; parameters" in str(rows) and "1 more path(s)" in str(rows)
+    with torch.no_grad():
+        np.testing.assert_allclose(folded(x).numpy(), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fold_keeps_a_shared_DOConv2d_shared():
+    model = nn.Sequential(DOConv2d(3, 3, 3, padding=1), nn.ReLU())
+    model.append(model[0])
+    _perturb(model, seed=6)
+    x = torch.randn(1, 3, 6, 6)
+    folded = fold(model)
+    assert type(folded[0]) is nn.Conv2d and folded[2] is folded[0]
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_conv_selected_at_one_path_only_is_refused():
+    model = _shared_twice(nn.Conv2d(3, 3, 3, padding=1))
+    for kwargs in ({"exclude": "2"}, {"include": ["0", "4"]}, {"include": lambda name, m: name == "2"}):
+        with pytest.raises(ValueError, match=r"nn.Conv2d at '0' is also used at '2' \(one shared module\)"):
+            convert(model, inplace=True, **kwargs)
+    assert type(model[0]) is nn.Conv2d and model[2] is model[0]
+    _, report = convert(model, exclude=["0", "2"])
+    assert [(r.name, r.reason) for r in report] == [("0", "excluded"), ("2", "excluded; same module as '0' (shared)"),
+                                                   ("4", "pointwise: DO-Conv has no D")]
+
+
+def test_layer_errors_name_the_path_and_leave_the_model_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Sequential(nn.Conv2d(8, 8, 5)))
+    with pytest.raises(ValueError, match=r"^layer '1\.0': D_mul must be >= M\*N = 25 for kernel_size=\(5, 5\), "
+                                         r"but got D_mul=9"):
+        convert(model, D_mul=9, inplace=True)
+    assert all(type(m) is nn.Conv2d for m in (model[0], model[1][0]))  # nothing converted before the error
+
+
+def test_include_exclude_are_checked_up_front():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 5)))
+    for argument, value in (("include", 3), ("exclude", 2.5), ("include", [b"0"]), ("exclude", [None])):
+        with pytest.raises(TypeError, match=rf"{argument} must be None, a glob pattern.*but got {argument}="
+                                            rf"{value!r}".replace("[", r"\[").replace("]", r"\]")):
+            convert(model, **{argument: value})
+    # an iterator is read once, not used up by the first module
+    _, report = convert(model, include=iter(["0", "1.1"]))
+    assert [r.name for r in report if r.action == "converted"] == ["0", "1.1"]
+    # a pattern that matches no module path is a typo: refused, the model left alone
+    with pytest.raises(ValueError, match=r"^exclude pattern\(s\) \['1\.l'\] match no module path.*'1\.0'"):
+        convert(model, exclude=["1.1", "1.l"], inplace=True)
+    with pytest.raises(ValueError, match=r"include pattern\(s\) \['layr1\.\*'\] match no.*"
+                                         r"exclude pattern\(s\) \['x'\] match no"):
+        convert(model, include="layr1.*", exclude="x", inplace=True)
+    assert all(type(m) is nn.Conv2d for m in (model[0], model[1][0], model[1][1]))
+    _, report = convert(model, include="1", exclude="*")  # '1' is the nn.Sequential: matches a path
+    assert [r.action for r in report] == ["skipped"] * 3
+
+
+@pytest.mark.parametrize("model", [nn.Linear(2, 2), nn.Sequential(nn.Conv2d(2, 2, 1))], ids=["no-conv", "1x1"])
+@pytest.mark.parametrize("option, value, error", [
+    ("composition", "bogus", ValueError), ("d_init", "x", ValueError), ("W_storage", "y", ValueError),
+    ("D_mul", "z", TypeError), ("D_mul", True, TypeError), ("D_mul", 2.0, TypeError), ("D_mul", 0, ValueError)])
+def test_options_are_checked_even_without_a_conv_to_convert(model, option, value, error):
+    with pytest.raises(error, match=rf"^{option} must be .*but got {option}={value!r}$"):
+        convert(model, **{option: value})
+    assert convert(model, D_mul=12, d_init="random", composition="feature", W_storage="contiguous")[1] is not None
 
 
 def _folded_example():
