@@ -1,7 +1,8 @@
 """The canonical interchange file: a whole model's DO-Conv layers, readable without any framework.
 
 A ``safetensors`` file (no pickle anywhere). For a layer named ``name`` (a PyTorch module path, a
-Keras layer name, a Gluon block name) the tensors are ``name.W``, ``name.D`` (the *full* D, in the
+Keras layer name, a Gluon block path; a bare layer, the model itself, is :data:`ROOT_NAME` in every
+framework) the tensors are ``name.W``, ``name.D`` (the *full* D, in the
 canonical layout and the paper's pairing) and ``name.bias``; absent ones are simply not stored.
 The header's metadata holds one JSON document under the key ``"doconv"``::
 
@@ -29,6 +30,9 @@ FORMAT = "doconv-interchange"
 VERSION = 1
 HEADER_KEYS = {"format", "version", "pairing", "layers"}
 TENSORS = ("W", "D", "bias")
+#: The name of a bare layer (a model that is one DO-Conv layer): the same in every framework, so files
+#: move between them (framework-made names such as Gluon's ``doconv2d3`` or Keras's counters are not).
+ROOT_NAME = "self"
 
 Layers = Mapping[str, Tuple[DOConvConfig, DOConvParams]]
 

@@ -12,13 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from doconv import DOConvConfig, DOConvParams, load_matching, save
+from doconv import ROOT_NAME, DOConvConfig, DOConvParams, load_matching, save
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from .layer import DOConv2d
 
-#: The name a bare layer (the model itself) gets in the canonical file: the core refuses "".
-ROOT_NAME = "self"
 
 
 def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "auto", **kwargs) -> DOConv2d:

@@ -153,16 +153,29 @@ def test_import_canonical_accepts_string_padding_resolved_to_gluon_pads(tmp_path
     params = doconv.init_params(written, rng=np.random.default_rng(3))
     params.D = params.D + np.random.default_rng(4).normal(0, 0.2, size=params.D.shape)
     path = tmp_path / "keras.safetensors"
-    doconv.save(path, {"conv": (written, params)})
-    layer = DOConv2D(4, 3, padding=(0, 0) if padding == "valid" else dilation, dilation=dilation, in_channels=6,
-                     prefix="conv_")
+    doconv.save(path, {doconv.ROOT_NAME: (written, params)})  # a bare layer, as torch and keras write it
+    layer = DOConv2D(4, 3, padding=(0, 0) if padding == "valid" else dilation, dilation=dilation, in_channels=6)
     layer.initialize()
-    import_canonical(layer, path)  # a bare layer is named by its block name, "conv"
+    import_canonical(layer, path)
     x = np.random.default_rng(5).normal(size=(2, 6, 9, 8)).astype("float32")
     got = layer(mx.nd.array(x)).asnumpy()
     doconv.assert_close(got, doconv.forward(x, params, written), "float32")
 
-    shifted = DOConv2D(4, 3, padding=(1, 0), dilation=dilation, in_channels=6, prefix="conv_")
+    shifted = DOConv2D(4, 3, padding=(1, 0), dilation=dilation, in_channels=6)
     shifted.initialize()
     with pytest.raises(ValueError, match="the model's layer is"):
         import_canonical(shifted, path)
+
+
+def test_a_bare_layer_is_named_root_in_canonical_files(tmp_path):
+    """A bare layer's Gluon name comes from a global counter; files name it doconv.ROOT_NAME, as PyTorch does."""
+    a = DOConv2D(4, 3, in_channels=3)
+    a.initialize()
+    a.D.set_data(mx.nd.array(np.random.default_rng(0).normal(0, 0.3, size=a.D.shape)))
+    export_canonical(a, tmp_path / "bare.safetensors")
+    assert list(doconv.load(tmp_path / "bare.safetensors")) == [doconv.ROOT_NAME]
+    b = DOConv2D(4, 3, in_channels=3)  # another name (doconv2dN+1) in the same process
+    b.initialize()
+    import_canonical(b, tmp_path / "bare.safetensors")
+    x = mx.nd.array(np.random.default_rng(1).normal(size=(1, 3, 6, 6)))
+    np.testing.assert_array_equal(b(x).asnumpy(), a(x).asnumpy())
