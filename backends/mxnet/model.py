@@ -87,10 +87,14 @@ def named_blocks(block: gluon.Block, prefix: str = "") -> Iterator[Tuple[str, gl
 
 
 def _replace(parent: gluon.Block, key: str, new: gluon.Block) -> None:
-    if getattr(parent, key, None) is parent._children[key]:
+    old = parent._children[key]
+    if getattr(parent, key, None) is old:
         # Block.__setattr__ refuses to change an attribute's type (Conv2D -> DOConv2D): bypass it, then
         # re-register the child under the same key so collect_params and the block paths see the new one.
         object.__setattr__(parent, key, new)
+    for value in vars(parent).values():  # Gluon 1.x's list of children: a list attribute + register_child
+        if isinstance(value, list) and any(item is old for item in value):
+            value[:] = [new if item is old else item for item in value]
     parent._children[key] = new
 
 
@@ -183,7 +187,9 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
             set_params(new, params, name=path)
         _replace(parent, key, new)
         cfg_d = new._args
-        report.append(ConversionRow(path, doconv.DOConvConfig(cin or args["groups"], **cfg_d).kind, cin,
+        kind = doconv.DOConvConfig(cin, **cfg_d).kind if cin else (
+            "DO-Conv" if cfg_d["groups"] == 1 else "DO-GConv or DO-DConv (C_in deferred)")
+        report.append(ConversionRow(path, kind, cin,
                                     cfg_d["out_channels"], cfg_d["kernel_size"], cfg_d["groups"], cfg_d["D_mul"],
                                     "kept" if with_data else "deferred"))
     _clear_cached_graphs(model)

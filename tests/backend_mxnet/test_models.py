@@ -126,6 +126,7 @@ def test_convert_an_uninitialised_net_gives_deferred_layers():
     net.add(gluon.nn.Conv2D(8, 3, padding=1), gluon.nn.Conv2D(4, 1), gluon.nn.Conv2D(6, 3, groups=2))
     net, report = convert(net, D_mul=12)
     assert [r.weights for r in report] == ["deferred", "deferred"] and [r.name for r in report] == ["0", "2"]
+    assert [r.kind for r in report] == ["DO-Conv", "DO-GConv or DO-DConv (C_in deferred)"]  # C_in unknown
     net.initialize()
     net.hybridize()
     out = net(mx.nd.ones((1, 3, 6, 6)))
@@ -179,3 +180,40 @@ def test_a_bare_layer_is_named_root_in_canonical_files(tmp_path):
     import_canonical(b, tmp_path / "bare.safetensors")
     x = mx.nd.array(np.random.default_rng(1).normal(size=(1, 3, 6, 6)))
     np.testing.assert_array_equal(b(x).asnumpy(), a(x).asnumpy())
+
+
+class _ListOfChildren(gluon.HybridBlock):
+    """Gluon 1.x's idiom for a list of children: a list attribute plus register_child."""
+
+    def __init__(self):
+        super().__init__()
+        with self.name_scope():
+            self.convs = [gluon.nn.Conv2D(4, 3, padding=1, in_channels=4) for _ in range(2)]
+            for conv in self.convs:
+                self.register_child(conv)
+
+    def hybrid_forward(self, F, x):
+        for conv in self.convs:
+            x = conv(x)
+        return x
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_convert_and_fold_reach_children_kept_in_a_list(hybridize):
+    net = _ListOfChildren()
+    net.initialize(mx.init.Xavier())
+    if hybridize:
+        net.hybridize()
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 4, 6, 6)))
+    before = net(x).asnumpy()
+    net, report = convert(net)
+    assert len(report) == 2 and all(type(c) is DOConv2D for c in net.convs)  # what forward runs
+    _randomise_D(net, 2)
+    want = x.asnumpy()
+    for conv in net.convs:
+        want = doconv.forward(want, get_params(conv), conv.config)
+    doconv.assert_close(net(x).asnumpy(), want, "float32", "converted, D randomised")
+    assert doconv.max_error(want, before) > 1e-3
+    net = fold(net)
+    assert all(type(c) is gluon.nn.Conv2D for c in net.convs)
+    doconv.assert_close(net(x).asnumpy(), want, "float32", "folded")
