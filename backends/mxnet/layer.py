@@ -347,8 +347,13 @@ class DOConv2D(gluon.HybridBlock):
             if self._layout == "NHWC" and x.context.device_type == "cpu":
                 raise ValueError(f"{self.name}: layout='NHWC' is not supported on {x.context}: MXNet's own "
                                  f"Convolution runs NHWC only on GPU; use layout='NCHW' on CPU")
+            if x.ndim != 4:
+                raise ValueError(f"{self.name}: input must be 4-D ({self._layout}), but got input shape {x.shape}")
+            channels = int(x.shape[self._layout.find("C")])
+            if self.in_channels and channels != self.in_channels:
+                raise ValueError(f"{self.name}: input has {channels} channels but in_channels={self.in_channels} "
+                                 f"(input shape {x.shape}, layout {self._layout!r})")
             if self._composition == "auto" and self._auto is None:
-                channels = int(x.shape[self._layout.find("C")])
                 cfg = DOConvConfig(channels, **self._args)
                 if not self.in_channels:  # a graph built next may need C_in (feature composition)
                     self.infer_shape(x)

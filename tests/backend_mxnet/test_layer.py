@@ -290,3 +290,16 @@ def test_params_sharing_as_gluon_does(hybridize, h):
                         "float32", "after a step")
     with pytest.raises(ValueError, match=r"params: the shared parameter '.*_W'"):
         DOConv2D(4, 5, padding=1, in_channels=4, params=a.params)
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_bad_inputs_name_the_channels(hybridize):
+    layer = DOConv2D(4, 3, in_channels=3)
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    with pytest.raises(ValueError, match=r"input has 5 channels but in_channels=3 \(input shape \(1, 5, 6, 6\)"):
+        layer(mx.nd.ones((1, 5, 6, 6)))
+    with pytest.raises(ValueError, match=r"input must be 4-D \(NCHW\), but got input shape \(3, 6, 6\)"):
+        layer(mx.nd.ones((3, 6, 6)))
+    assert layer(mx.nd.ones((1, 3, 6, 6))).shape == (1, 4, 4, 4)
