@@ -106,26 +106,59 @@ class _DeltaInit(initializers.Initializer):
 
 
 class _ChannelMajorInit(initializers.Initializer):
-    """``initializer`` called with W's Conv2D-like shape (S, C_in/g, filters), stored as (C_in/g, S, filters)."""
+    """``initializer`` called with W's Conv2D-like shape (S, C_in/g, filters), stored as (C_in/g, S, filters).
 
-    def __init__(self, initializer):
-        self.initializer = initializer
+    Its result is cast to the variable's dtype (a plain callable may return float64 NumPy, as
+    ``Conv2D`` accepts). A Conv2D-shaped kernel (M, N, C_in/g, filters), e.g. from
+    ``keras.initializers.Constant(conv.kernel)``, is accepted when D_mul = M*N: reshaped to
+    (M*N, C_in/g, filters), so that at identity D init W' is that kernel (``W[i*N + j] = kernel[i, j]``).
+    Any other shape is a ValueError naming ``kernel_initializer`` and the shapes it may return.
+    """
+
+    def __init__(self, initializer, kernel_size):
+        self.initializer, self.kernel_size = initializer, tuple(kernel_size)
 
     def __call__(self, shape, dtype=None):
         cin, S, filters = shape
-        return ops.transpose(self.initializer((S, cin, filters), dtype=dtype), (1, 0, 2))
+        want, conv_shape = (S, cin, filters), (*self.kernel_size, cin, filters)
+        conv_maps = S == int(np.prod(self.kernel_size))  # a Conv2D-shaped kernel is W itself (D_mul = M*N)
+        call_shape = want
+        array = isinstance(self.initializer, initializers.Constant) and np.ndim(self.initializer.value) > 0
+        if array:  # Constant broadcasts its value to the shape it is asked for: ask for the value's own shape
+            if np.shape(self.initializer.value) not in ((want, conv_shape) if conv_maps else (want,)):
+                raise self._shape_error(np.shape(self.initializer.value), want, conv_shape, conv_maps)
+            call_shape = np.shape(self.initializer.value)
+        value = self.initializer(call_shape, dtype=dtype)
+        value = ops.convert_to_tensor(value) if dtype is None else ops.cast(value, dtype)
+        got = tuple(value.shape)
+        if conv_maps and got == conv_shape:
+            value = ops.reshape(value, want)
+        elif got != want:
+            raise self._shape_error(got, want, conv_shape, conv_maps)
+        return ops.transpose(value, (1, 0, 2))
+
+    def _shape_error(self, got, want, conv_shape, conv_maps):
+        conv = (f" or Conv2D's kernel shape {conv_shape}" if conv_maps else
+                f" (a Conv2D kernel of shape {conv_shape} maps onto W only when D_mul = M*N)")
+        return ValueError(f"Invalid `kernel_initializer` for DOConv2D: it must produce W of shape "
+                          f"(D_mul, C_in/groups, filters) = {want}{conv}, but it produced shape {tuple(got)}. "
+                          f"Received: kernel_initializer={self.initializer!r}")
 
 
 class _KernelCache:
     """The composed kernel for inference, outside Keras tracking (not a weight: not saved, not counted).
 
     ``kernel`` holds W' (HWIO, compute dtype); ``stale`` (0 or 1) says it must be recomposed before use.
+    ``versions`` (torch backend only): the identity and in-place version counter of W's and D''s
+    ``torch.nn.Parameter`` when ``kernel`` was composed; every in-place write (``load_state_dict``,
+    ``param.copy_()``, an optimizer step) bumps the counter, so a mismatch means stale.
     """
 
     def __init__(self, shape, dtype):
         agg = dict(aggregation="only_first_replica")  # unused under a strategy, but creatable in its scope
         self.kernel = keras.Variable(np.zeros(shape), dtype=dtype, trainable=False, name="kernel_cache", **agg)
         self.stale = keras.Variable(1, dtype="int32", trainable=False, name="kernel_cache_stale", **agg)
+        self.versions = None
 
 
 @keras.saving.register_keras_serializable(package="doconv")
@@ -148,12 +181,16 @@ class DOConv2D(keras.layers.Layer):
         kernel_initializer: initialises W, called with shape (D_mul, C_in/g, filters) (then
             stored input-channel major). Its fans are D_mul * C_in/g and D_mul * filters, Conv2D's
             when D_mul = M*N: at identity init W' = W, distributed exactly as a fresh Conv2D kernel.
+            Its result is cast to the variable's dtype; with D_mul = M*N it may also be a Conv2D kernel
+            (M, N, C_in/g, filters) (e.g. ``keras.initializers.Constant(conv.kernel)``), reshaped to
+            W (so W' is that kernel at identity init); any other shape is a ValueError.
         kernel_regularizer, kernel_constraint: apply to **W only**. The official layer also
             applies them to D; here D has its own ``D_regularizer``/``D_constraint`` (default None)
             because the trained variable is the delta D' = D - I_fill: an L2 penalty (or an
             optimizer's weight decay, which reaches every trainable variable) pulls D towards the
             identity, as the paper intends (Section 4), not towards zero.
-        D_mul: depth multiplier S of D, default M*N; must be >= M*N (1 or None for 1x1 kernels).
+        D_mul: depth multiplier S of D, default M*N; must be >= M*N (1 or None for 1x1 kernels)
+            unless ``depthwise_separable=True`` (a rank-S kernel per input channel, on purpose).
         d_init: ``'identity'`` (D = I_fill, the paper's default) or ``'random'`` (He-normal D).
         lora_rank, lora_alpha: ``keras.layers.Conv2D``'s LoRA arguments; only None is accepted (a
             clear ValueError otherwise): LoRA on the composed kernel would bypass W and D.
@@ -167,10 +204,13 @@ class DOConv2D(keras.layers.Layer):
     recomposing only after a weight change; every other call composes afresh and marks the cache
     stale (training calls precede the optimizer's update). Every ``assign``/``assign_add``/
     ``assign_sub`` of W or D_delta through Keras (so ``set_weights``, ``load_weights``, ``.keras``
-    loading, :func:`set_params`, the importers) marks it stale too. Only a write that bypasses the
-    Keras variable (``layer.W.value.assign(...)`` on the raw ``tf.Variable``, as Keras' own
-    optimizers do) outside a training call goes unseen: call :meth:`invalidate_cache` then. The
-    cache is not a weight: it is neither saved nor counted by ``count_params()``.
+    loading, :func:`set_params`, the importers) marks it stale too, and so does a
+    ``tf.train.Checkpoint`` restore (hooked on the ``tf.Variable``'s restore). On the torch backend
+    any in-place write of the Parameters (``load_state_dict``, ``copy_()``) is seen through their
+    version counters. Only a TensorFlow write that bypasses the Keras variable
+    (``layer.W.value.assign(...)`` on the raw ``tf.Variable``, as Keras' own optimizers do) outside
+    a training call goes unseen: call :meth:`invalidate_cache` then. The cache is not a weight: it
+    is neither saved nor counted by ``count_params()``.
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None,
@@ -178,7 +218,8 @@ class DOConv2D(keras.layers.Layer):
                  kernel_initializer="glorot_uniform", bias_initializer="zeros", kernel_regularizer=None,
                  bias_regularizer=None, activity_regularizer=None, kernel_constraint=None,
                  bias_constraint=None, lora_rank=None, lora_alpha=None, *, D_mul=None, d_init="identity",
-                 composition="kernel", D_regularizer=None, D_constraint=None, **kwargs):
+                 composition="kernel", D_regularizer=None, D_constraint=None, depthwise_separable=False,
+                 **kwargs):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         if lora_rank is not None or lora_alpha is not None:  # Conv2D's LoRA arguments: accepted, not supported
             raise ValueError(f"DOConv2D does not support LoRA: W' is composed from W and D, which a low-rank delta "
@@ -202,7 +243,8 @@ class DOConv2D(keras.layers.Layer):
         self.composition = _one_of(composition, COMPOSITIONS, "composition")
         # D_mul needs only the kernel size: validate it now with the core's message (C_in is a stand-in).
         self.D_mul = doconv.DOConvConfig(self.groups, self.filters, self.kernel_size, groups=self.groups,
-                                         D_mul=D_mul).D_mul
+                                         D_mul=D_mul, depthwise_separable=depthwise_separable).D_mul
+        self.depthwise_separable = depthwise_separable
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -232,11 +274,12 @@ class DOConv2D(keras.layers.Layer):
                              f"(full input shape is {tuple(input_shape)}).")
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis: channels})
         self.doconv_config = doconv.DOConvConfig(channels, self.filters, self.kernel_size, self.strides, self.padding,
-                                          self.dilation_rate, self.groups, self.use_bias, D_mul=self.D_mul)
+                                          self.dilation_rate, self.groups, self.use_bias, D_mul=self.D_mul,
+                                          depthwise_separable=self.depthwise_separable)
         self.compute_output_shape(input_shape)  # raises on inputs smaller than the dilated kernel
         c = self.doconv_config
         self.W = self.add_weight(name="W", shape=(c.in_per_group, c.S, c.out_channels),
-                                 initializer=_ChannelMajorInit(self.kernel_initializer),
+                                 initializer=_ChannelMajorInit(self.kernel_initializer, c.kernel_size),
                                  regularizer=self.kernel_regularizer,
                                  constraint=self.kernel_constraint)
         self.D_delta = None
@@ -254,6 +297,7 @@ class DOConv2D(keras.layers.Layer):
         for variable in (self.W, self.D_delta):
             if variable is not None:
                 self._invalidate_on_assign(variable)
+                self._invalidate_on_restore(variable)
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
@@ -307,11 +351,21 @@ class DOConv2D(keras.layers.Layer):
         if self._cache is not None:
             self._cache.stale.assign(1)
 
+    def _torch_versions(self):
+        """(identity, version counter) of the torch Parameters behind W and D_delta (torch backend)."""
+        return tuple((id(v._value), v._value._version) for v in (self.W, self.D_delta) if v is not None)
+
     def _cached_kernel(self):
+        torch_backend = keras.backend.backend() == "torch"
+        if torch_backend and self._cache.versions != self._torch_versions():
+            self.invalidate_cache()  # written in place behind Keras' back (load_state_dict, copy_())
+
         def refresh():
             kernel = ops.cast(self._compose(), self._cache.kernel.dtype)
             self._cache.kernel.assign(kernel)
             self._cache.stale.assign(0)
+            if torch_backend:
+                self._cache.versions = self._torch_versions()
             return kernel
         return ops.cond(ops.not_equal(self._cache.stale, 0), refresh,
                         lambda: ops.convert_to_tensor(self._cache.kernel))
@@ -373,6 +427,25 @@ class DOConv2D(keras.layers.Layer):
             return out
         variable.assign = assign_and_invalidate
 
+    def _invalidate_on_restore(self, variable):
+        """TensorFlow: make a ``tf.train.Checkpoint`` restore of ``variable`` mark the kernel cache stale.
+
+        The restore writes the backend ``tf.Variable`` itself (its ``_restore_from_tensors``), not through
+        ``variable.assign``; it is hooked on that ``tf.Variable``, so a checkpoint tracking the Keras
+        variable (``tf.train.Checkpoint(model=model)``) or the raw one (``layer.W.value``) is seen,
+        immediate and deferred restores alike. (torch: see :attr:`_KernelCache.versions`.)
+        """
+        raw = getattr(variable, "_value", None)
+        if keras.backend.backend() != "tensorflow" or not hasattr(raw, "_restore_from_tensors"):
+            return
+        restore = raw._restore_from_tensors
+
+        def restore_and_invalidate(restored_tensors):
+            out = restore(restored_tensors)
+            self.invalidate_cache()
+            return out
+        raw._restore_from_tensors = restore_and_invalidate
+
     def fold(self):
         """A plain ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) with the composed kernel, built."""
         from .model import folded_layer
@@ -393,7 +466,7 @@ class DOConv2D(keras.layers.Layer):
             kernel_constraint=constraints.serialize(self.kernel_constraint),
             bias_constraint=constraints.serialize(self.bias_constraint),
             D_mul=self.D_mul, d_init=self.d_init, composition=self.composition,
-            D_regularizer=regularizers.serialize(self.D_regularizer),
+            depthwise_separable=self.depthwise_separable, D_regularizer=regularizers.serialize(self.D_regularizer),
             D_constraint=constraints.serialize(self.D_constraint),
         )
         return config
@@ -451,7 +524,8 @@ def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", compositi
         raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
     layer = DOConv2D(config.out_channels, config.kernel_size, config.stride, keras_padding(config),
                      data_format, config.dilation, config.groups, use_bias=config.bias, D_mul=config.D_mul,
-                     composition=composition, dtype=dtype, **kwargs)
+                     depthwise_separable=config.depthwise_separable, composition=composition, dtype=dtype,
+                     **kwargs)
     shape = (None, None, None, config.in_channels) if layer.data_format == "channels_last" else \
         (None, config.in_channels, None, None)
     layer.build(shape)

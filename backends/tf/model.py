@@ -15,6 +15,7 @@ Both return a *new* model (Sequential or functional, nested ones included, via
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from typing import Callable, List, Optional
 
 import keras
@@ -92,19 +93,32 @@ def _check_model(model):
         raise ValueError(f"model {model.name!r} is not built: build it (or call it once) before converting")
 
 
-def _selector(value, name) -> Callable:
+def _selector(value, name, model) -> Callable:
+    """``layer -> bool`` for ``include``/``exclude``: a callable as given, else glob patterns over layer
+    names (``fnmatch.fnmatchcase``, as ``doconv.torch.convert``), each of which must match the name of
+    at least one layer of ``model`` (nested models included), else ValueError: a typo is refused rather
+    than silently converting what it meant to leave (``doconv.torch.convert`` refuses them too)."""
     if value is None:
         return lambda layer: None
     if callable(value):
         return value
-    if isinstance(value, str):
-        value = [value]
+    patterns = [value] if isinstance(value, str) else value
     try:
-        names = set(value)
+        patterns = list(patterns)
     except TypeError:
-        raise TypeError(f"{name} must be None, a layer name, a collection of names or a callable, "
-                        f"but got {name}={value!r}") from None
-    return lambda layer: layer.name in names
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be None, a layer name or glob pattern, a collection of them or a callable "
+                        f"layer -> bool, but got {name}={value!r}")
+    names = [layer.name for layer in _walk(model)]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        convs = [layer.name for layer in _walk(model)
+                 if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, DOConv2D))]
+        raise ValueError(f"{name} pattern(s) {unmatched} match no layer name of model {model.name!r} (a typo?); "
+                         f"its convolutions are named {convs[:8]}{' ...' if len(convs) > 8 else ''}. "
+                         f"Received: {name}={value!r}")
+    return lambda layer: any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)
 
 
 def _in_channels(layer) -> int:
@@ -121,10 +135,18 @@ def _build_shape(layer, channels):
 def _transform(model, make):
     """Clone ``model``; ``make(layer)`` returns a built replacement carrying its weights, or None."""
     _check_model(model)
-    replaced = set()
+    replaced, from_make = set(), []
 
     def clone(layer):
-        new = make(layer)
+        try:
+            new = make(layer)
+        except (ValueError, TypeError) as err:  # e.g. a DOConv2D argument: the user's error, not the model's
+            if type(err) not in (ValueError, TypeError):  # a subclass: passed on as it is
+                from_make.append(err)
+                raise
+            error = type(err)(f"layer {layer.name!r} ({type(layer).__name__}): {err}")
+            from_make.append(error)
+            raise error from err
         if new is None:
             return layer.__class__.from_config(layer.get_config())
         replaced.update(id(sub) for sub in [new, *(_walk(new) if isinstance(new, keras.Model) else ())])
@@ -133,6 +155,8 @@ def _transform(model, make):
     try:
         new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
     except ValueError as err:
+        if any(err is e for e in from_make):
+            raise
         raise ValueError(f"cannot rebuild model {model.name!r} ({type(model).__name__}): only Sequential and "
                          f"functional models can be converted or folded ({err})") from err
     old_layers, new_layers = _by_name(model), _by_name(new_model)
@@ -168,7 +192,10 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
         d_init: ``'identity'`` carries the original kernel exactly (W = kernel, D = I_fill);
             ``'random'`` keeps the kernel in W and the bias but draws D He-normal (Table 7's
             random init, as ``doconv.torch.convert``): outputs then change.
-        include, exclude: layer names (or a callable ``layer -> bool``) to convert / to keep.
+        include, exclude: layer names or glob patterns (``'conv*'``, ``fnmatch`` rules, as
+            ``doconv.torch.convert``), a collection of them, or a callable ``layer -> bool``: the
+            convolutions to convert / to keep. A pattern that matches no layer name of the model
+            is a ValueError (a typo would otherwise be silently ignored).
         composition: passed to every :class:`DOConv2D`.
 
     Returns:
@@ -176,7 +203,8 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
     """
     if d_init not in ("identity", "random"):
         raise ValueError(f"d_init must be one of ('identity', 'random'), but got d_init={d_init!r}")
-    included, excluded = _selector(include, "include"), _selector(exclude, "exclude")
+    _check_model(model)
+    included, excluded = _selector(include, "include", model), _selector(exclude, "exclude", model)
     report = ConversionReport()
 
     def make(layer):

@@ -45,6 +45,36 @@ def test_layer_on_the_torch_backend():
     assert "torch backend ok" in run_python(TORCH_CHECK, env={"KERAS_BACKEND": "torch"})
 
 
+TORCH_STATE_DICT_CHECK = """
+    import numpy as np, keras, torch
+    assert keras.backend.backend() == "torch"
+    import doconv, doconv.tf as dtf
+    from doconv import cases, layouts
+    for id in ("g3-k3", "k3-same", "dw-x2-k3"):
+        case = cases.case(id)
+        c, x, p = case.config, case.input(0), case.params(0)  # D randomised
+        layer = dtf.layer_from_config(c, dtype="float32")
+        dtf.set_params(layer, p)
+        model = keras.Sequential([keras.Input(layouts.nchw_to_nhwc(x).shape[1:]), layer])
+        predict = lambda: layouts.nhwc_to_nchw(model.predict(layouts.nchw_to_nhwc(x), verbose=0))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        other = case.params(3)
+        dtf.set_params(layer, other)
+        for _ in range(2):  # fills the inference cache, then reads it
+            doconv.assert_close(predict(), doconv.forward(x, other, c), "float32", id + " other")
+        model.load_state_dict(state)  # Parameter.copy_() behind Keras' assign
+        doconv.assert_close(predict(), doconv.forward(x, p, c), "float32", id + " load_state_dict")
+        with torch.no_grad():  # any in-place write of the Parameters is seen
+            layer.D_delta.value.mul_(-1.0)
+        doconv.assert_close(predict(), doconv.forward(x, dtf.get_params(layer), c), "float32", id + " in place")
+    print("torch state_dict ok")
+"""
+
+
+def test_load_state_dict_refreshes_the_inference_cache_on_the_torch_backend():
+    assert "torch state_dict ok" in run_python(TORCH_STATE_DICT_CHECK, env={"KERAS_BACKEND": "torch"})
+
+
 MIRRORED_CHECK = """
     import numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]

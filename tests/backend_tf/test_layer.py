@@ -126,6 +126,52 @@ def test_inference_cache_in_graph_follows_weight_updates(jit_compile):
     doconv.assert_close(from_layout(infer(x), "channels_last"), stale, "float32", "invalidate_cache")
 
 
+@pytest.mark.parametrize("case_id", ["g3-k3", "k3-same", "dw-x2-k3"])
+def test_checkpoint_restore_refreshes_the_inference_cache(case_id, tmp_path):
+    """``tf.train.Checkpoint.restore`` writes the tf.Variables themselves, not through Keras' assign."""
+    case = cases.case(case_id)
+    layer, params = make_layer(case)  # D randomised
+    c = case.config
+    x = to_layout(case.input(0, "float32"), "channels_last")
+    model = keras.Sequential([keras.Input(x.shape[1:]), layer])
+    want = doconv.forward(case.input(0), params, c)
+    checkpoint = tf.train.Checkpoint(model=model)
+    path = checkpoint.write(str(tmp_path / "model"))
+    raw = tf.train.Checkpoint(**{name: getattr(layer, name).value for name in ("W", "D_delta", "bias")
+                                 if getattr(layer, name) is not None})  # the backend tf.Variables themselves
+    raw_path = raw.write(str(tmp_path / "raw"))
+    infer = tf.function(lambda x: layer(x, training=False))
+    for restore in (lambda: checkpoint.restore(path), lambda: raw.restore(raw_path)):
+        other = case.params(3, "float32")
+        dtf.set_params(layer, other)
+        for _ in range(2):  # fills the cache with the other weights, then reads it
+            doconv.assert_close(from_layout(model.predict(x, verbose=0), "channels_last"),
+                                doconv.forward(case.input(0), other, c), "float32", "other weights")
+        restore()
+        doconv.assert_close(from_layout(model.predict(x, verbose=0), "channels_last"), want, "float32", "restored")
+        doconv.assert_close(from_layout(infer(x), "channels_last"), want, "float32", "restored, tf.function")
+        doconv.assert_close(dtf.get_params(layer).D, params.D, "float32", "restored D")
+
+
+def test_checkpoint_restore_matches_conv2d(tmp_path):
+    """The repro of the defect: after a restore, DOConv2D predicts as before, as Conv2D does."""
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    outputs = {}
+    for cls in (keras.layers.Conv2D, dtf.DOConv2D):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((8, 8, 3)), cls(4, 3, bias_initializer="random_normal")])
+        checkpoint = tf.train.Checkpoint(model=model)
+        path = checkpoint.write(str(tmp_path / cls.__name__))
+        before = model.predict(x, verbose=0)
+        model.set_weights([np.full_like(w, 0.5) for w in model.get_weights()])
+        model.predict(x, verbose=0)
+        checkpoint.restore(path)
+        outputs[cls.__name__] = (before, model.predict(x, verbose=0))
+    for before, after in outputs.values():
+        np.testing.assert_allclose(after, before, atol=1e-5)
+    np.testing.assert_allclose(outputs["DOConv2D"][0], outputs["Conv2D"][0], atol=1e-5)  # identity init: W' = W
+
+
 def test_training_false_under_a_tape_still_trains_W_and_D():
     """The fine-tuning recipe ``base(x, training=False)`` inside a tape must not use the cache."""
     case = cases.case("k3-same")
@@ -168,6 +214,51 @@ def test_initialisation_matches_conv2d_and_d_init_random():
     np.testing.assert_allclose(np.std(D), np.sqrt(2 / 9), rtol=0.1)  # He init of a depthwise kernel (fan-in MN)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_initializer_numpy_callable_and_conv2d_kernel(dtype):
+    """Drop-in: a callable returning float64 NumPy, and ``Constant(kernel)`` of Conv2D's kernel shape."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 8, 8, 3)).astype(dtype)
+    kernel = rng.normal(size=(3, 3, 3, 4))
+
+    def ramp(shape, dtype=None):  # float64 NumPy whatever dtype is asked for; row-major, so W' = W is Conv2D's
+        return np.linspace(-1.0, 1.0, int(np.prod(shape))).reshape(shape)
+
+    for init in (ramp, keras.initializers.Constant(kernel)):
+        layer = dtf.DOConv2D(4, 3, kernel_initializer=init, dtype=dtype)
+        reference = keras.layers.Conv2D(4, 3, kernel_initializer=init, dtype=dtype)
+        y, want = layer(x), reference(x)
+        assert layer.W.dtype == dtype and np.asarray(want).std() > 0.1
+        doconv.assert_close(y, want, dtype, f"{init} output")
+        doconv.assert_close(layer(x, training=False), want, dtype, f"{init} cached output")
+    # with d_init='random', W still holds the kernel (W[s = i*N + j] = kernel[i, j]) and W' = D^T o W
+    layer = dtf.DOConv2D(4, 3, kernel_initializer=keras.initializers.Constant(kernel), d_init="random",
+                         dtype=dtype)
+    layer.build(x.shape)
+    params = dtf.get_params(layer)
+    doconv.assert_close(params.W, doconv.layouts.hwio_to_oihw(kernel).reshape(4, 3, 9), dtype, "W")
+    doconv.assert_close(layer.kernel, doconv.layouts.oihw_to_hwio(doconv.compose(params, layer.doconv_config)), dtype)
+    assert doconv.max_error(layer.kernel, kernel) > 0.1
+    w_shaped = rng.normal(size=(12, 3, 4))  # W's own shape (D_mul, C_in/g, filters) is taken as it is
+    layer = dtf.DOConv2D(4, 3, kernel_initializer=keras.initializers.Constant(w_shaped), D_mul=12, dtype=dtype)
+    layer.build(x.shape)
+    doconv.assert_close(np.asarray(layer.W).transpose(1, 0, 2), w_shaped, dtype, "W-shaped constant")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kernel_initializer=keras.initializers.Constant(np.ones((3, 3, 3, 4))), D_mul=12),
+     r"`kernel_initializer`.*\(12, 3, 4\) \(a Conv2D kernel of shape \(3, 3, 3, 4\) maps onto W only when "
+     r"D_mul = M\*N\), but it produced shape \(3, 3, 3, 4\)"),
+    (dict(kernel_initializer=keras.initializers.Constant(np.ones((3, 3, 2, 4)))),
+     r"`kernel_initializer`.*\(9, 3, 4\) or Conv2D's kernel shape \(3, 3, 3, 4\), but it produced shape "
+     r"\(3, 3, 2, 4\)"),
+    (dict(kernel_initializer=lambda shape, dtype=None: np.zeros((5, 5))), r"`kernel_initializer`.*shape \(5, 5\)"),
+], ids=["conv-shape-with-D_mul", "wrong-conv-shape", "callable-wrong-shape"])
+def test_kernel_initializer_of_the_wrong_shape_is_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dtf.DOConv2D(4, 3, **kwargs).build((None, 8, 8, 3))
+
+
 def test_regularizers_apply_to_W_only_unless_D_has_its_own():
     layer = dtf.DOConv2D(4, 3, kernel_regularizer=keras.regularizers.L2(1.0))
     layer.build((None, 5, 5, 2))
@@ -185,8 +276,8 @@ def test_config_round_trip():
                          activation="relu", use_bias=False, kernel_regularizer="l2", D_mul=20, d_init="random",
                          composition="auto", D_constraint="non_neg", name="block_conv")
     config = layer.get_config()
-    assert {k: config[k] for k in ("D_mul", "d_init", "composition", "groups", "padding")} == \
-        dict(D_mul=20, d_init="random", composition="auto", groups=3, padding="same")
+    assert {k: config[k] for k in ("D_mul", "d_init", "composition", "groups", "padding", "depthwise_separable")} == \
+        dict(D_mul=20, d_init="random", composition="auto", groups=3, padding="same", depthwise_separable=False)
     clone = dtf.DOConv2D.from_config(json.loads(json.dumps(config)))
     assert clone.get_config() == config
     serialized = keras.saving.serialize_keras_object(layer)
@@ -245,7 +336,8 @@ BAD_ARGUMENTS = [
     (dict(filters=6, kernel_size=3, padding="causal"), ValueError, "padding='causal'"),
     (dict(filters=6, kernel_size=3, padding=1), ValueError, "padding=1"),
     (dict(filters=6, kernel_size=3, data_format="NHWC"), ValueError, "data_format='NHWC'"),
-    (dict(filters=6, kernel_size=3, D_mul=4), ValueError, "D_mul=4"),
+    (dict(filters=6, kernel_size=3, D_mul=4), ValueError,
+     "D_mul must be >= M\\*N = 9 for kernel_size=\\(3, 3\\), but got D_mul=4.*Pass depthwise_separable=True"),
     (dict(filters=6, kernel_size=1, D_mul=2), ValueError, "D_mul=2"),
     (dict(filters=6, kernel_size=3, d_init="zeros"), ValueError, "d_init='zeros'"),
     (dict(filters=6, kernel_size=3, composition="fast"), ValueError, "composition='fast'"),
@@ -313,3 +405,17 @@ def test_layer_from_config_maps_and_refuses_padding():
             assert (want is None) == (getattr(params, name) is None)
             if want is not None:
                 np.testing.assert_allclose(getattr(params, name), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_depthwise_separable_D_mul_below_MN(groups):
+    """D_mul < M*N on purpose (``depthwise_separable=True``, as in the core, PyTorch and MXNet)."""
+    config = doconv.DOConvConfig(4, 6, 3, padding="same", groups=groups, D_mul=4, depthwise_separable=True)
+    layer = dtf.layer_from_config(config, dtype="float64")
+    params = doconv.cases.Case("dsep", config.to_dict(), (2, 4, 6, 7)).params(0)
+    dtf.set_params(layer, params)
+    x = np.random.default_rng(1).normal(size=(2, 4, 6, 7))
+    got = np.transpose(np.asarray(layer(np.transpose(x, (0, 2, 3, 1)))), (0, 3, 1, 2))
+    doconv.assert_close(got, doconv.forward(x, params, config), "float64", "depthwise separable")
+    again = dtf.DOConv2D.from_config(layer.get_config())
+    assert again.depthwise_separable and again.D_mul == 4

@@ -108,6 +108,71 @@ def test_convert_include_exclude_and_random_init(mobilenet):
         dtf.convert(mobilenet, include=3)
 
 
+def _three_convs():
+    keras.utils.set_random_seed(2)
+    return keras.Sequential([keras.Input((12, 12, 3)), keras.layers.Conv2D(4, 3, name="conv1"),
+                             keras.layers.ReLU(name="act"), keras.layers.Conv2D(4, 3, name="conv2"),
+                             keras.layers.Conv2D(4, 5, name="head", bias_initializer="random_normal")])
+
+
+@pytest.mark.parametrize("include, exclude, converted", [
+    (None, "conv*", ["head"]),
+    (None, ["conv?", "act"], ["head"]),  # a pattern matching a non-convolution is allowed, as in doconv.torch
+    ("conv*", "*2", ["conv1"]),
+    (["head", "c*1"], None, ["conv1", "head"]),
+    (None, "[ch]*", []),
+])
+def test_convert_include_exclude_take_glob_patterns(include, exclude, converted):
+    model = _three_convs()
+    x = rng.normal(size=(2, 12, 12, 3)).astype("float32")
+    new, report = dtf.convert(model, include=include, exclude=exclude)
+    assert [row.name for row in report.converted] == converted
+    assert [layer.name for layer in new.layers if isinstance(layer, dtf.DOConv2D)] == converted
+    kept = {row.name: row.action for row in report if row.name not in converted}
+    assert all(action in ("kept: excluded", "kept: not included") for action in kept.values()), kept
+    doconv.assert_close(new(x, training=False), model(x), "float32", "identity init")
+    _randomise_D(new)  # the converted layers compute W' = D^T W for real: fold must match it
+    doconv.assert_close(dtf.fold(new)(x), new(x, training=False), "float32", "fold")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(exclude="haed"), r"exclude pattern\(s\) \['haed'\] match no layer name.*'conv1', 'conv2', 'head'"),
+    (dict(include=["conv*", "x*"]), r"include pattern\(s\) \['x\*'\] match no layer name"),
+    (dict(include="conv1", exclude=["head", "Conv2"]), r"exclude pattern\(s\) \['Conv2'\]"),  # case-sensitive
+])
+def test_convert_refuses_patterns_that_match_no_layer(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dtf.convert(_three_convs(), **kwargs)
+    with pytest.raises(TypeError, match=r"exclude=\[1\]"):
+        dtf.convert(_three_convs(), exclude=[1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(D_mul=9), r"^layer 'head' \(Conv2D\): D_mul must be >= M\*N = 25 for kernel_size=\(5, 5\), but got D_mul=9"),
+    (dict(D_mul=12, include="head"), r"^layer 'head' \(Conv2D\): D_mul must be >= M\*N = 25 .*but got D_mul=12"),
+    (dict(composition="bad"), r"^layer 'conv1' \(Conv2D\): The `composition` argument .* composition='bad'$"),
+])
+def test_convert_passes_layer_argument_errors_through(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        dtf.convert(_three_convs(), **kwargs)
+    assert "cannot rebuild" not in str(info.value)
+
+
+def test_convert_still_refuses_subclassed_models():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(4, 3)
+
+        def call(self, x):
+            return self.conv(x)
+
+    model = Subclassed()
+    model(X)
+    with pytest.raises(ValueError, match="cannot rebuild model .* only Sequential and functional"):
+        dtf.convert(model)
+
+
 def test_sequential_channels_first_convert_fold_keeps_the_original_untouched():
     model = keras.Sequential([keras.Input((3, 9, 9)),
                               keras.layers.Conv2D(8, 3, strides=2, padding="same", data_format="channels_first",
