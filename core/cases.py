@@ -104,6 +104,8 @@ CASES: List[Case] = [
     _case("k3x1-2MN", 4, 6, (3, 1), padding=(1, 0), D_mul=6),
     _case("k2x2-same", 3, 4, 2, padding="same", hw=(6, 7)),
     _case("k2x2-valid-Dmul+3", 3, 4, 2, padding="valid", D_mul=7),
+    _case("k3-dsep-Dmul4", 4, 6, 3, padding=1, D_mul=4, depthwise_separable=True),
+    _case("g2-k3-dsep-Dmul5", 4, 6, 3, groups=2, padding="same", D_mul=5, depthwise_separable=True),
     _case("k1x3-same", 2, 3, (1, 3), padding="same", bias=False),
     _case("dw-k3", 4, 4, 3, groups=4, padding="same"),
     _case("dw-k3-s2-nobias", 6, 6, 3, groups=6, stride=2, padding=1, bias=False),

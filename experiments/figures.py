@@ -46,6 +46,9 @@ def kernel_difference(params: doconv.DOConvParams, config: doconv.DOConvConfig) 
     """H (M, N) = sum over (C_out, C_in/g) of |W' - W[..., :MN]|, W' = doconv.compose(params, config)."""
     if not config.has_D:
         raise ValueError(f"kernel_difference needs a layer with D (a non-pointwise kernel), but got {config!r}")
+    if config.S < config.MN:
+        raise ValueError(f"kernel_difference compares W' with W[..., :M*N], which a depthwise-separable layer "
+                         f"(D_mul={config.S} < M*N={config.MN}) does not have: {config!r}")
     composed = doconv.compose(params, config)
     W = np.asarray(params.W)[..., :config.MN].reshape(config.kernel_shape)
     return np.abs(composed - W).sum(axis=(0, 1))
@@ -62,13 +65,14 @@ def layer_difference(layer) -> np.ndarray:
 def model_differences(model, group: Callable[[str], str] = stage_of) -> Dict[str, List[Tuple[str, np.ndarray]]]:
     """H of every DO-Conv layer of any torch model, grouped by ``group(module_path)`` (default: its stage).
 
-    Layers without D (1x1 DO-Conv) have no spatial map and are left out.
+    Layers without D (1x1 DO-Conv) and depthwise-separable ones (D_mul < M*N, no W[..., :M*N]) have no
+    map and are left out.
     """
     from doconv.torch import DOConv2d, layer_config
 
     out: Dict[str, List[Tuple[str, np.ndarray]]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, DOConv2d) and layer_config(module).has_D:
+        if isinstance(module, DOConv2d) and layer_config(module).has_D and module.D_mul >= layer_config(module).MN:
             out.setdefault(group(name), []).append((name, layer_difference(module)))
     return out
 

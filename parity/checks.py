@@ -255,6 +255,13 @@ def check_official(fw: Framework, ctx: Context) -> Optional[float]:
         else:
             raise AssertionError("import_official(refold=False) accepted a grouped official layer whose pairing "
                                  "the paper's cannot express (its D/W split would silently change the layer)")
+        if config.S < config.MN:  # refolding writes their W' into W: a rank-S (D_mul < M*N) layer cannot
+            try:
+                fw.import_official(layer, arrays, refold=True)
+            except ValueError:
+                return None  # refused clearly: nothing to compare
+            raise AssertionError("import_official(refold=True) accepted a D_mul < M*N layer, which cannot hold "
+                                 "the official composed kernel")
     fw.import_official(layer, arrays, refold=not expressible)
     return max_error(fw.forward(layer, ctx.x), expected)
 
