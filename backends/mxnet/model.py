@@ -7,12 +7,12 @@ Layer names are block paths, the keys ``save_parameters`` uses (``"features.0.co
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
 import doconv
+from doconv import selection
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from ._mx import gluon, mx
@@ -105,11 +105,12 @@ def _clear_cached_graphs(model: gluon.Block) -> None:
             block._clear_cached_op()
 
 
-def _selected(path: str, include, exclude) -> bool:
-    patterns = lambda p: [p] if isinstance(p, str) else list(p)  # noqa: E731
-    if include is not None and not any(fnmatch.fnmatchcase(path, p) for p in patterns(include)):
+def _selected(path: str, block, include, exclude) -> bool:
+    def hit(selector):
+        return bool(selector(path, block)) if callable(selector) else selection.matches(path, selector)
+    if include is not None and not hit(include):
         return False
-    return not (exclude is not None and any(fnmatch.fnmatchcase(path, p) for p in patterns(exclude)))
+    return not (exclude is not None and hit(exclude))
 
 
 @dataclasses.dataclass
@@ -163,15 +164,23 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
     """Swap every non-pointwise ``gluon.nn.Conv2D`` of ``model`` for a ``DOConv2D`` in place, keeping weights.
 
     Each converted layer starts at W' = the conv's kernel exactly (:func:`doconv.params_for_kernel`), so
-    outputs are unchanged. ``include``/``exclude``: fnmatch patterns (or lists) on block paths. A conv whose
+    outputs are unchanged. ``include``/``exclude``: fnmatch patterns (or lists of them, or a callable
+    ``(path, block) -> bool``) on block paths; a pattern that matches no path is a ValueError. A conv whose
     weight is not initialised yet becomes a deferred DOConv2D. ``d_init='random'`` re-initialises D (and
     therefore changes outputs). Returns ``(model, report)``.
     """
+    include = selection.glob_patterns(include, "include", "a callable(path, block)")
+    exclude = selection.glob_patterns(exclude, "exclude", "a callable(path, block)")
+    paths = [path for path, _, _, _ in named_blocks(model)]
+    for argument, patterns in (("include", include), ("exclude", exclude)):
+        if selection.unmatched(patterns, paths):
+            raise ValueError(f"{argument} pattern(s) {selection.unmatched(patterns, paths)} match no block path of "
+                             f"the model (a typo?); paths look like {paths[:6]}")
     report = ConversionReport()
     for path, block, parent, key in list(named_blocks(model)):
         if type(block) is not gluon.nn.Conv2D or tuple(block._kwargs["kernel"]) == (1, 1):
             continue
-        if not _selected(path, include, exclude):
+        if not _selected(path, block, include, exclude):
             continue
         args = _conv_args(block)
         cin = block.weight.shape[1] * args["groups"]

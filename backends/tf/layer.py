@@ -416,16 +416,20 @@ class DOConv2D(keras.layers.Layer):
         return outputs if self.activation is None else self.activation(outputs)
 
     # ---- weights ----------------------------------------------------------------------------
+    def _invalidate_after(self, obj, method: str) -> None:
+        """Wrap ``obj.method`` so that every call also marks the kernel cache stale."""
+        original = getattr(obj, method)
+
+        def call_and_invalidate(*args, **kwargs):
+            out = original(*args, **kwargs)
+            self.invalidate_cache()
+            return out
+        setattr(obj, method, call_and_invalidate)
+
     def _invalidate_on_assign(self, variable):
         """Make ``variable.assign`` (also reached by ``assign_add``/``assign_sub``, ``set_weights``,
         weight loading) mark the kernel cache stale."""
-        assign = variable.assign
-
-        def assign_and_invalidate(value):
-            out = assign(value)
-            self.invalidate_cache()
-            return out
-        variable.assign = assign_and_invalidate
+        self._invalidate_after(variable, "assign")
 
     def _invalidate_on_restore(self, variable):
         """TensorFlow: make a ``tf.train.Checkpoint`` restore of ``variable`` mark the kernel cache stale.
@@ -436,15 +440,8 @@ class DOConv2D(keras.layers.Layer):
         immediate and deferred restores alike. (torch: see :attr:`_KernelCache.versions`.)
         """
         raw = getattr(variable, "_value", None)
-        if keras.backend.backend() != "tensorflow" or not hasattr(raw, "_restore_from_tensors"):
-            return
-        restore = raw._restore_from_tensors
-
-        def restore_and_invalidate(restored_tensors):
-            out = restore(restored_tensors)
-            self.invalidate_cache()
-            return out
-        raw._restore_from_tensors = restore_and_invalidate
+        if keras.backend.backend() == "tensorflow" and hasattr(raw, "_restore_from_tensors"):
+            self._invalidate_after(raw, "_restore_from_tensors")
 
     def fold(self):
         """A plain ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) with the composed kernel, built."""

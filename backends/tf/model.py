@@ -15,14 +15,13 @@ Both return a *new* model (Sequential or functional, nested ones included, via
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Callable, List, Optional
 
 import keras
 import numpy as np
 
 import doconv
-from doconv import layouts
+from doconv import layouts, selection
 
 from .layer import DOConv2D, get_params, layer_config, set_params
 
@@ -98,27 +97,19 @@ def _selector(value, name, model) -> Callable:
     names (``fnmatch.fnmatchcase``, as ``doconv.torch.convert``), each of which must match the name of
     at least one layer of ``model`` (nested models included), else ValueError: a typo is refused rather
     than silently converting what it meant to leave (``doconv.torch.convert`` refuses them too)."""
-    if value is None:
+    patterns = selection.glob_patterns(value, name, "a callable layer -> bool")
+    if patterns is None:
         return lambda layer: None
-    if callable(value):
-        return value
-    patterns = [value] if isinstance(value, str) else value
-    try:
-        patterns = list(patterns)
-    except TypeError:
-        patterns = None
-    if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name} must be None, a layer name or glob pattern, a collection of them or a callable "
-                        f"layer -> bool, but got {name}={value!r}")
-    names = [layer.name for layer in _walk(model)]
-    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if callable(patterns):
+        return patterns
+    unmatched = selection.unmatched(patterns, [layer.name for layer in _walk(model)])
     if unmatched:
         convs = [layer.name for layer in _walk(model)
                  if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, DOConv2D))]
         raise ValueError(f"{name} pattern(s) {unmatched} match no layer name of model {model.name!r} (a typo?); "
                          f"its convolutions are named {convs[:8]}{' ...' if len(convs) > 8 else ''}. "
                          f"Received: {name}={value!r}")
-    return lambda layer: any(fnmatch.fnmatchcase(layer.name, p) for p in patterns)
+    return lambda layer: selection.matches(layer.name, patterns)
 
 
 def _in_channels(layer) -> int:

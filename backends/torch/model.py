@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from doconv import DOConvConfig
+from doconv import DOConvConfig, selection
 
 from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _check_choice
 
@@ -55,18 +54,7 @@ class Report(list):
 
 def _selector(selector: Selector, argument: str):
     """``selector`` checked once, up front: None, a callable, or its glob patterns as a list."""
-    if selector is None or callable(selector):
-        return selector
-    if isinstance(selector, str):
-        return [selector]
-    try:
-        patterns = list(selector)
-    except TypeError:
-        patterns = None
-    if patterns is None or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{argument} must be None, a glob pattern, a list of patterns or a callable(name, module), "
-                        f"but got {argument}={selector!r}")
-    return patterns
+    return selection.glob_patterns(selector, argument, "a callable(name, module)")
 
 
 def _matches(selector, name: str, module: nn.Module) -> bool:
@@ -74,13 +62,12 @@ def _matches(selector, name: str, module: nn.Module) -> bool:
         return False
     if callable(selector):
         return bool(selector(name, module))
-    return any(fnmatch.fnmatchcase(name, p) for p in selector)
+    return selection.matches(name, selector)
 
 
 def _check_patterns(selectors: dict, names) -> None:
     """A pattern matching no module path is a typo: refuse it rather than convert what it meant to leave."""
-    unmatched = {argument: [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-                 for argument, patterns in selectors.items() if isinstance(patterns, list)}
+    unmatched = {argument: selection.unmatched(patterns, names) for argument, patterns in selectors.items()}
     unmatched = {argument: patterns for argument, patterns in unmatched.items() if patterns}
     if unmatched:
         examples = ", ".join(repr(n) for n in [n for n in names if n][:6])

@@ -217,3 +217,15 @@ def test_convert_and_fold_reach_children_kept_in_a_list(hybridize):
     net = fold(net)
     assert all(type(c) is gluon.nn.Conv2D for c in net.convs)
     doconv.assert_close(net(x).asnumpy(), want, "float32", "folded")
+
+
+def test_convert_selectors_are_checked():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.Conv2D(4, 3, in_channels=4))
+    net.initialize()
+    with pytest.raises(ValueError, match=r"exclude pattern\(s\) \['2'\] match no block path"):
+        convert(net, exclude="2")  # a typo must not convert the layer it meant to keep
+    with pytest.raises(TypeError, match=r"include must be None, a glob pattern.*include=3"):
+        convert(net, include=3)
+    _, report = convert(net, include=lambda path, block: path == "1")
+    assert [r.name for r in report] == ["1"] and type(net[0]) is gluon.nn.Conv2D and type(net[1]) is DOConv2D
