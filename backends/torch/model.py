@@ -197,21 +197,45 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
                 except (TypeError, ValueError) as error:
                     raise type(error)(f"layer {name!r}: {error}") from error
         plan.append((name, module, first, skip))
-    layers = {}
+    layers, tied = {}, {}  # tied: id of an original weight / bias Parameter -> (path, the DOConv2d made from it)
     for name, module, first, skip in plan:
         size = _count(module)
         shared = "" if name == first else first
         if skip is not None:
             report.append(ReportRow(name, "skipped", skip[0], size, size, _shared_note(name, first, skip[1]), shared))
             continue
+        note = _shared_note(name, first)
         if first not in layers:
             layers[first] = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition,
                                       W_storage=W_storage)
+            note = "; ".join(filter(None, [note, _tie(layers[first], module, name, tied)]))
         layer = layers[first]
         model = _set_submodule(model, name, layer)
         report.append(ReportRow(name, "converted", repr(layer.config).replace("DOConvConfig", layer.config.kind),
-                                size, _count(layer), _shared_note(name, first), shared))
+                                size, _count(layer), note, shared))
     return model, report
+
+
+def _tie(layer: DOConv2d, conv: nn.Conv2d, name: str, tied: dict) -> str:
+    """Two convs holding one weight (or bias) Parameter get one W and D (or bias): converting each alone
+    would silently untie them. Returns the report's note."""
+    notes = []
+    for original, names in ((conv.weight, ("W", "D")), (conv.bias, ("bias",))):
+        if original is None:
+            continue
+        if id(original) not in tied:
+            tied[id(original)] = (name, layer)
+            continue
+        path, other = tied[id(original)]
+        for key in names:
+            mine, theirs = getattr(layer, key), getattr(other, key)
+            if mine is not None and (theirs is None or mine.shape != theirs.shape):
+                raise ValueError(f"layer {name!r} shares its {'weight' if key != 'bias' else 'bias'} with {path!r}, "
+                                 f"but their DOConv2d {key} shapes differ ({tuple(mine.shape)} vs "
+                                 f"{None if theirs is None else tuple(theirs.shape)}): they cannot stay tied")
+            setattr(layer, key, theirs)
+        notes.append(f"{'/'.join(names)} tied to {path!r} (a shared Parameter)")
+    return "; ".join(notes)
 
 
 def fold(model: nn.Module, *, inplace: bool = False):

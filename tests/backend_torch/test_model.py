@@ -271,3 +271,27 @@ def test_jit_script_says_to_fold_first():
     scripted = torch.jit.script(fold(model[:3]))  # plain nn.Conv2d's script as usual
     x = torch.randn(2, 3, 10, 11)
     torch.testing.assert_close(scripted(x), model[:3](x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_keeps_a_parameter_shared_by_two_convs_tied():
+    """Two modules holding one weight Parameter (weight tying across strides): one W and one D after convert."""
+    torch.manual_seed(0)
+    a, b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, stride=2, padding=1)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.ReLU(), b)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    converted, report = convert(model)
+    first, second = converted[0], converted[2]
+    assert second.W is first.W and second.D is first.D and second.bias is not first.bias
+    assert "W/D tied to '0'" in report[1].reason
+    torch.testing.assert_close(converted(x), before, rtol=0, atol=1e-6)
+    converted(x).square().sum().backward()  # both uses add to one gradient
+    torch.optim.SGD(converted.parameters(), lr=0.1).step()
+    assert second.W is first.W
+    a, b = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, groups=3, padding=1)  # one (6, 2, 3, 3) weight
+    b.weight = a.weight
+    with pytest.raises(ValueError, match=r"layer '1' shares its weight with '0', but their DOConv2d D shapes differ "
+                                         r"\(\(6, 9, 9\) vs \(2, 9, 9\)\)"):
+        convert(nn.Sequential(a, b))
