@@ -1,8 +1,8 @@
 """The canonical interchange file: a whole model's DO-Conv layers, readable without any framework.
 
 A ``safetensors`` file (no pickle anywhere). For a layer named ``name`` (a PyTorch module path, a
-Keras layer name, a Gluon block path; a bare layer, the model itself, is :data:`ROOT_NAME` in every
-framework) the tensors are ``name.W``, ``name.D`` (the *full* D, in the
+Keras layer name, a Gluon block path; a bare PyTorch or Gluon layer, the model itself, is
+:data:`ROOT_NAME`, and a one-layer file loads into any bare layer) the tensors are ``name.W``, ``name.D`` (the *full* D, in the
 canonical layout and the paper's pairing) and ``name.bias``; absent ones are simply not stored.
 The header's metadata holds one JSON document under the key ``"doconv"``::
 
@@ -30,8 +30,8 @@ FORMAT = "doconv-interchange"
 VERSION = 1
 HEADER_KEYS = {"format", "version", "pairing", "layers"}
 TENSORS = ("W", "D", "bias")
-#: The name of a bare layer (a model that is one DO-Conv layer): the same in every framework, so files
-#: move between them (framework-made names such as Gluon's ``doconv2d3`` or Keras's counters are not).
+#: The name of a bare PyTorch or Gluon layer (a model that is one DO-Conv layer; Gluon's own names come
+#: from a process-wide counter). Keras writes a bare layer under its layer name.
 ROOT_NAME = "self"
 
 Layers = Mapping[str, Tuple[DOConvConfig, DOConvParams]]
@@ -125,16 +125,21 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
     return out
 
 
-def load_matching(path, configs: Mapping[str, DOConvConfig], *, strict: bool = True) -> Dict[str, DOConvParams]:
+def load_matching(path, configs: Mapping[str, DOConvConfig], *, strict: bool = True,
+                  bare: bool = False) -> Dict[str, DOConvParams]:
     """Read ``path`` for a model whose DO-Conv layers have ``configs`` (``{name: config}``): ``{name: params}``.
 
     What every backend's ``import_canonical`` needs. ValueError when the file holds a layer the model
     lacks, when (``strict``) a model layer is absent from the file, or when a layer's config differs
     from the model's. Configs are compared by :meth:`DOConvConfig.resolved`, so a file written by
     PyTorch with ``padding=1`` loads into a Keras layer with ``padding='same'`` (the same layer).
+    ``bare=True``: the model is one bare layer, and a file of one layer matches it whatever that layer's
+    name (:data:`ROOT_NAME` from PyTorch or Gluon, a layer name from Keras).
     """
     stored = load(path)
     where = f"interchange file {os.fspath(path)!r}"
+    if bare and len(stored) == 1 and len(configs) == 1:
+        stored = {next(iter(configs)): next(iter(stored.values()))}
     extra = sorted(set(stored) - set(configs))
     absent = sorted(set(configs) - set(stored))
     if extra or (strict and absent):

@@ -264,7 +264,8 @@ def import_canonical(model: gluon.Block, path) -> None:
     into the Gluon layer holding the equal explicit symmetric pads.
     """
     layers = doconv_layers(model)
-    stored = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=True)
+    stored = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=True,
+                                  bare=isinstance(model, DOConv2D))
     for name, layer in layers.items():
         set_params(layer, stored[name], name=name)
 

@@ -46,7 +46,8 @@ def import_canonical(model, path, *, strict=True) -> list:
     when a DOConv2D layer of the model is absent from the file. Returns the names loaded.
     """
     layers = _do_layers(model)
-    params = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=strict)
+    params = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=strict,
+                                  bare=isinstance(model, DOConv2D))
     for name, layer_params in params.items():
         set_params(layers[name], layer_params)
     return sorted(params)

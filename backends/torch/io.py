@@ -95,7 +95,8 @@ def import_canonical(model: nn.Module, path) -> None:
     loads into a ``padding='same'`` layer. Nothing is written unless every layer matches.
     """
     layers = doconv_layers(model)
-    params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=True)
+    params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=True,
+                           bare=isinstance(model, DOConv2d))
     for name, m in layers.items():
         set_params(m, params[name], name=repr(name))
 

@@ -239,3 +239,28 @@ def test_convert_reports_conv2d_subclasses_it_keeps():
     actions = {row.name: row.action for row in report}
     assert actions["custom"].startswith("kept: a Conv2D subclass") and actions["plain"] == "DO-Conv"
     assert type(converted.get_layer("custom")) is Custom and isinstance(converted.get_layer("plain"), dtf.DOConv2D)
+
+
+def test_a_bare_layer_moves_to_torch_and_back(tmp_path):
+    """A bare Keras layer is written under its name; a one-layer file loads into any bare layer."""
+    torch = pytest.importorskip("torch")
+    import doconv.torch as dt
+
+    config = doconv.DOConvConfig(3, 4, 3, padding="same", groups=1)
+    layer = dtf.layer_from_config(config, dtype="float64", name="my_conv")
+    params = doconv.cases.Case("bare", config.to_dict(), (1, 3, 5, 5)).params(0)
+    dtf.set_params(layer, params)
+    dtf.export_canonical(layer, tmp_path / "bare.safetensors")
+    assert list(doconv.load(tmp_path / "bare.safetensors")) == ["my_conv"]
+    other = dt.layer_from_config(config, dtype="float64")
+    dt.import_canonical(other, tmp_path / "bare.safetensors")
+    x = np.random.default_rng(1).normal(size=(1, 3, 5, 5))
+    doconv.assert_close(other(torch.tensor(x)).detach().numpy(), doconv.forward(x, params, config), "float64", "torch")
+    dt.export_canonical(other, tmp_path / "from_torch.safetensors")  # named doconv.ROOT_NAME
+    back = dtf.layer_from_config(config, dtype="float64", name="another_name")
+    dtf.import_canonical(back, tmp_path / "from_torch.safetensors")
+    np.testing.assert_array_equal(dtf.get_params(back).W, params.W)
+    two = tmp_path / "two.safetensors"
+    doconv.save(two, {"a": (config, params), "b": (config, params)})
+    with pytest.raises(ValueError, match=r"layers the model lacks \['a', 'b'\]"):  # ambiguous: names must match
+        dtf.import_canonical(back, two)
