@@ -215,6 +215,9 @@ class DOConv2d(nn.Module):
         """W' for the convolution: from the cache when no gradient is needed, else composed afresh."""
         if self.deployed or not self._can_cache():
             return self.compose()
+        return self._cached_kernel()
+
+    def _cached_kernel(self) -> torch.Tensor:
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
@@ -260,12 +263,11 @@ class DOConv2d(nn.Module):
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
 
     def _route(self, x: torch.Tensor, c_major: bool) -> str:
+        """The composition of a call that composes afresh (the cached kernel is kernel composition)."""
         if self.composition != "auto" or self.D is None:
             return self.composition
         if torch.jit.is_tracing():
             return "kernel"  # a trace is a deployment graph, and its sizes are traced tensors
-        if not torch.compiler.is_compiling() and self._can_cache():
-            return "kernel"  # the cached kernel makes kernel composition free
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
         margin = FAST_KERNEL_MARGIN if c_major else 0.0
         if torch.compiler.is_compiling():
@@ -276,15 +278,18 @@ class DOConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not self.deployed and self.D is not None:
-            c_major = DF.c_major(self.W, self.config.groups)
-            if self._route(x, c_major) == "feature":
-                return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
-            if c_major and not self._can_cache() and not torch.jit.is_tracing():  # training: at stride 1, conv_transpose2d of the reversed taps
-                pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
-                if pads is not None:
-                    return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
-        return DF.conv(x, self.kernel(), self.bias, self.config)
+        if self.deployed or self.D is None:
+            return DF.conv(x, self.compose(), self.bias, self.config)
+        if self.composition != "feature" and self._can_cache():  # inference: the cached kernel
+            return DF.conv(x, self._cached_kernel(), self.bias, self.config)
+        c_major = DF.c_major(self.W, self.config.groups)
+        if self._route(x, c_major) == "feature":
+            return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
+        if c_major and not torch.jit.is_tracing():  # training at stride 1: conv_transpose2d of the reversed taps
+            pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
+            if pads is not None:
+                return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
+        return DF.conv(x, self.compose(), self.bias, self.config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
