@@ -165,7 +165,9 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
 
     Each converted layer starts at W' = the conv's kernel exactly (:func:`doconv.params_for_kernel`), so
     outputs are unchanged. ``include``/``exclude``: fnmatch patterns (or lists of them, or a callable
-    ``(path, block) -> bool``) on block paths; a pattern that matches no path is a ValueError. A conv whose
+    ``(path, block) -> bool``) on block paths; a pattern that matches no path is a ValueError. Sharing
+    survives: a block used at several paths becomes one DOConv2D at all of them (selected at its first
+    path), and blocks sharing parameters (``params=``) become DOConv2Ds sharing W, D and bias. A conv whose
     weight is not initialised yet becomes a deferred DOConv2D. ``d_init='random'`` re-initialises D (and
     therefore changes outputs). Returns ``(model, report)``.
     """
@@ -177,16 +179,29 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
             raise ValueError(f"{argument} pattern(s) {selection.unmatched(patterns, paths)} match no block path of "
                              f"the model (a typo?); paths look like {paths[:6]}")
     report = ConversionReport()
+    made, tied = {}, {}  # id(Conv2D) -> (path, its DOConv2D); id(weight Parameter) -> (path, the DOConv2D made from it)
     for path, block, parent, key in list(named_blocks(model)):
+        if id(block) in made:  # one block at several paths: one DOConv2D at all of them
+            first, new = made[id(block)]
+            _replace(parent, key, new)
+            report.append(dataclasses.replace(report[[r.name for r in report].index(first)], name=path,
+                                              weights=f"shared with {first!r}"))
+            continue
         if type(block) is not gluon.nn.Conv2D or tuple(block._kwargs["kernel"]) == (1, 1):
             continue
         if not _selected(path, block, include, exclude):
             continue
         args = _conv_args(block)
         cin = block.weight.shape[1] * args["groups"]
+        first, shared = tied.get(id(block.weight), (None, None))  # Gluon params= sharing between blocks
         new = DOConv2D(**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
-                       prefix=block.prefix)
-        with_data = _initialise_like(new, block.weight) and cin > 0
+                       prefix=block.prefix, params=None if shared is None else shared.params)
+        made[id(block)] = (path, new)
+        tied.setdefault(id(block.weight), (path, new))
+        if shared is not None:
+            with_data = False
+        else:
+            with_data = _initialise_like(new, block.weight) and cin > 0
         if with_data:
             config = new.config
             bias = None if block.bias is None else block.bias.data(block.bias.list_ctx()[0]).asnumpy()
@@ -198,9 +213,11 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
         cfg_d = new._args
         kind = doconv.DOConvConfig(cin, **cfg_d).kind if cin else (
             "DO-Conv" if cfg_d["groups"] == 1 else "DO-GConv or DO-DConv (C_in deferred)")
+        weights = f"tied to {first!r} (shared parameters)" if shared is not None else \
+            "kept" if with_data else "deferred"
         report.append(ConversionRow(path, kind, cin,
                                     cfg_d["out_channels"], cfg_d["kernel_size"], cfg_d["groups"], cfg_d["D_mul"],
-                                    "kept" if with_data else "deferred"))
+                                    weights))
     _clear_cached_graphs(model)
     return model, report
 
@@ -234,9 +251,13 @@ def fold(model: gluon.Block, *, return_report: bool = False):
     if isinstance(model, DOConv2D):
         out = folded(model, model.name)
     else:
+        convs = {}  # id(DOConv2D) -> its Conv2D: a block used at several paths stays one block
         for path, block, parent, key in list(named_blocks(model)):
-            if isinstance(block, DOConv2D):
-                _replace(parent, key, folded(block, path))
+            if id(block) in convs:
+                _replace(parent, key, convs[id(block)])
+            elif isinstance(block, DOConv2D):
+                convs[id(block)] = folded(block, path)
+                _replace(parent, key, convs[id(block)])
         _clear_cached_graphs(model)
         out = model
     return (out, report) if return_report else out

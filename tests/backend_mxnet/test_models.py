@@ -229,3 +229,32 @@ def test_convert_selectors_are_checked():
         convert(net, include=3)
     _, report = convert(net, include=lambda path, block: path == "1")
     assert [r.name for r in report] == ["1"] and type(net[0]) is gluon.nn.Conv2D and type(net[1]) is DOConv2D
+
+
+def test_convert_and_fold_keep_sharing():
+    """One Conv2D at two paths stays one block; Conv2Ds sharing parameters (params=) keep sharing W, D, bias."""
+    a = gluon.nn.Conv2D(4, 3, padding=1, in_channels=4)
+    b = gluon.nn.Conv2D(4, 3, padding=1, in_channels=4, params=a.params)
+    net = gluon.nn.HybridSequential()
+    net.add(a, gluon.nn.Activation("relu"), a, b)
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 4, 6, 6)))
+    before = net(x).asnumpy()
+    net, report = convert(net)
+    assert net[0] is net[2] and type(net[0]) is DOConv2D and net[3].W is net[0].W and net[3].D is net[0].D
+    assert [r.weights for r in report] == ["kept", "shared with '0'", "tied to '0' (shared parameters)"]
+    assert len(net.collect_params().keys()) == 4  # W, D, bias, kernel cache: once
+    assert_same([net(x).asnumpy()], [before], "converted")
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    with mx.autograd.record():
+        loss = net(x).square().sum()
+    loss.backward()
+    trainer.step(1)
+    params = get_params(net[0])
+    want = x.asnumpy()
+    for i, block in enumerate(net):
+        want = np.maximum(want, 0) if i == 1 else doconv.forward(want, params, net[0].config)
+    doconv.assert_close(net(x).asnumpy(), want, "float32", "after a step, all three uses share W and D")
+    folded = fold(net)
+    assert folded[0] is folded[2] and type(folded[0]) is gluon.nn.Conv2D
+    doconv.assert_close(folded(x).asnumpy(), want, "float32", "folded")
