@@ -56,9 +56,10 @@ class DOConvParams:
     D: Optional[np.ndarray]
     bias: Optional[np.ndarray] = None
 
-    def check(self, config: DOConvConfig, where: str = "params") -> "DOConvParams":
-        """Raise ValueError naming the array unless every shape matches ``config``; returns self."""
-        for name, want in (("W", config.W_shape), ("D", config.D_shape), ("bias", config.bias_shape)):
+    def check(self, config: DOConvConfig, where: str = "params", arrays=("W", "D", "bias")) -> "DOConvParams":
+        """Raise ValueError naming the array unless the shapes of ``arrays`` match ``config``; returns self."""
+        wants = {"W": config.W_shape, "D": config.D_shape, "bias": config.bias_shape}
+        for name, want in ((name, wants[name]) for name in arrays):
             got = getattr(self, name)
             have = None if got is None else tuple(np.shape(got))
             if have != (None if want is None else tuple(want)):
@@ -103,13 +104,19 @@ def init_params(config: DOConvConfig, *, d_init: str = "identity", rng=None,
     """Fresh parameters: W and bias as PyTorch inits a conv with the same W', D per ``d_init``.
 
     - W ~ U(+-1/sqrt(fan_in)) and bias ~ U(+-1/sqrt(fan_in)) with ``fan_in = C_in/g * M * N``,
-      the fan-in of W' (:func:`doconv.config.kaiming_bound`): at identity init W' = W[..., :MN]
-      has exactly the distribution of a freshly initialised ``nn.Conv2d`` kernel.
+      the fan-in of W' (:func:`doconv.config.kaiming_bound`). At identity init W' sums the columns
+      of W that share a tap (:func:`identity_fill`): for M*N <= D_mul < 2*M*N, W' = W[..., :MN] plus
+      nothing for most taps, and with D_mul = M*N (the default) W' has exactly the distribution of a
+      freshly initialised ``nn.Conv2d`` kernel; each further multiple of M*N adds one more uniform
+      term per tap (D_mul = 2*M*N doubles the variance).
+    - ``dtype`` must be a floating dtype (an integer W would round every draw to zero).
     - ``d_init='identity'``: D = I_fill (D' = 0), the paper's default (Section 4).
     - ``d_init='random'``: D ~ N(0, 2/MN), He init of a depthwise kernel with fan-in MN (Table 7).
     """
     if d_init not in ("identity", "random"):
         raise ValueError(f"d_init must be one of ('identity', 'random'), but got d_init={d_init!r}")
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        raise TypeError(f"dtype must be a floating dtype, but got dtype={np.dtype(dtype)}")
     rng = np.random.default_rng(rng)
     bound = kaiming_bound(config.fan_in())
     W = rng.uniform(-bound, bound, size=config.W_shape).astype(dtype)
@@ -164,6 +171,7 @@ def compose(params: DOConvParams, config: DOConvConfig, *, pairing: Pairing = "p
     >>> np.allclose(compose(p, cfg).reshape(4, 1, 9), p.W)
     True
     """
+    params.check(config, arrays=("W", "D"))  # the bias plays no part
     if params.D is None:
         return np.asarray(params.W).reshape(config.kernel_shape)
     W, D = np.asarray(params.W), np.asarray(params.D)
@@ -184,6 +192,9 @@ def compose_vjp(grad_kernel: np.ndarray, params: DOConvParams,
     ``dD[k, m, s] = sum_{(o, c): P[o, c] = k} dW'[o, c, m] W[o, c, s]`` -- for the paper's pairing the
     second sum runs over the C_out/g output channels of the group.
     """
+    params.check(config, arrays=("W", "D"))
+    if np.shape(grad_kernel) != config.kernel_shape:
+        raise ValueError(f"grad_kernel has shape {np.shape(grad_kernel)} but {config!r} needs {config.kernel_shape}")
     if params.D is None:
         return np.asarray(grad_kernel).reshape(config.W_shape), None
     g, cin_g, cout_g, mn, s = config.groups, config.in_per_group, config.out_per_group, config.MN, config.S
@@ -201,6 +212,7 @@ def fold(params: DOConvParams, config: DOConvConfig) -> Tuple[np.ndarray, Option
     Returns ``(kernel, bias)``: kernel W' in OIHW ``(C_out, C_in/g, M, N)`` and the bias unchanged,
     for a conventional conv with the layer's stride, padding, padding mode, dilation and groups.
     """
+    params.check(config)
     return compose(params, config), (None if params.bias is None else np.asarray(params.bias))
 
 

@@ -241,9 +241,11 @@ class DOConvConfig:
         """The same layer with its padding made explicit wherever that does not depend on the input.
 
         ``'valid'`` is zero pads and ``'same'`` at stride 1 is ``d*(k-1)`` split with the odd pixel at the
-        end, whatever the input size; ``'same'`` with stride > 1 stays ``'same'``. Two configs describe
-        the same layer exactly when their ``resolved()`` forms are equal (a Gluon layer records 'same'
-        as its explicit pads, a Keras layer keeps the string).
+        end, whatever the input size; ``'same'`` with stride > 1 stays ``'same'``. Configs whose
+        ``resolved()`` forms are equal describe the same layer (a Gluon layer records 'same' as its
+        explicit pads, a Keras layer keeps the string); the converse does not hold for settings that
+        happen to be inert (``padding_mode`` with zero pads, ``depthwise_separable`` with D_mul >= M*N),
+        which stay part of a layer's identity.
         """
         if self.padding == "valid" or (self.padding == "same" and self.stride == (1, 1)):
             pads = tuple(same_pads(1, k, 1, d) if self.padding == "same" else (0, 0)
@@ -255,6 +257,8 @@ class DOConvConfig:
         """``(batch, C_out, H_out, W_out)`` for an NCHW input shape; ValueError if it cannot be convolved."""
         if len(input_shape) != 4:
             raise ValueError(f"input must be 4-D (N, C, H, W), but got input shape {tuple(input_shape)}")
+        if any(isinstance(v, (bool, numbers.Real)) and not _is_int(v) for v in input_shape):  # 5.9, True
+            raise TypeError(f"input shape must hold ints, but got input shape {tuple(input_shape)}")
         batch, channels, height, width = (int(v) for v in input_shape)
         if channels != self.in_channels:
             raise ValueError(f"input has {channels} channels but in_channels={self.in_channels} "
@@ -270,6 +274,9 @@ class DOConvConfig:
             if self.padding_mode == "reflect" and max(lo, hi) >= size:
                 raise ValueError(f"padding_mode='reflect' needs each pad < the input {axis} {size}, but got "
                                  f"pads ({lo}, {hi})")
+            if self.padding_mode == "circular" and max(lo, hi) > size:  # as torch: wrapping around once at most
+                raise ValueError(f"padding_mode='circular' needs each pad <= the input {axis} {size} (a pad "
+                                 f"may wrap around once), but got pads ({lo}, {hi})")
             out.append((size + lo + hi - span) // s + 1)
         return (batch, self.out_channels, out[0], out[1])
 

@@ -13,6 +13,7 @@ Memory of the intermediate: W' (C_out * C_in/g * MN values) against P' (B * C_in
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Sequence
 
 from .config import DOConvConfig
@@ -61,6 +62,6 @@ def choose_composition(config: DOConvConfig, input_shape: Sequence[int], margin:
     depthwise convolution does (a depthwise conv with a channel multiplier of S is far from a dense
     conv's efficiency) sets it from its own measurements.
     """
-    if not 0.0 <= margin < 1.0:
+    if not isinstance(margin, numbers.Real) or isinstance(margin, bool) or not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), but got margin={margin!r}")
     return composition_cost(config, input_shape).choice(margin)

@@ -30,6 +30,8 @@ FORMAT = "doconv-interchange"
 VERSION = 1
 HEADER_KEYS = {"format", "version", "pairing", "layers"}
 TENSORS = ("W", "D", "bias")
+#: The dtypes a file may hold (NumPy reads no bfloat16: store float32 instead).
+DTYPES = ("float16", "float32", "float64")
 #: The name of a bare PyTorch or Gluon layer (a model that is one DO-Conv layer; Gluon's own names come
 #: from a process-wide counter). Keras writes a bare layer under its layer name.
 ROOT_NAME = "self"
@@ -41,30 +43,49 @@ def save(path, layers: Layers) -> None:
     """Write ``{name: (config, params)}`` to ``path`` (shapes are checked against each config first)."""
     from safetensors.numpy import save_file
 
+    if not isinstance(layers, Mapping):
+        raise TypeError(f"layers must be a mapping {{name: (config, params)}}, but got {type(layers).__name__}")
     tensors: Dict[str, np.ndarray] = {}
     configs = {}
-    for name, (config, params) in layers.items():
+    for name, entry in layers.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"layer names must be non-empty strings, but got {name!r}")
-        if not isinstance(config, DOConvConfig) or not isinstance(params, DOConvParams):
-            raise TypeError(f"layer {name!r}: expected (DOConvConfig, DOConvParams), "
-                            f"but got ({type(config).__name__}, {type(params).__name__})")
+        if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], DOConvConfig)
+                and isinstance(entry[1], DOConvParams)):
+            raise TypeError(f"layer {name!r}: expected a pair (DOConvConfig, DOConvParams), but got {entry!r:.200}")
+        config, params = entry
         params.check(config, where=f"layer {name!r}")
         configs[name] = config.to_dict()
         for key in TENSORS:
             value = getattr(params, key)
             if value is not None:
-                tensors[f"{name}.{key}"] = np.ascontiguousarray(value)
+                value = np.ascontiguousarray(value)
+                if value.dtype.name not in DTYPES:
+                    raise TypeError(f"layer {name!r}: {key} has dtype {value.dtype}; a file holds {DTYPES}")
+                tensors[f"{name}.{key}"] = value
     header = {"format": FORMAT, "version": VERSION, "pairing": "paper", "layers": configs}
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".doconv-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    path = os.path.realpath(os.fspath(path))  # through a symlink, not over it
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path {path!r} is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=".doconv-", suffix=".tmp", dir=os.path.dirname(path))
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"doconv": json.dumps(header)})
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600: give the file the mode a plain open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _file_mode(path: str) -> int:
+    """The replaced file's permissions, else 0666 less the umask (what ``open(path, 'w')`` gives)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
@@ -73,6 +94,8 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
 
     path = os.fspath(path)
     where = f"interchange file {path!r}"
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{where} is a directory")
     try:
         with safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
@@ -80,6 +103,9 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
     except FileNotFoundError:
         raise
     except Exception as err:  # safetensors raises its own error types for damaged headers/bodies
+        if "bfloat16" in str(err):
+            raise ValueError(f"{where} holds bfloat16 tensors, which NumPy cannot read; a file holds {DTYPES} "
+                             f"(convert them to float32)") from None
         raise ValueError(f"{where} is damaged or not a safetensors file: {err}") from None
     if "doconv" not in metadata:
         raise ValueError(f"{where} has no 'doconv' metadata: not a DO-Conv interchange file")
@@ -92,7 +118,7 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
     unknown = sorted(set(header) - HEADER_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown header field(s) {unknown}; known: {sorted(HEADER_KEYS)}")
-    if header.get("version") != VERSION:
+    if type(header.get("version")) is not int or header.get("version") != VERSION:  # not True, not 1.0
         raise ValueError(f"{where}: unknown format version {header.get('version')!r}; this doconv reads version {VERSION}")
     if header.get("pairing") != "paper":
         raise ValueError(f"{where}: unknown pairing {header.get('pairing')!r}; expected 'paper'")
@@ -116,6 +142,9 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
             if tensors[full].shape != tuple(shape):
                 raise ValueError(f"{where}, layer {name!r}: tensor {key!r} has shape {tensors[full].shape}, "
                                  f"expected {tuple(shape)} for {config!r}")
+            if tensors[full].dtype.name not in DTYPES:
+                raise ValueError(f"{where}, layer {name!r}: tensor {key!r} has dtype {tensors[full].dtype}, "
+                                 f"expected one of {DTYPES}")
             arrays[key] = tensors[full]
             used.add(full)
         out[name] = (config, DOConvParams(arrays["W"], arrays.get("D"), arrays.get("bias")))
@@ -136,6 +165,9 @@ def load_matching(path, configs: Mapping[str, DOConvConfig], *, strict: bool = T
     ``bare=True``: the model is one bare layer, and a file of one layer matches it whatever that layer's
     name (:data:`ROOT_NAME` from PyTorch or Gluon, a layer name from Keras).
     """
+    bad = {name: type(c).__name__ for name, c in configs.items() if not isinstance(c, DOConvConfig)}
+    if bad:
+        raise TypeError(f"configs must map layer names to DOConvConfig, but got {bad}")
     stored = load(path)
     where = f"interchange file {os.fspath(path)!r}"
     if bare and len(stored) == 1 and len(configs) == 1:

@@ -38,6 +38,10 @@ def pad(x: np.ndarray, pads: Pads, mode: str = "zeros") -> np.ndarray:
     """Pad the two trailing axes of ``x`` per side with a ``padding_mode`` of ``nn.Conv2d``."""
     if mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {set(PADDING_MODES)}, but got padding_mode={mode!r}")
+    for size, (lo, hi) in zip(x.shape[-2:], pads):  # as torch: numpy would reflect / wrap repeatedly
+        if mode == "reflect" and max(lo, hi) >= size or mode == "circular" and max(lo, hi) > size:
+            raise ValueError(f"padding_mode={mode!r} cannot pad an axis of size {size} by ({lo}, {hi}) "
+                             f"({'each pad < size' if mode == 'reflect' else 'each pad <= size'})")
     widths = ((0, 0),) * (x.ndim - 2) + tuple(tuple(p) for p in pads)
     return np.pad(x, widths, mode=NUMPY_PAD_MODE[mode])
 
@@ -95,7 +99,8 @@ def _im2col(xp, kernel_shape, stride, dilation, out_hw, groups):
     b, cin = xp.shape[:2]
     win = _windows(xp, kernel_shape[2:], stride, dilation, out_hw)  # (B, C, Ho, Wo, M, N)
     win = win.reshape(b, groups, cin // groups, *out_hw, *kernel_shape[2:])
-    return win.transpose(0, 1, 3, 4, 2, 5, 6).reshape(b, groups, out_hw[0] * out_hw[1], -1)
+    per_group = cin // groups * kernel_shape[2] * kernel_shape[3]  # explicit: -1 fails on an empty batch
+    return win.transpose(0, 1, 3, 4, 2, 5, 6).reshape(b, groups, out_hw[0] * out_hw[1], per_group)
 
 
 def conv2d(x: np.ndarray, kernel: np.ndarray, bias: Optional[np.ndarray] = None, *, stride=1, padding=0,
@@ -152,6 +157,7 @@ def forward(x: np.ndarray, params: DOConvParams, config: DOConvConfig, *, compos
     """
     x = np.asarray(x)
     config.output_shape(x.shape)  # validates the input against the config, naming the problem
+    params.check(config)
     if composition == "auto":
         from .cost import choose_composition
         composition = choose_composition(config, x.shape)

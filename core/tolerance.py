@@ -29,8 +29,11 @@ def tolerance(dtype) -> float:
 
 def max_error(actual, expected) -> float:
     """Scale-aware worst error ``max|a - e| / max(1, max|e|)``; inf when the shapes differ."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if np.iscomplexobj(actual) or np.iscomplexobj(expected):  # compare both parts, never drop one
+        actual, expected = actual.astype(np.complex128), expected.astype(np.complex128)
+    else:
+        actual, expected = actual.astype(np.float64), expected.astype(np.float64)
     if actual.shape != expected.shape:
         return float("inf")
     if expected.size == 0:

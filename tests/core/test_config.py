@@ -131,3 +131,12 @@ def test_resolved_makes_input_independent_padding_explicit():
     for h in range(5, 12):  # 'same' at stride 1 resolves to the pads of every input size
         assert DOConvConfig(2, 2, (2, 5), padding="same").resolved().padding == \
             DOConvConfig(2, 2, (2, 5), padding="same").pads(h, h + 1)
+
+
+def test_circular_padding_wraps_once_at_most_and_sizes_are_ints():
+    config = DOConvConfig(1, 1, 3, padding=2, padding_mode="circular")
+    assert config.output_shape((1, 1, 2, 2)) == (1, 1, 4, 4)  # pad == size: one wrap, as torch allows
+    with pytest.raises(ValueError, match=r"padding_mode='circular' needs each pad <= the input height 1"):
+        config.output_shape((1, 1, 1, 5))
+    with pytest.raises(TypeError, match=r"input shape must hold ints, but got input shape \(1, 1, 5.9, 5\)"):
+        config.output_shape((1, 1, 5.9, 5))

@@ -114,7 +114,7 @@ def test_save_checks_shapes_and_never_leaves_a_partial_file(tmp_path):
         doconv.save(path, {"a": (c, bad)})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.safetensors"]
-    with pytest.raises(TypeError, match="expected \\(DOConvConfig, DOConvParams\\)"):
+    with pytest.raises(TypeError, match="expected a pair \\(DOConvConfig, DOConvParams\\)"):
         doconv.save(path, {"a": (c.to_dict(), bad)})
     with pytest.raises(ValueError, match="non-empty strings"):
         doconv.save(path, {"": good["a"]})
@@ -135,3 +135,41 @@ def test_load_matching_checks_layers_and_compares_resolved_configs(tmp_path):
     with pytest.raises(ValueError, match=r"missing from the file \['b'\]"):
         doconv.load_matching(path, {"a": torch_style, "b": torch_style})
     assert set(doconv.load_matching(path, {"a": torch_style, "b": torch_style}, strict=False)) == {"a"}
+
+
+def test_save_gives_the_mode_open_would_and_writes_through_symlinks(tmp_path):
+    import os
+    config = DOConvConfig(2, 3, 3)
+    params = doconv.init_params(config, rng=0)
+    path = tmp_path / "a.safetensors"
+    umask = os.umask(0o022)
+    try:
+        doconv.save(path, {"l": (config, params)})
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # mkstemp alone would give 0600
+    os.chmod(path, 0o640)
+    doconv.save(path, {"l": (config, params)})
+    assert os.stat(path).st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    doconv.save(link, {"m": (config, params)})
+    assert link.is_symlink() and list(doconv.load(path)) == ["m"]
+    with pytest.raises(IsADirectoryError):
+        doconv.load(tmp_path)
+
+
+def test_files_hold_floating_tensors_only(tmp_path):
+    from safetensors.numpy import save_file
+    config = DOConvConfig(2, 3, 3)
+    params = doconv.init_params(config, rng=0)
+    with pytest.raises(TypeError, match=r"layer 'l': W has dtype int64"):
+        doconv.save(tmp_path / "x", {"l": (config, doconv.DOConvParams(params.W.astype(np.int64), params.D,
+                                                                       params.bias))})
+    path = tmp_path / "int.safetensors"
+    doconv.save(path, {"l": (config, params)})
+    tensors = {k: v for k, v in doconv.load(path)["l"][1].__dict__.items() if v is not None}
+    header = __import__("safetensors").safe_open(str(path), "numpy").metadata()
+    save_file({f"l.{k}": (v.astype(np.int8) if k == "W" else v) for k, v in tensors.items()}, str(path), header)
+    with pytest.raises(ValueError, match=r"layer 'l': tensor 'W' has dtype int8"):
+        doconv.load(path)

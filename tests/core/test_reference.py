@@ -71,3 +71,37 @@ def test_conv2d_rejects_bad_input_clearly():
         doconv.conv2d(x, k, groups=2, padding=1, padding_mode="mirror")
     with pytest.raises(ValueError, match="divisible by groups=4"):
         doconv.conv2d(np.zeros((1, 4, 5, 5)), np.zeros((6, 1, 3, 3)), groups=4)
+
+
+def test_misshapen_params_are_refused_not_computed():
+    config = doconv.DOConvConfig(4, 6, 3, groups=2)
+    p = doconv.init_params(config, rng=0, d_init="random")
+    x = np.zeros((1, 4, 5, 5))
+    for bad, name in ((doconv.DOConvParams(p.W.reshape(6, 9, 2), p.D, p.bias), "W"),
+                      (doconv.DOConvParams(p.W, None, p.bias), "D"),
+                      (doconv.DOConvParams(p.W, p.D, np.zeros((6, 1))), "bias")):
+        calls = [lambda: doconv.forward(x, bad, config), lambda: doconv.fold(bad, config)]
+        if name != "bias":  # compose reads W and D only
+            calls.append(lambda: doconv.compose(bad, config))
+        for call in calls:
+            with pytest.raises(ValueError, match=rf"{name} has shape"):
+                call()
+
+
+def test_empty_batch_and_pads_torch_refuses():
+    config = doconv.DOConvConfig(4, 6, 3, groups=2)
+    p = doconv.init_params(config, rng=0, d_init="random")
+    for composition in ("kernel", "feature", "auto"):
+        assert doconv.forward(np.zeros((0, 4, 5, 5)), p, config, composition=composition).shape == (0, 6, 3, 3)
+    with pytest.raises(ValueError, match=r"padding_mode='reflect' cannot pad an axis of size 2 by \(3, 3\)"):
+        doconv.conv2d(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 3)), padding=3, padding_mode="reflect")
+    with pytest.raises(ValueError, match=r"padding_mode='circular' cannot pad an axis of size 2 by \(3, 3\)"):
+        doconv.conv2d(np.zeros((1, 1, 2, 2)), np.zeros((1, 1, 3, 3)), padding=3, padding_mode="circular")
+
+
+def test_small_argument_checks():
+    assert doconv.max_error(np.zeros(3), 1j * np.ones(3)) == 1.0  # the imaginary part counts
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 1\), but got margin='0.1'"):
+        doconv.choose_composition(doconv.DOConvConfig(4, 4, 3), (1, 4, 5, 5), margin="0.1")
+    with pytest.raises(TypeError, match=r"dtype must be a floating dtype, but got dtype=int32"):
+        doconv.init_params(doconv.DOConvConfig(4, 4, 3), dtype=np.int32)
