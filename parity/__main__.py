@@ -9,7 +9,8 @@ Commands::
                              print the combined report of every environment that wrote to DIR
 
 Exit status: 0 when every check passes, 1 on any failure (or, with ``--strict``, any missing
-framework), 2 on bad usage.
+framework), 2 on bad usage (checked before the run) or when a report could not be written after it
+(the table is printed all the same).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import json
 import os
 import sys
 import tempfile
@@ -34,6 +36,17 @@ from .frameworks import DEFAULT, ENV_VAR, KNOWN, load_frameworks, selection
 QUICK = ("k1x1", "k3", "k3-s2-same", "k5-Dmul+3", "dw-x2-k3", "g3-k3-s2-Dmul+3", "k3-reflect", "k3-zeros-asym")
 
 
+def seed_value(text: str) -> int:
+    """``--seed``: a non-negative integer (NumPy's generators refuse negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be a non-negative integer")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doconv-parity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
                                               f"(default: ${ENV_VAR} or {','.join(DEFAULT)})")
     p.add_argument("-k", dest="keyword", help="only cases whose id contains this text")
     p.add_argument("--dtype", action="append", choices=("float64", "float32"), help="repeatable (default: both)")
-    p.add_argument("--seed", type=int, default=0, help="seed of parameters, inputs and updates (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of parameters, inputs and updates (default 0)")
     p.add_argument("--quick", action="store_true", help=f"only the cases {', '.join(QUICK)}")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--strict", action="store_true", help="a missing framework is a failure")
@@ -73,9 +86,58 @@ def run_tasks(tasks: List[checks.Task], description: str, show: bool) -> List[ch
     return results
 
 
+def result_files(folder: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(folder, "results", "*.json")))
+
+
+def check_dir(p: argparse.ArgumentParser, command: str, folder: str) -> List[dict]:
+    """Validate the exchange folder before the run (exit 2 on a problem; creates nothing); the reports
+    already in it (check)."""
+    if command == "check":
+        if not os.path.exists(folder):
+            p.error(f"check: DIR {folder!r} does not exist")
+        if not os.path.isdir(folder):
+            p.error(f"check: DIR {folder!r} is not a directory")
+    elif os.path.lexists(folder) and not os.path.isdir(folder):
+        p.error(f"export: DIR {folder!r} exists and is not a directory")
+    try:
+        checks.read_manifests(os.path.join(folder, "artifacts"))
+        previous = [report.read_json(path) for path in result_files(folder)] if command == "check" else []
+    except ValueError as err:
+        p.error(f"{command}: {err} (remove it, or use another DIR)")
+    if command == "check":
+        exported = (glob.glob(os.path.join(folder, "results", "export-*.json"))
+                    or glob.glob(os.path.join(folder, "artifacts", "*", "manifest.json")))
+        if not exported:
+            p.error(f"check: DIR {folder!r} holds no exported runs (run `doconv-parity export {folder}` first)")
+    return previous
+
+
+def prepare_dir(p: argparse.ArgumentParser, command: str, folder: str) -> None:
+    """export creates its exchange folder (check never does); either must be able to write its results."""
+    results = os.path.join(folder, "results")
+    if command == "export":
+        try:
+            os.makedirs(results, exist_ok=True)
+        except OSError as err:
+            p.error(f"export: cannot create {results!r}: {err.strerror or err}")
+    probe = results if os.path.isdir(results) else folder
+    problem = report.json_path_problem(os.path.join(probe, f"{command}.json"))
+    if problem:
+        p.error(f"{command}: cannot write the results into DIR {folder!r}: {problem}")
+
+
+def inside(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
 def main(argv: Sequence[str] = None) -> int:
-    args = parser().parse_args(argv)
     p = parser()
+    args = p.parse_args(argv)
     if args.command in ("export", "check") and not args.dir:
         p.error(f"{args.command} needs a DIR")
     if args.command == "run" and args.dir:
@@ -83,11 +145,26 @@ def main(argv: Sequence[str] = None) -> int:
     try:
         names = selection(args.frameworks)
     except ValueError as err:
-        p.error(str(err))
+        p.error(f"argument -f/--frameworks: {err}" if args.frameworks is not None else f"${ENV_VAR}: {err}")
     cases = [c for c in CASES if (args.keyword is None or args.keyword in c.id) and (not args.quick or c.id in QUICK)]
     if not cases:
         p.error(f"no case matches -k {args.keyword!r}{' with --quick' if args.quick else ''}")
     dtypes = tuple(dict.fromkeys(args.dtype or ("float64", "float32")))
+    previous = check_dir(p, args.command, args.dir) if args.dir else []
+
+    def check_json_path():
+        problem = report.json_path_problem(args.json)
+        if problem:
+            p.error(f"argument --json: cannot write the report to {args.json!r}: {problem}")
+    # --json inside the export DIR that export is about to create is checked once DIR exists
+    json_in_new_dir = (args.json is not None and args.command == "export" and not os.path.exists(args.dir)
+                       and inside(os.path.dirname(os.path.abspath(args.json)), args.dir))
+    if args.json is not None and not json_in_new_dir:
+        check_json_path()
+    if args.dir:
+        prepare_dir(p, args.command, args.dir)
+    if json_in_new_dir:
+        check_json_path()
     start = time.perf_counter()
 
     frameworks, missing = load_frameworks(names)
@@ -123,11 +200,15 @@ def main(argv: Sequence[str] = None) -> int:
             "frameworks": [fw.name for fw in frameworks], "tolerances": TOLERANCES, "elapsed_s": round(elapsed, 1),
             "doconv": __version__}
     mine = report.to_json(results, missing=missing, skipped=skipped, meta=meta)
+    writes = []  # (what, path, data): written after the table is printed, so that a failure loses nothing
     if args.dir:
         tag = "+".join(sorted({fw.family for fw in frameworks} | ({"core"} & set(names)))) or "none"
-        report.write_json(os.path.join(args.dir, "results", f"{args.command}-{tag}.json"), mine)
+        own = os.path.join(args.dir, "results", f"{args.command}-{tag}.json")
+        writes.append((f"{args.command} DIR", own, mine))
     if args.command == "check":  # the combined report of every environment that wrote to DIR
-        everything = [report.read_json(path) for path in sorted(glob.glob(os.path.join(args.dir, "results", "*.json")))]
+        by_path = dict(zip(result_files(args.dir), previous))  # read (and validated) before the run
+        by_path[own] = json.loads(json.dumps(mine))  # this run, as it will read back from its file
+        everything = [by_path[path] for path in sorted(by_path)]
         results = [checks.Result.from_dict(r) for data in everything for r in data["results"]]
         ran = {r.framework.split("/")[0] for r in results} | {fw.family for fw in frameworks}
         missing = [m for data in everything for m in data["missing"] if m["name"] not in ran]
@@ -135,13 +216,21 @@ def main(argv: Sequence[str] = None) -> int:
         skipped = {k: v for data in everything for k, v in data["skipped"].items()}
         mine = report.to_json(results, missing=missing, skipped=skipped, meta={**meta, "combined": len(everything)})
     if args.json:
-        report.write_json(args.json, mine)
+        writes.append(("--json", args.json, mine))
     where = f" (combined from {mine.get('combined')} run(s) in {args.dir})" if args.command == "check" else ""
     title = (f"doconv {__version__} parity: {len(cases)} case(s), dtypes {'/'.join(dtypes)}, seed {args.seed}, "
              f"{len(results)} comparisons in {elapsed:.0f} s{where}")
     report.render(results, title=title, missing=missing, skipped=skipped)
     failed = not all(r.passed for r in results) or (args.strict and missing) or not results
-    return 1 if failed else 0
+    status = 1 if failed else 0
+    for what, path, data in writes:
+        try:
+            report.write_json(path, data, make_parents=what != "--json")
+        except OSError as err:
+            print(f"{p.prog}: error: {what}: could not write the report to {path!r}: {err.strerror or err} "
+                  f"(the table above is complete)", file=sys.stderr)
+            status = 2
+    return status
 
 
 if __name__ == "__main__":

@@ -329,14 +329,30 @@ def write_manifest(root: str, fw: Framework, done: Dict[str, List[str]], seed: i
         json.dump(manifest, f, indent=1)
 
 
+def _read_manifest(path: str) -> dict:
+    """One manifest written by :func:`write_manifest`; anything else is a ValueError naming ``path``."""
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path!r} is not a readable doconv-parity-artifacts manifest: {err}") from None
+    ok = (isinstance(manifest, dict) and manifest.get("format") == "doconv-parity-artifacts"
+          and manifest.get("version") == 1 and isinstance(manifest.get("framework"), str)
+          and isinstance(manifest.get("cases"), dict) and isinstance(manifest.get("trained"), dict)
+          and all(isinstance(ids, list) for ids in manifest["trained"].values()))
+    if not ok:
+        raise ValueError(f"{path!r} is not a doconv-parity-artifacts version 1 manifest")
+    return manifest
+
+
 def read_manifests(root: str) -> List[dict]:
+    """Every framework's manifest under ``root`` (a damaged or foreign one is a ValueError naming the file)."""
     out = []
     if os.path.isdir(root):
         for name in sorted(os.listdir(root)):
             path = os.path.join(root, name, "manifest.json")
             if os.path.isfile(path):
-                with open(path) as f:
-                    manifest = json.load(f)
+                manifest = _read_manifest(path)
                 manifest["folder"] = os.path.join(root, name)
                 out.append(manifest)
     return out

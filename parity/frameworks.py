@@ -69,10 +69,14 @@ def import_backend(name: str, framework_module: str, backend_module: str):
 
 
 def parse_selection(text: Optional[str]) -> Tuple[str, ...]:
-    """``'torch,tf'`` -> ``('torch', 'tf')``; None/empty -> the default; an unknown name is a ValueError."""
+    """``'torch,tf'`` -> ``('torch', 'tf')``; None/empty -> the default; an unknown name, or a text that names
+    no framework at all (``','``), is a ValueError."""
     if text is None or not text.strip():
         return DEFAULT
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"no framework named in frameworks={text!r}; known: {sorted(KNOWN)} "
+                         f"(set with --frameworks or {ENV_VAR})")
     unknown = [n for n in names if n not in KNOWN]
     if unknown:
         raise ValueError(f"unknown framework(s) {unknown} in frameworks={text!r}; known: {sorted(KNOWN)} "

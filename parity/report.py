@@ -6,11 +6,13 @@ The same data goes to the terminal (a rich table, plain text without rich) and t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import sys
+import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from .checks import CHECK_ORDER, Result
@@ -73,20 +75,80 @@ def to_json(results: Sequence[Result], *, missing: Sequence[dict], skipped: Dict
             "summary": summarize(results), "results": [r.to_dict() for r in results]}
 
 
-def write_json(path: str, data: dict) -> None:
+def json_path_problem(path: str) -> Optional[str]:
+    """Why a report could not be written to ``path`` (None when it can): checked before a run, so that a
+    typo never costs the run. The parent folder must exist (it is never created) and take a new file;
+    ``path`` itself must not be a folder or anything but a regular file."""
+    if not path:
+        return "the path is empty"
+    if os.path.isdir(path):
+        return "is a directory"
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return "exists and is not a regular file"
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    if not os.path.exists(folder):
+        return f"the directory {folder!r} does not exist"
+    if not os.path.isdir(folder):
+        return f"{folder!r} is not a directory"
+    try:  # os.access says yes to root everywhere, even in /proc: try it for real
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".doconv-parity-", suffix=".tmp")
+    except OSError as err:
+        return f"cannot create a file in {folder!r}: {err.strerror or err}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def write_json(path: str, data: dict, *, make_parents: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then a rename); on any
+    failure the temporary file is removed and the OSError propagates. The parent folder is created only
+    with ``make_parents``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if make_parents:
+        os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a plain open() gives
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
+    """A report written by :func:`write_json`; anything else (not JSON, another format, a damaged report) is
+    a ValueError whose message names ``path``."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path!r} is not a readable {FORMAT} file: {err}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
         raise ValueError(f"{path!r} is not a {FORMAT} version {VERSION} file")
+    try:
+        if not isinstance(data.get("results"), list) or not isinstance(data.get("missing"), list):
+            raise ValueError("no 'results' or 'missing' list")
+        for r in data["results"]:
+            result = Result.from_dict(r)
+            if not all(isinstance(getattr(result, k), str) for k in ("framework", "check", "case", "dtype", "note")):
+                raise ValueError(f"result {r!r} has a non-text name")
+            if isinstance(result.tolerance, bool) or not isinstance(result.tolerance, (int, float)):
+                raise ValueError(f"result {r!r} has no numeric tolerance")
+        for m in data["missing"]:
+            if not isinstance(m.get("name"), str):
+                raise ValueError(f"missing entry {m!r} without a name")
+        if not isinstance(data.get("skipped"), dict):
+            raise ValueError("no 'skipped' table")
+        for info in data["skipped"].values():
+            if not isinstance(info.get("count"), int) or not isinstance(info.get("features"), list):
+                raise ValueError(f"skipped entry {info!r} without count and features")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path!r} is a damaged {FORMAT} file: {err}") from None
     return data
 
 
