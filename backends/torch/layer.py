@@ -11,8 +11,11 @@ state_dict keys (canonical layout, :mod:`doconv.compose`)
 The fixed ``I_fill`` (M*N, D_mul) is a non-persistent buffer: it moves with ``to()`` but is not saved.
 With ``groups=1`` the parameter W keeps that shape but is *stored* c-major (strides of a contiguous
 (C_in, D_mul, C_out), the layout the composition's products run fast in; see
-:mod:`doconv.torch.functional`); ``state_dict()`` hands it out contiguous, ``load_state_dict`` copies
-into the stored layout, and a W of any layout (e.g. through ``torch.func.functional_call``) is correct.
+:mod:`doconv.torch.functional`). ``state_dict()`` hands out W itself, as ``nn.Conv2d`` does its weight
+(sharing storage: EMA / teacher updates written into state_dict values reach the parameter);
+``torch.save`` and ``safetensors.torch.save_model`` store it, while raw ``safetensors`` ``save_file``
+asks for ``.contiguous()`` tensors. ``load_state_dict`` copies into the stored layout, and a W of any
+layout (e.g. through ``torch.func.functional_call``) is correct.
 
 Why not a subclass of ``nn.Conv2d``: a model-zoo init loop ``if isinstance(m, nn.Conv2d):
 nn.init.kaiming_normal_(m.weight)`` would silently write into a freshly computed tensor and change
@@ -95,7 +98,7 @@ class DOConv2d(nn.Module):
       512-channel 7x7 layer below about 134 input positions); see BENCHMARKS.md.
 
     Storage and routes (same values everywhere, see :mod:`doconv.torch.functional`): with ``groups=1``
-    W is stored c-major (its shape stays (C_out, C_in, S); ``state_dict()`` gives it contiguous). A
+    W is stored c-major (its shape stays (C_out, C_in, S), and ``state_dict()`` shares it). A
     training step at stride 1 convolves with ``conv_transpose2d`` of the reversed taps, every other
     call with ``conv2d`` of the OIHW kernel.
 
@@ -163,7 +166,8 @@ class DOConv2d(nn.Module):
                 raise RuntimeError("reset_parameters() on a deployed (folded) DOConv2d: fold a fresh layer instead")
             if self.I_fill is not None:  # rebuilt too: after meta-device init + to_empty() it is garbage
                 self.I_fill.copy_(torch.as_tensor(identity_fill(self.config.MN, self.config.S)))
-            self.W.uniform_(-bound, bound)
+            self.W.copy_(torch.empty(self.W.shape, dtype=self.W.dtype, device=self.W.device).uniform_(-bound, bound))
+            # (drawn contiguous, then copied: the same seed gives the same W whatever the storage)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
             if self.D is not None:
@@ -293,14 +297,14 @@ class DOConv2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if getattr(self, "_c_major", False) and self.W is not None and not DF.c_major(self.W, 1):  # assign=True
+        if self.W is None or self.D is None or self.config.groups != 1:
+            return
+        if getattr(self, "_c_major", False) and not DF.c_major(self.W, 1):  # assign=True with another layout
             self.W.data = DF.to_c_major(self.W.data)
             self._cache = None
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not keep_vars and self.W is not None and not self.W.is_contiguous():
-            destination[prefix + "W"] = self.W.detach().contiguous()  # c-major storage; savers want contiguous
+        elif getattr(self, "_c_major", None) is False and not self.W.is_contiguous():  # 'contiguous' storage
+            self.W.data = self.W.data.contiguous()
+            self._cache = None
 
     def __prepare_scriptable__(self):
         raise NotImplementedError(

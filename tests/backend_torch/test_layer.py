@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -70,15 +71,18 @@ def test_c_major_compositions_equal_einsum_autograd(case):
             np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
 
 
-def test_groups_1_layers_store_W_c_major_and_save_it_contiguous(tmp_path):
-    from safetensors.torch import load_file, save_file
+def test_groups_1_layers_store_W_c_major_and_state_dict_shares_it(tmp_path):
+    from safetensors.torch import load_file, save_file, save_model
     layer = DOConv2d(4, 6, 3, padding=1, D_mul=12, d_init="random")
     assert layer.W.shape == (6, 4, 12) and layer.W.permute(1, 2, 0).is_contiguous()
     assert DOConv2d(4, 6, 1).W.is_contiguous() and DOConv2d(4, 6, 3, groups=2).W.is_contiguous()
     sd = layer.state_dict()
-    assert sd["W"].is_contiguous() and torch.equal(sd["W"], layer.W)
+    assert sd["W"].data_ptr() == layer.W.data_ptr() and torch.equal(sd["W"], layer.W)  # shared, as nn.Conv2d's
     assert layer.state_dict(keep_vars=True)["W"] is layer.W
-    save_file(sd, tmp_path / "w.safetensors")   # refuses non-contiguous tensors
+    with pytest.raises(ValueError, match="contiguous"):  # safetensors' own message: raw save_file wants contiguous
+        save_file(sd, tmp_path / "w.safetensors")
+    save_model(layer, tmp_path / "model.safetensors")  # makes them contiguous itself
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "w.safetensors")
     other = DOConv2d(4, 6, 3, padding=1, D_mul=12)
     other.load_state_dict(load_file(tmp_path / "w.safetensors"))
     assert torch.equal(other.W, layer.W) and other.W.stride() == layer.W.stride()   # copy_ keeps the layout
@@ -642,3 +646,27 @@ def test_accepts_every_conv2d_argument_with_its_default():
     for mine, p in zip(ours, theirs):
         assert (mine.name, mine.default, mine.kind) == (p.name, p.default, p.kind)
     assert len(ours) >= len(theirs)
+
+
+@pytest.mark.parametrize("W_storage", ["c-major", "contiguous"])
+def test_ema_updates_through_state_dict_reach_the_parameters(W_storage):
+    """timm's ModelEmaV2 / ultralytics' ModelEMA write the EMA into ``ema.state_dict()`` values in place."""
+    torch.manual_seed(0)
+    model = DOConv2d(3, 4, 3, W_storage=W_storage)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+            e.mul_(0.5).add_(m, alpha=0.5)
+    for (name, e), m in zip(ema.named_parameters(), model.parameters()):
+        torch.testing.assert_close(e - m, torch.full_like(m, -0.5), msg=name)
+
+
+def test_same_seed_same_init_whatever_the_storage():
+    torch.manual_seed(0)
+    a = DOConv2d(3, 8, 3, d_init="random")
+    torch.manual_seed(0)
+    b = DOConv2d(3, 8, 3, d_init="random", W_storage="contiguous")
+    assert torch.equal(a.W, b.W) and torch.equal(a.D, b.D)
+    torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)  # two product orders, same values
