@@ -57,6 +57,16 @@ def _per_row(t: torch.Tensor, g: int, cin_g: int) -> torch.Tensor:
     return t.reshape(g, cin_g, rows, -1).transpose(1, 2).reshape(g * rows, cin_g, -1).contiguous()
 
 
+def _bilinear_jvp(forward, saved, tW, tD, option):
+    """Forward-mode derivative of a composition, bilinear in (W, D): f(tW, D) + f(W, tD)."""
+    W, D = saved
+    out = None if tW is None else forward(tW, D, option)
+    if tD is not None:
+        along_D = forward(W, tD, option)
+        out = along_D if out is None else out + along_D
+    return out
+
+
 class ComposeKernel(torch.autograd.Function):
     """W' = D^T o W with a hand-written backward (same values as :func:`compose_einsum`).
 
@@ -80,7 +90,12 @@ class ComposeKernel(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         W, D, groups = inputs
         ctx.save_for_backward(W, D)
+        ctx.save_for_forward(W, D)
         ctx.groups = groups
+
+    @staticmethod
+    def jvp(ctx, tW, tD, _):  # type: ignore[override]
+        return _bilinear_jvp(ComposeKernel.forward, ctx.saved_tensors, tW, tD, ctx.groups)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -148,6 +163,11 @@ class ComposeCMajor(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         W, D, ctx.transposed = inputs
         ctx.save_for_backward(W, D)
+        ctx.save_for_forward(W, D)
+
+    @staticmethod
+    def jvp(ctx, tW, tD, _):  # type: ignore[override]
+        return _bilinear_jvp(ComposeCMajor.forward, ctx.saved_tensors, tW, tD, ctx.transposed)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]

@@ -185,7 +185,10 @@ class DOConv2d(nn.Module):
         """The composed kernel W' (OIHW), differentiable, never cached."""
         if self.deployed:
             return self._parameters["weight"]
-        return DF.compose_kernel(self.W, self.full_D(), self.config)
+        return self._compose(self.W, self.D)
+
+    def _compose(self, W: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
+        return DF.compose_kernel(W, None if D is None else DF.full_D(D, self.I_fill), self.config)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -200,32 +203,35 @@ class DOConv2d(nn.Module):
                 "doconv.torch.fold) to get a plain convolution whose weight can be replaced")
         super().__setattr__(name, value)
 
-    def _cache_key(self):
+    @staticmethod
+    def _cache_key(W: torch.Tensor, D: Optional[torch.Tensor]):
         """Identity, version counter, address, dtype and device of W and D, and the optimizer step count.
 
         The cache holds W and D themselves, so that neither their ids nor their memory can be reused by
         other tensors (e.g. fresh ones passed through ``functional_call``) while the entry lives."""
-        tensors = [t for t in (self.W, self.D) if t is not None]
+        tensors = [t for t in (W, D) if t is not None]
         return (_optimizer_steps,) + tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
-    def _can_cache(self) -> bool:
+    @staticmethod
+    def _can_cache(W: torch.Tensor, D: Optional[torch.Tensor]) -> bool:
         if torch.compiler.is_compiling() or _functorch_active() or torch.jit.is_tracing():
             return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.W, self.D) if p is not None):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (W, D) if p is not None):
             return False  # the kernel needs its graph (e.g. fine-tuning in eval mode): never a stale cache
         return True
 
     def kernel(self) -> torch.Tensor:
         """W' for the convolution: from the cache when no gradient is needed, else composed afresh."""
-        if self.deployed or not self._can_cache():
+        if self.deployed:
             return self.compose()
-        return self._cached_kernel()
+        W, D = self.W, self.D
+        return self._cached_kernel(W, D) if self._can_cache(W, D) else self._compose(W, D)
 
-    def _cached_kernel(self) -> torch.Tensor:
-        key = self._cache_key()
+    def _cached_kernel(self, W: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
+        key = self._cache_key(W, D)
         if self._cache is None or self._cache[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self.compose(), (self.W, self.D))
+                self._cache = (key, self._compose(W, D), (W, D))
         return self._cache[1]
 
     @property
@@ -253,7 +259,7 @@ class DOConv2d(nn.Module):
         return super().train(mode)
 
     # ---- forward ------------------------------------------------------------------------------
-    def _check_input(self, x) -> None:
+    def _check_input(self, x, dtype: torch.dtype) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
         if x.dim() not in (3, 4):
@@ -261,7 +267,6 @@ class DOConv2d(nn.Module):
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
         if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
             self.config.output_shape(shape)  # ValueError naming channels / sizes / reflect pads
-        dtype = self.compose().dtype if self.deployed else self.W.dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
@@ -281,19 +286,24 @@ class DOConv2d(nn.Module):
         return self._auto[shape, margin]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        if self.deployed or self.D is None:
-            return DF.conv(x, self.compose(), self.bias, self.config)
-        if self.composition != "feature" and self._can_cache():  # inference: the cached kernel
-            return DF.conv(x, self._cached_kernel(), self.bias, self.config)
-        c_major = DF.c_major(self.W, self.config.groups)
+        if self.deployed:
+            kernel = self.compose()
+            self._check_input(x, kernel.dtype)
+            return DF.conv(x, kernel, self.bias, self.config)
+        W, D = self.W, self.D  # read once: a parametrization of W or D runs once per call, as on nn.Conv2d's weight
+        self._check_input(x, W.dtype)
+        if D is None:
+            return DF.conv(x, self._compose(W, D), self.bias, self.config)
+        if self.composition != "feature" and self._can_cache(W, D):  # inference: the cached kernel
+            return DF.conv(x, self._cached_kernel(W, D), self.bias, self.config)
+        c_major = DF.c_major(W, self.config.groups)
         if self._route(x, c_major) == "feature":
-            return DF.feature_forward(x, self.W, self.full_D(), self.bias, self.config)
+            return DF.feature_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config)
         if c_major and not torch.jit.is_tracing():  # training at stride 1: conv_transpose2d of the reversed taps
             pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
             if pads is not None:
-                return DF.transposed_forward(x, self.W, self.full_D(), self.bias, self.config, pads)
-        return DF.conv(x, self.compose(), self.bias, self.config)
+                return DF.transposed_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config, pads)
+        return DF.conv(x, self._compose(W, D), self.bias, self.config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -670,3 +670,41 @@ def test_same_seed_same_init_whatever_the_storage():
     b = DOConv2d(3, 8, 3, d_init="random", W_storage="contiguous")
     assert torch.equal(a.W, b.W) and torch.equal(a.D, b.D)
     torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)  # two product orders, same values
+
+
+@pytest.mark.parametrize("W_storage, groups, training", [("c-major", 1, True), ("c-major", 1, False),
+                                                          ("contiguous", 1, True), ("contiguous", 2, True)])
+def test_forward_mode_ad_through_W_and_D(W_storage, groups, training):
+    """torch.func.jvp (and so jacfwd / hessian) with respect to the parameters, against the einsum."""
+    torch.manual_seed(0)
+    layer = DOConv2d(4, 6, 3, padding=1, groups=groups, dtype=torch.float64, d_init="random",
+                     W_storage=W_storage, composition="kernel").train(training)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def ours(p):
+        return torch.func.functional_call(layer, p, (x,))
+
+    def reference(p):
+        kernel = DF.compose_einsum(p["W"], p["D"] + layer.I_fill, layer.config)
+        return torch.nn.functional.conv2d(x, kernel, p["bias"], padding=1, groups=groups)
+    out, tangent = torch.func.jvp(ours, (params,), (tangents,))
+    want, want_tangent = torch.func.jvp(reference, (params,), (tangents,))
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(tangent, want_tangent, rtol=1e-10, atol=1e-10)
+
+
+def test_a_parametrization_of_W_runs_once_per_forward():
+    calls = []
+
+    class Count(nn.Module):
+        def forward(self, W):
+            calls.append(1)
+            return W
+    for training in (True, False):
+        layer = DOConv2d(3, 4, 3, padding=1).train(training)
+        torch.nn.utils.parametrize.register_parametrization(layer, "W", Count())
+        calls.clear()
+        layer(torch.randn(1, 3, 6, 6))
+        assert len(calls) == 1, (training, len(calls))
