@@ -90,12 +90,7 @@ class ComposeKernel(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         W, D, groups = inputs
         ctx.save_for_backward(W, D)
-        ctx.save_for_forward(W, D)
         ctx.groups = groups
-
-    @staticmethod
-    def jvp(ctx, tW, tD, _):  # type: ignore[override]
-        return _bilinear_jvp(ComposeKernel.forward, ctx.saved_tensors, tW, tD, ctx.groups)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -163,11 +158,6 @@ class ComposeCMajor(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         W, D, ctx.transposed = inputs
         ctx.save_for_backward(W, D)
-        ctx.save_for_forward(W, D)
-
-    @staticmethod
-    def jvp(ctx, tW, tD, _):  # type: ignore[override]
-        return _bilinear_jvp(ComposeCMajor.forward, ctx.saved_tensors, tW, tD, ctx.transposed)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -186,6 +176,41 @@ class ComposeCMajor(torch.autograd.Function):
         return dW, dD, None
 
 
+class ComposeKernelFwd(ComposeKernel):
+    """:class:`ComposeKernel` with forward-mode AD (used only then: Dynamo refuses a custom ``jvp``)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ComposeKernel.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:2])
+
+    @staticmethod
+    def jvp(ctx, tW, tD, _):  # type: ignore[override]
+        return _bilinear_jvp(ComposeKernel.forward, ctx.saved_tensors, tW, tD, ctx.groups)
+
+
+class ComposeCMajorFwd(ComposeCMajor):
+    """:class:`ComposeCMajor` with forward-mode AD (used only then: Dynamo refuses a custom ``jvp``)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ComposeCMajor.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[:2])
+
+    @staticmethod
+    def jvp(ctx, tW, tD, _):  # type: ignore[override]
+        return _bilinear_jvp(ComposeCMajor.forward, ctx.saved_tensors, tW, tD, ctx.transposed)
+
+
+def _forward_ad() -> bool:
+    """Whether forward-mode AD may be asked for: a torch.func transform, or an open dual level."""
+    return bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0
+
+
+def _c_major_function():
+    return ComposeCMajorFwd if _forward_ad() else ComposeCMajor
+
+
 def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:
     """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, M, N)``.
 
@@ -198,8 +223,9 @@ def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvCon
     if torch.jit.is_tracing():
         return compose_einsum(W, D, config)
     if c_major(W, config.groups):
-        return ComposeCMajor.apply(W, D, False).reshape(config.kernel_shape)
-    return ComposeKernel.apply(W, D, config.groups).reshape(config.kernel_shape)
+        return _c_major_function().apply(W, D, False).reshape(config.kernel_shape)
+    return (ComposeKernelFwd if _forward_ad() else ComposeKernel).apply(W, D, config.groups).reshape(
+        config.kernel_shape)
 
 
 def depthwise_kernel(D: torch.Tensor, config: DOConvConfig) -> torch.Tensor:
@@ -259,7 +285,7 @@ def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: 
     pre, q = pads
     if pre is not None and any(pre):
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
-    kernel = ComposeCMajor.apply(W, D, True).reshape(config.in_channels, config.out_channels,
+    kernel = _c_major_function().apply(W, D, True).reshape(config.in_channels, config.out_channels,
                                                      *config.kernel_size)
     return F.conv_transpose2d(x, kernel, bias, 1, q, 0, 1, config.dilation)
 
