@@ -176,30 +176,22 @@ class ComposeCMajor(torch.autograd.Function):
         return dW, dD, None
 
 
-class ComposeKernelFwd(ComposeKernel):
-    """:class:`ComposeKernel` with forward-mode AD (used only then: Dynamo refuses a custom ``jvp``)."""
-
-    @staticmethod
+def _with_forward_ad(base, option: str):
+    """``base`` plus its forward-mode rule, as a subclass used only when forward AD may be asked for:
+    Dynamo refuses an ``autograd.Function`` with a custom ``jvp``, so ``torch.compile`` keeps ``base``."""
     def setup_context(ctx, inputs, output):
-        ComposeKernel.setup_context(ctx, inputs, output)
+        base.setup_context(ctx, inputs, output)
         ctx.save_for_forward(*inputs[:2])
 
-    @staticmethod
-    def jvp(ctx, tW, tD, _):  # type: ignore[override]
-        return _bilinear_jvp(ComposeKernel.forward, ctx.saved_tensors, tW, tD, ctx.groups)
+    def jvp(ctx, tW, tD, _):
+        return _bilinear_jvp(base.forward, ctx.saved_tensors, tW, tD, getattr(ctx, option))
+    return type(base.__name__ + "Fwd", (base,), {"__doc__": _with_forward_ad.__doc__, "__module__": __name__,
+                                                 "setup_context": staticmethod(setup_context),
+                                                 "jvp": staticmethod(jvp)})
 
 
-class ComposeCMajorFwd(ComposeCMajor):
-    """:class:`ComposeCMajor` with forward-mode AD (used only then: Dynamo refuses a custom ``jvp``)."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ComposeCMajor.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:2])
-
-    @staticmethod
-    def jvp(ctx, tW, tD, _):  # type: ignore[override]
-        return _bilinear_jvp(ComposeCMajor.forward, ctx.saved_tensors, tW, tD, ctx.transposed)
+ComposeKernelFwd = _with_forward_ad(ComposeKernel, "groups")
+ComposeCMajorFwd = _with_forward_ad(ComposeCMajor, "transposed")
 
 
 def _forward_ad() -> bool:
