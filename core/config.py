@@ -90,6 +90,17 @@ def standardize_padding(value: Any) -> PaddingSpec:
                     f"but got padding={value!r}")
 
 
+def check_pad_fits(mode: str, size: int, pads: Pair, axis: str) -> None:
+    """torch's limits on padding one input axis of ``size``: reflect pads < size, circular pads <= size
+    (a pad may wrap around once). NumPy would reflect or wrap again, so the core refuses as torch does."""
+    lo, hi = pads
+    if mode == "reflect" and max(lo, hi) >= size:
+        raise ValueError(f"padding_mode='reflect' needs each pad < the input {axis} {size}, but got pads ({lo}, {hi})")
+    if mode == "circular" and max(lo, hi) > size:
+        raise ValueError(f"padding_mode='circular' needs each pad <= the input {axis} {size} (a pad may wrap "
+                         f"around once), but got pads ({lo}, {hi})")
+
+
 def same_pads(size: int, kernel: int, stride: int, dilation: int) -> Pair:
     """TensorFlow's SAME rule for one axis: output ``ceil(size/stride)``, the odd pixel at the end.
 
@@ -271,12 +282,7 @@ class DOConvConfig:
                 raise ValueError(f"input {axis} {size} padded by ({lo}, {hi}) is smaller than the dilated "
                                  f"kernel extent {span} (kernel_size={self.kernel_size}, "
                                  f"dilation={self.dilation}); input shape {tuple(input_shape)}")
-            if self.padding_mode == "reflect" and max(lo, hi) >= size:
-                raise ValueError(f"padding_mode='reflect' needs each pad < the input {axis} {size}, but got "
-                                 f"pads ({lo}, {hi})")
-            if self.padding_mode == "circular" and max(lo, hi) > size:  # as torch: wrapping around once at most
-                raise ValueError(f"padding_mode='circular' needs each pad <= the input {axis} {size} (a pad "
-                                 f"may wrap around once), but got pads ({lo}, {hi})")
+            check_pad_fits(self.padding_mode, size, (lo, hi), axis)
             out.append((size + lo + hi - span) // s + 1)
         return (batch, self.out_channels, out[0], out[1])
 

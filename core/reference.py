@@ -18,7 +18,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .compose import DOConvParams, compose, depthwise_kernel, pointwise_kernel
-from .config import DOConvConfig, Pads, standardize_pair, standardize_padding, same_pads, PADDING_MODES
+from .config import (PADDING_MODES, DOConvConfig, Pads, check_pad_fits, same_pads, standardize_pair,
+                     standardize_padding)
 
 #: numpy.pad's names for the padding modes of torch.nn.Conv2d.
 NUMPY_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -38,10 +39,8 @@ def pad(x: np.ndarray, pads: Pads, mode: str = "zeros") -> np.ndarray:
     """Pad the two trailing axes of ``x`` per side with a ``padding_mode`` of ``nn.Conv2d``."""
     if mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {set(PADDING_MODES)}, but got padding_mode={mode!r}")
-    for size, (lo, hi) in zip(x.shape[-2:], pads):  # as torch: numpy would reflect / wrap repeatedly
-        if mode == "reflect" and max(lo, hi) >= size or mode == "circular" and max(lo, hi) > size:
-            raise ValueError(f"padding_mode={mode!r} cannot pad an axis of size {size} by ({lo}, {hi}) "
-                             f"({'each pad < size' if mode == 'reflect' else 'each pad <= size'})")
+    for size, pair, axis in zip(x.shape[-2:], pads, ("height", "width")):
+        check_pad_fits(mode, size, tuple(pair), axis)
     widths = ((0, 0),) * (x.ndim - 2) + tuple(tuple(p) for p in pads)
     return np.pad(x, widths, mode=NUMPY_PAD_MODE[mode])
 
