@@ -16,6 +16,7 @@ version or field, a missing or unexpected tensor, a wrong shape, a damaged or tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -67,11 +68,20 @@ def save(path, layers: Layers) -> None:
     path = os.path.realpath(os.fspath(path))  # through a symlink, not over it
     if os.path.isdir(path):
         raise IsADirectoryError(f"path {path!r} is a directory")
-    fd, tmp = tempfile.mkstemp(prefix=".doconv-", suffix=".tmp", dir=os.path.dirname(path))
+    with replacing(path) as tmp:
+        save_file(tensors, tmp, metadata={"doconv": json.dumps(header)})
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """Write a file atomically: yields a temporary path beside ``path``; when the block succeeds it is
+    renamed over ``path`` with the replaced file's permissions (else those ``open(path, 'w')`` gives,
+    not mkstemp's 0600), and on any failure it is removed, leaving ``path`` as it was."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"doconv": json.dumps(header)})
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600: give the file the mode a plain open() would
+        yield tmp
+        os.chmod(tmp, _file_mode(path))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

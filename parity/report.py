@@ -6,7 +6,6 @@ The same data goes to the terminal (a rich table, plain text without rich) and t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -14,6 +13,8 @@ import platform
 import sys
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
+
+from doconv.interchange import replacing
 
 from .checks import CHECK_ORDER, Result
 from .frameworks import Missing
@@ -100,24 +101,14 @@ def json_path_problem(path: str) -> Optional[str]:
 
 
 def write_json(path: str, data: dict, *, make_parents: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary file in the same folder, then a rename); on any
+    """Write ``data`` to ``path`` atomically (the core's :func:`doconv.interchange.replacing`); on any
     failure the temporary file is removed and the OSError propagates. The parent folder is created only
     with ``make_parents``."""
-    folder = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(path)
     if make_parents:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a plain open() gives
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with replacing(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
 
 
 def read_json(path: str) -> dict:
