@@ -8,7 +8,7 @@ the model: a typo must not silently convert the layer it meant to leave alone.
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, List
+from typing import Iterable, List, Mapping, Optional, Sequence
 
 
 def glob_patterns(selector, argument: str, callable_form: str = "a callable"):
@@ -30,6 +30,28 @@ def glob_patterns(selector, argument: str, callable_form: str = "a callable"):
 def matches(name: str, patterns: Iterable[str]) -> bool:
     """Whether ``name`` matches one of ``patterns`` (case-sensitive ``fnmatch``)."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def selects(selector, name: str, *context) -> bool:
+    """Whether ``selector`` (from :func:`glob_patterns`) picks ``name``; a callable is asked
+    ``selector(name, *context)`` (e.g. the module or block at that path); None picks nothing."""
+    if selector is None:
+        return False
+    return bool(selector(name, *context)) if callable(selector) else matches(name, selector)
+
+
+def refuse_unmatched(selectors: Mapping[str, object], names: Iterable[str], noun: str,
+                     examples: Optional[Sequence[str]] = None) -> None:
+    """ValueError naming, per argument (``{'include': patterns, ...}``), the patterns that match none of
+    ``names`` (the names, of kind ``noun``, in the model), with a few ``examples`` (default: the first names) to compare."""
+    names = list(names)
+    missed = {argument: unmatched(patterns, names) for argument, patterns in selectors.items()}
+    missed = {argument: patterns for argument, patterns in missed.items() if patterns}
+    if missed:
+        shown = ", ".join(repr(n) for n in list(examples if examples is not None else filter(None, names))[:8])
+        raise ValueError("; ".join(f"{argument} pattern(s) {patterns} match no {noun} of the model"
+                                   for argument, patterns in missed.items())
+                         + f" (a typo?); {noun}s look like {shown or 'nothing: the model has none'}")
 
 
 def unmatched(patterns, names: Iterable[str]) -> List[str]:

@@ -106,11 +106,9 @@ def _clear_cached_graphs(model: gluon.Block) -> None:
 
 
 def _selected(path: str, block, include, exclude) -> bool:
-    def hit(selector):
-        return bool(selector(path, block)) if callable(selector) else selection.matches(path, selector)
-    if include is not None and not hit(include):
+    if include is not None and not selection.selects(include, path, block):
         return False
-    return not (exclude is not None and hit(exclude))
+    return not selection.selects(exclude, path, block)
 
 
 @dataclasses.dataclass
@@ -173,11 +171,8 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
     """
     include = selection.glob_patterns(include, "include", "a callable(path, block)")
     exclude = selection.glob_patterns(exclude, "exclude", "a callable(path, block)")
-    paths = [path for path, _, _, _ in named_blocks(model)]
-    for argument, patterns in (("include", include), ("exclude", exclude)):
-        if selection.unmatched(patterns, paths):
-            raise ValueError(f"{argument} pattern(s) {selection.unmatched(patterns, paths)} match no block path of "
-                             f"the model (a typo?); paths look like {paths[:6]}")
+    selection.refuse_unmatched({"include": include, "exclude": exclude},
+                               (path for path, _, _, _ in named_blocks(model)), "block path")
     report = ConversionReport()
     made, tied = {}, {}  # id(Conv2D) -> (path, its DOConv2D); id(weight Parameter) -> (path, the DOConv2D made from it)
     for path, block, parent, key in list(named_blocks(model)):

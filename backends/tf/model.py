@@ -102,13 +102,9 @@ def _selector(value, name, model) -> Callable:
         return lambda layer: None
     if callable(patterns):
         return patterns
-    unmatched = selection.unmatched(patterns, [layer.name for layer in _walk(model)])
-    if unmatched:
-        convs = [layer.name for layer in _walk(model)
-                 if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, DOConv2D))]
-        raise ValueError(f"{name} pattern(s) {unmatched} match no layer name of model {model.name!r} (a typo?); "
-                         f"its convolutions are named {convs[:8]}{' ...' if len(convs) > 8 else ''}. "
-                         f"Received: {name}={value!r}")
+    convs = [layer.name for layer in _walk(model)
+             if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, DOConv2D))]
+    selection.refuse_unmatched({name: patterns}, [layer.name for layer in _walk(model)], "layer name", convs)
     return lambda layer: selection.matches(layer.name, patterns)
 
 

@@ -57,23 +57,9 @@ def _selector(selector: Selector, argument: str):
     return selection.glob_patterns(selector, argument, "a callable(name, module)")
 
 
-def _matches(selector, name: str, module: nn.Module) -> bool:
-    if selector is None:
-        return False
-    if callable(selector):
-        return bool(selector(name, module))
-    return selection.matches(name, selector)
-
-
 def _check_patterns(selectors: dict, names) -> None:
     """A pattern matching no module path is a typo: refuse it rather than convert what it meant to leave."""
-    unmatched = {argument: selection.unmatched(patterns, names) for argument, patterns in selectors.items()}
-    unmatched = {argument: patterns for argument, patterns in unmatched.items() if patterns}
-    if unmatched:
-        examples = ", ".join(repr(n) for n in [n for n in names if n][:6])
-        raise ValueError("; ".join(f"{argument} pattern(s) {patterns} match no module path of the model"
-                                   for argument, patterns in unmatched.items())
-                         + f" (paths look like {examples or 'none: the model has no submodules'})")
+    selection.refuse_unmatched(selectors, names, "module path")
 
 
 def _check_options(D_mul, d_init: str, composition: str, W_storage: str) -> None:
@@ -137,9 +123,9 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
 
 def _skip_reason(name: str, module: nn.Conv2d, include, exclude):
     """``(layer, reason)`` for a conv that ``convert`` leaves alone, None for one it converts."""
-    if include is not None and not _matches(include, name, module):
+    if include is not None and not selection.selects(include, name, module):
         return type(module).__name__, "not included"
-    if _matches(exclude, name, module):
+    if selection.selects(exclude, name, module):
         return type(module).__name__, "excluded"
     if type(module) is not nn.Conv2d:
         return type(module).__name__, "nn.Conv2d subclass: its forward may differ"

@@ -24,3 +24,15 @@ def test_matches_and_unmatched():
     assert not selection.matches("Conv1", ["conv*"])  # case-sensitive on every platform
     assert selection.unmatched(["conv*", "haed", "fc"], names) == ["haed"]
     assert selection.unmatched(None, names) == [] and selection.unmatched(lambda n: True, names) == []
+
+
+def test_selects_and_refuse_unmatched():
+    assert selection.selects(["layer1.*"], "layer1.0") and not selection.selects(None, "layer1.0")
+    assert selection.selects(lambda name, block: block == "conv" and name == "a", "a", "conv")
+    assert not selection.selects(lambda name, block: False, "a", "conv")
+    selection.refuse_unmatched({"include": ["a*"], "exclude": None}, ["a", "b"], "block path")  # all matched
+    with pytest.raises(ValueError, match=r"^include pattern\(s\) \['x'\] match no block path of the model; "
+                                         r"exclude pattern\(s\) \['y\*'\] match no block path.*look like 'a', 'b'$"):
+        selection.refuse_unmatched({"include": ["a", "x"], "exclude": ["y*"]}, ["a", "b"], "block path")
+    with pytest.raises(ValueError, match=r"layer names look like 'conv1'$"):
+        selection.refuse_unmatched({"exclude": ["haed"]}, ["conv1", "relu"], "layer name", ["conv1"])
