@@ -34,7 +34,8 @@ from .tolerance import TOLERANCES, assert_close, max_error, tolerance
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMPOSE_EINSUM", "PAIRINGS", "PADDING_MODES", "ROOT_NAME", "TOLERANCES", "CompositionCost", "DOConvConfig", "DOConvParams",
+    "COMPOSE_EINSUM", "PAIRINGS", "PADDING_MODES", "ROOT_NAME", "TOLERANCES", "CompositionCost", "DOConvConfig",
+    "DOConvParams",
     "assert_close", "choose_composition", "compose", "compose_vjp", "composition_cost", "conv2d", "conv2d_vjp",
     "depthwise_kernel", "fold", "forward", "identity_D", "identity_fill", "init_params", "load", "load_matching", "max_error", "pad",
     "pairing_index", "params_for_kernel", "pointwise_kernel", "same_pads", "save", "standardize_pair",

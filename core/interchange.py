@@ -2,8 +2,9 @@
 
 A ``safetensors`` file (no pickle anywhere). For a layer named ``name`` (a PyTorch module path, a
 Keras layer name, a Gluon block path; a bare PyTorch or Gluon layer, the model itself, is
-:data:`ROOT_NAME`, and a one-layer file loads into any bare layer) the tensors are ``name.W``, ``name.D`` (the *full* D, in the
-canonical layout and the paper's pairing) and ``name.bias``; absent ones are simply not stored.
+:data:`ROOT_NAME`, and a one-layer file loads into any bare layer) the tensors are ``name.W``,
+``name.D`` (the *full* D, in the canonical layout and the paper's pairing) and ``name.bias``; absent
+ones are simply not stored.
 The header's metadata holds one JSON document under the key ``"doconv"``::
 
     {"format": "doconv-interchange", "version": 1, "pairing": "paper",

@@ -43,7 +43,7 @@ def selects(selector, name: str, *context) -> bool:
 def refuse_unmatched(selectors: Mapping[str, object], names: Iterable[str], noun: str,
                      examples: Optional[Sequence[str]] = None) -> None:
     """ValueError naming, per argument (``{'include': patterns, ...}``), the patterns that match none of
-    ``names`` (the names, of kind ``noun``, in the model), with a few ``examples`` (default: the first names) to compare."""
+    ``names`` (the model's names, of kind ``noun``), with a few ``examples`` (default: the first names)."""
     names = list(names)
     missed = {argument: unmatched(patterns, names) for argument, patterns in selectors.items()}
     missed = {argument: patterns for argument, patterns in missed.items() if patterns}
