@@ -261,7 +261,8 @@ def fold(model: gluon.Block, *, return_report: bool = False):
 # ---- files -------------------------------------------------------------------------------------------
 
 def doconv_layers(model: gluon.Block) -> dict:
-    """``{path: DOConv2D}`` of a model (a bare layer is :data:`doconv.ROOT_NAME`, as in every framework)."""
+    """``{path: DOConv2D}`` of a model (a bare layer is :data:`doconv.ROOT_NAME`, as in PyTorch: Gluon's own
+    block names come from a process-wide counter)."""
     if isinstance(model, DOConv2D):
         return {doconv.ROOT_NAME: model}
     return {path: block for path, block, _, _ in named_blocks(model) if isinstance(block, DOConv2D)}

@@ -194,13 +194,12 @@ ComposeKernelFwd = _with_forward_ad(ComposeKernel, "groups")
 ComposeCMajorFwd = _with_forward_ad(ComposeCMajor, "transposed")
 
 
-def _forward_ad() -> bool:
-    """Whether forward-mode AD may be asked for: a torch.func transform, or an open dual level."""
-    return bool(torch._C._are_functorch_transforms_active()) or torch.autograd.forward_ad._current_level >= 0
-
-
-def _c_major_function():
-    return ComposeCMajorFwd if _forward_ad() else ComposeCMajor
+def _apply(function, *args) -> torch.Tensor:
+    """``function.apply(*args)``, through its forward-AD variant when forward-mode AD may be asked for (a
+    torch.func transform is active or a dual level is open)."""
+    forward_ad = torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    return ({ComposeKernel: ComposeKernelFwd, ComposeCMajor: ComposeCMajorFwd}[function] if forward_ad
+            else function).apply(*args)
 
 
 def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:
@@ -215,9 +214,8 @@ def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvCon
     if torch.jit.is_tracing():
         return compose_einsum(W, D, config)
     if c_major(W, config.groups):
-        return _c_major_function().apply(W, D, False).reshape(config.kernel_shape)
-    return (ComposeKernelFwd if _forward_ad() else ComposeKernel).apply(W, D, config.groups).reshape(
-        config.kernel_shape)
+        return _apply(ComposeCMajor, W, D, False).reshape(config.kernel_shape)
+    return _apply(ComposeKernel, W, D, config.groups).reshape(config.kernel_shape)
 
 
 def depthwise_kernel(D: torch.Tensor, config: DOConvConfig) -> torch.Tensor:
@@ -277,8 +275,7 @@ def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: 
     pre, q = pads
     if pre is not None and any(pre):
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
-    kernel = _c_major_function().apply(W, D, True).reshape(config.in_channels, config.out_channels,
-                                                     *config.kernel_size)
+    kernel = _apply(ComposeCMajor, W, D, True).reshape(config.in_channels, config.out_channels, *config.kernel_size)
     return F.conv_transpose2d(x, kernel, bias, 1, q, 0, 1, config.dilation)
 
 

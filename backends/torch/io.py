@@ -18,7 +18,6 @@ from doconv.layouts import D_to_delta, delta_to_D, from_official
 from .layer import DOConv2d
 
 
-
 def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "auto", **kwargs) -> DOConv2d:
     """A ready ``DOConv2d`` for ``config`` (``kwargs``: ``device``, ``d_init``)."""
     if not isinstance(config, DOConvConfig):

@@ -272,8 +272,9 @@ class DOConv2d(nn.Module):
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
 
     def _route(self, x: torch.Tensor, c_major: bool) -> str:
-        """The composition of a call that composes afresh (the cached kernel is kernel composition)."""
-        if self.composition != "auto" or self.D is None:
+        """The composition of a call that composes afresh (the cached kernel is kernel composition); forward
+        calls it only for layers with D, and does not read D again (a parametrization of D runs once)."""
+        if self.composition != "auto":
             return self.composition
         if torch.jit.is_tracing():
             return "kernel"  # a trace is a deployment graph, and its sizes are traced tensors

@@ -696,7 +696,8 @@ def test_forward_mode_ad_through_W_and_D(W_storage, groups, training):
     torch.testing.assert_close(tangent, want_tangent, rtol=1e-10, atol=1e-10)
 
 
-def test_a_parametrization_of_W_runs_once_per_forward():
+@pytest.mark.parametrize("name", ["W", "D"])
+def test_a_parametrization_of_W_or_D_runs_once_per_forward(name):
     calls = []
 
     class Count(nn.Module):
@@ -704,8 +705,8 @@ def test_a_parametrization_of_W_runs_once_per_forward():
             calls.append(1)
             return W
     for training in (True, False):
-        layer = DOConv2d(3, 4, 3, padding=1).train(training)
-        torch.nn.utils.parametrize.register_parametrization(layer, "W", Count())
+        layer = DOConv2d(3, 4, 3, padding=1).train(training)  # composition='auto': the route is chosen too
+        torch.nn.utils.parametrize.register_parametrization(layer, name, Count())
         calls.clear()
         layer(torch.randn(1, 3, 6, 6))
         assert len(calls) == 1, (training, len(calls))
