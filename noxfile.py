@@ -50,26 +50,36 @@ def install_check(session, editable):
     session.run("python", os.path.join(HERE, "tests", "install_check.py"), HERE, "editable" if editable else "wheel")
 
 
-@nox.session(python=PYTHON)
+def shared_env(session, name, constraints, extras):
+    """The python of session ``name``'s environment, made here if that session has not run yet, with ``extras``.
+
+    The parity job runs in the test sessions' environments rather than two more of its own: each holds
+    torch and TensorFlow or MXNet, several GB on disk, and CI runs both jobs on one clone.
+    """
+    location = os.path.join(HERE, ".nox", name)
+    python = os.path.join(location, "bin", "python")
+    if not os.path.exists(python):
+        session.run(sys.executable, "-m", "virtualenv", "--python", f"python{PYTHON}", location, external=True)
+    session.run(python, "-m", "pip", "install", "-q", "-c", constraints, f".[{extras}]",
+                external=True, env={"PIP_CONSTRAINT": constraints})
+    return python
+
+
+@nox.session(venv_backend="none")
 def parity(session):
     """The main job: the cross-framework parity report over the core, PyTorch, Keras/TF and MXNet.
 
-    The modern environment exports its trained layers, the MXNet environment (built here on first use)
-    checks them and exports its own, then the modern environment checks those and prints the combined
-    report. Any mismatch, or a framework that could not take part, fails the session.
+    The modern environment exports its trained layers, the MXNet environment checks them and exports
+    its own, then the modern environment checks those and prints the combined report. Any mismatch,
+    or a framework that could not take part, fails the session.
     """
-    install(session, MODERN, ".[torch,tf-cpu,parity]")
+    modern = shared_env(session, "tests", MODERN, "torch,tf-cpu,parity")
+    mxnet = shared_env(session, "tests-mxnet", MXNET, "mxnet,parity")
     exchange = os.path.join(session.create_tmp(), "parity")
     shutil.rmtree(exchange, ignore_errors=True)
-    mx_env = os.path.join(HERE, ".nox", "parity-mxnet-env")
-    mx_python = os.path.join(mx_env, "bin", "python")
-    if not os.path.exists(mx_python):
-        session.run(sys.executable, "-m", "virtualenv", "--python", f"python{PYTHON}", mx_env, external=True)
-    session.run(mx_python, "-m", "pip", "install", "-q", "-c", MXNET, ".[mxnet,parity]",
-                external=True, env={"PIP_CONSTRAINT": MXNET})
     args = session.posargs
-    session.run("doconv-parity", "export", exchange, "-f", "core,torch,tf", *args, success_codes=[0, 1])
-    session.run(mx_python, "-m", "doconv.parity", "export", exchange, "-f", "mxnet", *args,
-                external=True, success_codes=[0, 1])
-    session.run("doconv-parity", "check", exchange, "-f", "torch,tf", "--strict",
-                "--json", os.path.join(exchange, "report.json"), *args)
+    for python, step in ((modern, ["export", exchange, "-f", "core,torch,tf"]),
+                         (mxnet, ["export", exchange, "-f", "mxnet"])):
+        session.run(python, "-m", "doconv.parity", *step, *args, external=True, success_codes=[0, 1])
+    session.run(modern, "-m", "doconv.parity", "check", exchange, "-f", "torch,tf", "--strict",
+                "--json", os.path.join(exchange, "report.json"), *args, external=True)
