@@ -24,7 +24,7 @@ Framework layers live in ``doconv.torch``, ``doconv.tf`` and ``doconv.mxnet``.
 
 from .compose import (COMPOSE_EINSUM, PAIRINGS, DOConvParams, compose, compose_vjp, depthwise_kernel, fold,
                       identity_D, identity_fill, init_params, pairing_index, params_for_kernel, pointwise_kernel)
-from .config import PADDING_MODES, DOConvConfig, same_pads, standardize_pair, standardize_padding
+from .config import PADDING_MODES, DOConvConfig, same_pads, standardize_flag, standardize_pair, standardize_padding
 from .cost import CompositionCost, choose_composition, composition_cost
 from . import selection
 from .interchange import ROOT_NAME, load, load_matching, save
@@ -38,6 +38,6 @@ __all__ = [
     "DOConvParams",
     "assert_close", "choose_composition", "compose", "compose_vjp", "composition_cost", "conv2d", "conv2d_vjp",
     "depthwise_kernel", "fold", "forward", "identity_D", "identity_fill", "init_params", "load", "load_matching", "max_error", "pad",
-    "pairing_index", "params_for_kernel", "pointwise_kernel", "same_pads", "save", "standardize_pair",
+    "pairing_index", "params_for_kernel", "pointwise_kernel", "same_pads", "save", "standardize_flag", "standardize_pair",
     "standardize_padding", "tolerance",
 ]

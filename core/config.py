@@ -40,6 +40,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _as_sequence(value: Any) -> Any:
+    """A 1-D NumPy array as a list (``nn.Conv2d`` takes ``kernel_size=np.array([3, 3])``); bytes and
+    strings stay scalars, so ``b"\\x03\\x03"`` is refused rather than read as ``(3, 3)``."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return value.tolist()
+    if isinstance(value, (str, bytes, bytearray)):
+        return None
+    return value if isinstance(value, Sequence) else None
+
+
+def standardize_flag(value: Any, name: str) -> bool:
+    """``True``/``False`` from a bool, a NumPy bool or the ints 0 and 1; anything else is a TypeError
+    naming ``name`` (a string such as ``'False'`` is truthy, so truthiness would read it as True)."""
+    if isinstance(value, (bool, np.bool_)) or (_is_int(value) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, but got {name}={value!r}")
+
+
 def standardize_pair(value: Any, name: str, *, minimum: int = 1) -> Pair:
     """Return ``(a, b)`` from an int or a length-2 sequence of ints, each ``>= minimum``.
 
@@ -48,15 +66,16 @@ def standardize_pair(value: Any, name: str, *, minimum: int = 1) -> Pair:
     >>> standardize_pair((3, 1), "kernel_size")
     (3, 1)
     """
+    sequence = _as_sequence(value)
     if _is_int(value):
         items = (int(value), int(value))
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        if len(value) != 2:
+    elif sequence is not None:
+        if len(sequence) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, but got {name}={value!r} "
-                             f"of length {len(value)}")
-        if not all(_is_int(v) for v in value):
+                             f"of length {len(sequence)}")
+        if not all(_is_int(v) for v in sequence):
             raise TypeError(f"{name} must be an int or a pair of ints, but got {name}={value!r}")
-        items = (int(value[0]), int(value[1]))
+        items = (int(sequence[0]), int(sequence[1]))
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, but got {name}={value!r}")
     if min(items) < minimum:
@@ -77,12 +96,13 @@ def standardize_padding(value: Any) -> PaddingSpec:
             raise ValueError(f"padding must be one of {PADDING_STRINGS}, an int, a pair or "
                              f"((top, bottom), (left, right)), but got padding={value!r}")
         return lowered  # type: ignore[return-value]
-    if _is_int(value) or (isinstance(value, Sequence) and all(_is_int(v) for v in value)):
+    sequence = _as_sequence(value)
+    if _is_int(value) or (sequence is not None and all(_is_int(v) for v in sequence)):
         h, w = standardize_pair(value, "padding", minimum=0)
         return ((h, h), (w, w))
-    if isinstance(value, Sequence) and len(value) == 2:
+    if sequence is not None and len(sequence) == 2:
         try:
-            return tuple(standardize_pair(v, "padding", minimum=0) for v in value)  # type: ignore[return-value]
+            return tuple(standardize_pair(v, "padding", minimum=0) for v in sequence)  # type: ignore[return-value]
         except (TypeError, ValueError) as err:
             raise type(err)(f"padding as ((top, bottom), (left, right)) needs two pairs of ints >= 0, "
                             f"but got padding={value!r}") from None
@@ -159,15 +179,11 @@ class DOConvConfig:
             if getattr(self, name) % self.groups:
                 raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(self, name)} "
                                  f"and groups={self.groups}")
-        if not isinstance(self.bias, (bool, np.bool_, numbers.Integral)) or self.bias not in (0, 1):
-            raise TypeError(f"bias must be True or False, but got bias={self.bias!r}")
-        put("bias", bool(self.bias))
+        put("bias", standardize_flag(self.bias, "bias"))
         if self.padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {set(PADDING_MODES)}, "
                              f"but got padding_mode={self.padding_mode!r}")
-        if not isinstance(self.depthwise_separable, bool):
-            raise TypeError(f"depthwise_separable must be True or False, "
-                            f"but got depthwise_separable={self.depthwise_separable!r}")
+        put("depthwise_separable", standardize_flag(self.depthwise_separable, "depthwise_separable"))
         put("D_mul", self._resolve_D_mul(self.D_mul))
 
     def _resolve_D_mul(self, value: Any) -> int:
@@ -264,16 +280,26 @@ class DOConvConfig:
             return dataclasses.replace(self, padding=pads)
         return self
 
-    def output_shape(self, input_shape: Sequence[int]) -> Tuple[int, int, int, int]:
-        """``(batch, C_out, H_out, W_out)`` for an NCHW input shape; ValueError if it cannot be convolved."""
+    def output_shape(self, input_shape: Sequence[int], *, unbatched: bool = False) -> Tuple[int, ...]:
+        """``(batch, C_out, H_out, W_out)`` for an NCHW input shape; ValueError if it cannot be convolved.
+
+        ``unbatched=True`` also takes a 3-D ``(C, H, W)`` shape, as ``nn.Conv2d`` does, and then gives
+        ``(C_out, H_out, W_out)``; every message quotes the shape as given.
+        """
+        if unbatched and len(input_shape) == 3:
+            return self._output_shape((1, *input_shape), tuple(input_shape))[1:]
         if len(input_shape) != 4:
-            raise ValueError(f"input must be 4-D (N, C, H, W), but got input shape {tuple(input_shape)}")
+            wanted = "3-D (C, H, W) or 4-D (N, C, H, W)" if unbatched else "4-D (N, C, H, W)"
+            raise ValueError(f"input must be {wanted}, but got input shape {tuple(input_shape)}")
+        return self._output_shape(input_shape, tuple(input_shape))
+
+    def _output_shape(self, input_shape: Sequence[int], shown: tuple) -> Tuple[int, int, int, int]:
         if any(isinstance(v, (bool, numbers.Real)) and not _is_int(v) for v in input_shape):  # 5.9, True
-            raise TypeError(f"input shape must hold ints, but got input shape {tuple(input_shape)}")
+            raise TypeError(f"input shape must hold ints, but got input shape {shown}")
         batch, channels, height, width = (int(v) for v in input_shape)
         if channels != self.in_channels:
             raise ValueError(f"input has {channels} channels but in_channels={self.in_channels} "
-                             f"(input shape {tuple(input_shape)})")
+                             f"(input shape {shown})")
         out = []
         for size, (lo, hi), k, s, d, axis in zip((height, width), self.pads(height, width), self.kernel_size,
                                                  self.stride, self.dilation, ("height", "width")):
@@ -281,7 +307,7 @@ class DOConvConfig:
             if size + lo + hi < span:
                 raise ValueError(f"input {axis} {size} padded by ({lo}, {hi}) is smaller than the dilated "
                                  f"kernel extent {span} (kernel_size={self.kernel_size}, "
-                                 f"dilation={self.dilation}); input shape {tuple(input_shape)}")
+                                 f"dilation={self.dilation}); input shape {shown}")
             check_pad_fits(self.padding_mode, size, (lo, hi), axis)
             out.append((size + lo + hi - span) // s + 1)
         return (batch, self.out_channels, out[0], out[1])

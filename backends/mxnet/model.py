@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 
 import doconv
-from doconv import selection
+from doconv import selection, standardize_flag
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from ._mx import gluon, mx
@@ -223,6 +223,7 @@ def fold(model: gluon.Block, *, return_report: bool = False):
     The folded net has the baseline's parameters and cost (paper Section 3). Returns the model (or the new
     conv if ``model`` is itself a DOConv2D), with the report when ``return_report=True``.
     """
+    return_report = standardize_flag(return_report, "return_report")  # checked before the model changes
     report = ConversionReport()
 
     def folded(layer: DOConv2D, name: str) -> gluon.nn.Conv2D:

@@ -115,6 +115,7 @@ class DOConv2d(nn.Module):
                  D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "auto",
                  W_storage: str = "c-major", depthwise_separable: bool = False):
         super().__init__()
+        bias = False if bias is None else bias  # nn.Conv2d reads bias=None as no bias
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                    bias, padding_mode, D_mul, depthwise_separable=depthwise_separable)
         self.d_init = _check_choice(d_init, "d_init", D_INITS)
@@ -262,11 +263,10 @@ class DOConv2d(nn.Module):
     def _check_input(self, x, dtype: torch.dtype) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
-        if x.dim() not in (3, 4):
-            raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got input shape {tuple(x.shape)}")
-        shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
         if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
-            self.config.output_shape(shape)  # ValueError naming channels / sizes / reflect pads
+            self.config.output_shape(x.shape, unbatched=True)  # ValueError naming rank / channels / sizes / pads
+        elif x.dim() not in (3, 4):
+            raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got input shape {tuple(x.shape)}")
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")

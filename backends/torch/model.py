@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from doconv import DOConvConfig, selection
+from doconv import DOConvConfig, selection, standardize_flag
 
 from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _check_choice
 
@@ -91,7 +91,7 @@ def _start(model, inplace: bool, verb: str):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     report = Report()
     report.verb = verb
-    return (model if inplace else copy.deepcopy(model)), report
+    return (model if standardize_flag(inplace, "inplace") else copy.deepcopy(model)), report
 
 
 def _config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:

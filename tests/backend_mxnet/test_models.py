@@ -229,6 +229,9 @@ def test_convert_selectors_are_checked():
         convert(net, include=3)
     _, report = convert(net, include=lambda path, block: path == "1")
     assert [r.name for r in report] == ["1"] and type(net[0]) is gluon.nn.Conv2D and type(net[1]) is DOConv2D
+    with pytest.raises(TypeError, match="return_report must be True or False, but got return_report='no'"):
+        fold(net, return_report="no")
+    assert type(net[1]) is DOConv2D  # checked before anything is folded
 
 
 def test_convert_and_fold_keep_sharing():

@@ -341,6 +341,16 @@ def test_bad_inputs_are_clear_errors():
         layer(np.zeros((1, 4, 5, 5)))
     with pytest.raises(ValueError, match="smaller than the dilated kernel"):
         DOConv2d(4, 6, 3)(torch.zeros(1, 4, 2, 5))
+    with pytest.raises(ValueError, match=r"in_channels=4 \(input shape \(3, 5, 5\)\)"):  # unbatched, as given
+        layer(torch.zeros(3, 5, 5))
+
+
+def test_arguments_nn_conv2d_takes_loosely():
+    """bias=None means no bias and kernel_size may be a NumPy array, as for nn.Conv2d."""
+    layer = DOConv2d(4, 6, np.array([3, 1]), bias=None)
+    conv = torch.nn.Conv2d(4, 6, np.array([3, 1]), bias=None)
+    assert layer.bias is None and conv.bias is None
+    assert layer.kernel_size == (3, 1) and layer.W.shape == (6, 4, 3)
 
 
 def test_load_state_dict_and_set_params_name_the_array():

@@ -74,6 +74,10 @@ def test_include_exclude_inplace_and_D_mul():
         convert(model, include=[3])
     with pytest.raises(TypeError, match="model"):
         convert("resnet")
+    for function in (convert, fold):  # a truthy string would silently change the model in place
+        with pytest.raises(TypeError, match="inplace must be True or False, but got inplace='no'"):
+            function(model, inplace="no")
+    assert isinstance(model[1][0], DOConv2d) and isinstance(model[1][1], nn.Conv2d)
 
 
 def test_convert_skips_conv_subclasses_and_keeps_padding_forms():

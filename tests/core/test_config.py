@@ -36,6 +36,10 @@ GOOD = dict(in_channels=4, out_channels=6, kernel_size=3)
     (dict(D_mul=9.0), "D_mul", TypeError),
     (dict(kernel_size=1, D_mul=4), "D_mul", ValueError),       # 1x1: no D
     (dict(depthwise_separable="no"), "depthwise_separable", TypeError),
+    (dict(depthwise_separable=2), "depthwise_separable", TypeError),
+    (dict(kernel_size=b"\x03\x03"), "kernel_size", TypeError),  # bytes are a sequence of ints, not a pair
+    (dict(stride=bytearray(b"\x01\x01")), "stride", TypeError),
+    (dict(padding=b"\x01\x01"), "padding", TypeError),
 ])
 def test_bad_arguments_name_argument_and_value(override, name, exc):
     kwargs = {**GOOD, **override}
@@ -58,6 +62,42 @@ def test_D_mul_below_MN_explains_why_and_separable_mode_opts_in():
 def test_bias_accepts_numpy_and_integer_booleans():
     import numpy as np
     assert DOConvConfig(2, 2, 3, bias=np.True_).bias is True and DOConvConfig(2, 2, 3, bias=0).bias is False
+
+
+def test_flags_read_alike():
+    """bias and depthwise_separable take the same forms (bool, NumPy bool, 0/1) and store a plain bool."""
+    import numpy as np
+    for value, expected in ((np.True_, True), (np.False_, False), (1, True), (0, False)):
+        config = DOConvConfig(4, 6, 3, D_mul=4, bias=value, depthwise_separable=value) if expected else \
+            DOConvConfig(4, 6, 3, bias=value, depthwise_separable=value)
+        assert config.bias is expected and config.depthwise_separable is expected
+    with pytest.raises(TypeError, match=r"inplace must be True or False, but got inplace='yes'"):
+        doconv.standardize_flag("yes", "inplace")
+
+
+def test_numpy_arrays_stand_for_pairs():
+    """nn.Conv2d takes kernel_size=np.array([3, 1]); so does the config, for every pair and for padding."""
+    import numpy as np
+    config = DOConvConfig(4, 6, np.array([3, 1]), stride=np.array([2, 1]), padding=np.array([1, 0]),
+                          dilation=np.arange(1, 3))
+    assert config == DOConvConfig(4, 6, (3, 1), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    assert all(type(v) is int for v in config.kernel_size + config.stride + config.dilation)
+    with pytest.raises(TypeError, match=r"kernel_size=array\(\[3\. , 1\.5\]\)"):
+        DOConvConfig(4, 6, np.array([3.0, 1.5]))
+    with pytest.raises(ValueError, match=r"kernel_size=array\(\[3, 3, 3\]\) of length 3"):
+        DOConvConfig(4, 6, np.array([3, 3, 3]))
+
+
+def test_unbatched_output_shape_quotes_the_shape_given():
+    config = DOConvConfig(4, 6, 3, stride=2)
+    assert config.output_shape((4, 9, 7), unbatched=True) == (6, 4, 3)
+    assert config.output_shape((2, 4, 9, 7), unbatched=True) == (2, 6, 4, 3)
+    with pytest.raises(ValueError, match=r"in_channels=4 \(input shape \(5, 9, 7\)\)"):
+        config.output_shape((5, 9, 7), unbatched=True)
+    with pytest.raises(ValueError, match=r"input must be 4-D \(N, C, H, W\), but got input shape \(4, 9, 7\)"):
+        config.output_shape((4, 9, 7))
+    with pytest.raises(ValueError, match=r"3-D \(C, H, W\) or 4-D .* input shape \(9, 7\)"):
+        config.output_shape((9, 7), unbatched=True)
 
 
 def test_defaults_and_shapes():
