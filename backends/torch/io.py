@@ -22,7 +22,7 @@ def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str
     """A ready ``DOConv2d`` for ``config`` (``kwargs``: ``device``, ``d_init``)."""
     if not isinstance(config, DOConvConfig):
         raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or its name, but got dtype={dtype!r}")
     return DOConv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, config.padding,
@@ -59,12 +59,21 @@ def get_params(layer: DOConv2d) -> DOConvParams:
 
 def set_params(layer: DOConv2d, params: DOConvParams, *, name: str = None) -> None:
     """Load canonical parameters (full D); a shape mismatch raises ValueError naming layer, array and shapes."""
+    _check_params(layer, params, name)
+    _write_params(layer, params)
+
+
+def _check_params(layer: DOConv2d, params: DOConvParams, name) -> None:
     c = _check_layer(layer).config
     if not isinstance(params, DOConvParams):
         raise TypeError(f"params must be a doconv.DOConvParams, but got {type(params).__name__}")
     if layer.deployed:
         raise ValueError(f"layer {name or type(layer).__name__} is deployed (folded): it holds only W'")
     params.check(c, where=f"layer {name or repr(c)}")
+
+
+def _write_params(layer: DOConv2d, params: DOConvParams) -> None:
+    c = layer.config
     with torch.no_grad():
         layer.W.copy_(torch.as_tensor(np.asarray(params.W)))
         if layer.D is not None:
@@ -96,8 +105,10 @@ def import_canonical(model: nn.Module, path) -> None:
     layers = doconv_layers(model)
     params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=True,
                            bare=isinstance(model, DOConv2d))
+    for name, m in layers.items():  # every layer checked before any is written
+        _check_params(m, params[name], repr(name))
     for name, m in layers.items():
-        set_params(m, params[name], name=repr(name))
+        _write_params(m, params[name])
 
 
 def import_official(layer: DOConv2d, arrays: Mapping[str, np.ndarray], *, refold: bool = False) -> None:

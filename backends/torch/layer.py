@@ -53,6 +53,11 @@ def _check_choice(value, name: str, allowed) -> str:
     return value
 
 
+def _pair_of_one(value):
+    """``(v, v)`` for a one-element tuple or list: ``nn.Conv2d`` takes ``stride=(2,)``, its conv broadcasting it."""
+    return (value[0], value[0]) if isinstance(value, (tuple, list)) and len(value) == 1 else value
+
+
 def _functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
@@ -116,6 +121,7 @@ class DOConv2d(nn.Module):
                  W_storage: str = "c-major", depthwise_separable: bool = False):
         super().__init__()
         bias = False if bias is None else bias  # nn.Conv2d reads bias=None as no bias
+        stride, padding, dilation = (_pair_of_one(v) for v in (stride, padding, dilation))
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                    bias, padding_mode, D_mul, depthwise_separable=depthwise_separable)
         self.d_init = _check_choice(d_init, "d_init", D_INITS)
@@ -128,8 +134,7 @@ class DOConv2d(nn.Module):
         self.W = nn.Parameter(DF.c_major_empty(c.W_shape, **factory) if fast else torch.empty(c.W_shape, **factory))
         if c.has_D:
             self.D = nn.Parameter(torch.empty(c.D_shape, **factory))
-            fill = torch.as_tensor(identity_fill(c.MN, c.S), dtype=self.W.dtype, device=self.W.device)
-            self.register_buffer("I_fill", fill, persistent=False)
+            self.register_buffer("I_fill", self._identity_like(self.W), persistent=False)
         else:
             self.register_parameter("D", None)
             self.register_buffer("I_fill", None, persistent=False)
@@ -165,8 +170,6 @@ class DOConv2d(nn.Module):
         with torch.no_grad():
             if self.deployed:
                 raise RuntimeError("reset_parameters() on a deployed (folded) DOConv2d: fold a fresh layer instead")
-            if self.I_fill is not None:  # rebuilt too: after meta-device init + to_empty() it is garbage
-                self.I_fill.copy_(torch.as_tensor(identity_fill(self.config.MN, self.config.S)))
             self.W.copy_(torch.empty(self.W.shape, dtype=self.W.dtype, device=self.W.device).uniform_(-bound, bound))
             # (drawn contiguous, then copied: the same seed gives the same W whatever the storage)
             if self.bias is not None:
@@ -176,6 +179,17 @@ class DOConv2d(nn.Module):
                     self.D.zero_()
                 else:
                     self.D.normal_(0.0, (2.0 / self.config.MN) ** 0.5).sub_(self.I_fill)
+
+    def _identity_like(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(identity_fill(self.config.MN, self.config.S), dtype=like.dtype, device=like.device)
+
+    def _apply(self, fn, recurse=True):
+        """I_fill is a constant of the config, not state: rebuilt after every ``to()`` / ``half()`` /
+        ``to_empty()`` (which leaves buffers uninitialised: meta-device init, ``nn.utils.skip_init``)."""
+        out = super()._apply(fn, recurse)
+        if self.I_fill is not None:
+            self.I_fill = self._identity_like(self.I_fill)
+        return out
 
     # ---- the composed kernel ------------------------------------------------------------------
     def full_D(self) -> Optional[torch.Tensor]:
@@ -210,13 +224,15 @@ class DOConv2d(nn.Module):
 
         The cache holds W and D themselves, so that neither their ids nor their memory can be reused by
         other tensors (e.g. fresh ones passed through ``functional_call``) while the entry lives."""
-        tensors = [t for t in (W, D) if t is not None]
+        tensors = [t for t in (W, D) if t is not None]  # (never inference tensors: _can_cache)
         return (_optimizer_steps,) + tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
 
     @staticmethod
     def _can_cache(W: torch.Tensor, D: Optional[torch.Tensor]) -> bool:
         if torch.compiler.is_compiling() or _functorch_active() or torch.jit.is_tracing():
             return False
+        if any(p.is_inference() for p in (W, D) if p is not None):
+            return False  # made under torch.inference_mode: no version counter to key a cache on
         if torch.is_grad_enabled() and any(p.requires_grad for p in (W, D) if p is not None):
             return False  # the kernel needs its graph (e.g. fine-tuning in eval mode): never a stale cache
         return True
@@ -261,6 +277,11 @@ class DOConv2d(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def _check_input(self, x, dtype: torch.dtype) -> None:
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError("torch.fx.symbolic_trace traces into DOConv2d, whose forward branches on its kernel "
+                            "cache; fold the model first (doconv.torch.fold), or trace with DOConv2d as a leaf "
+                            "module (a torch.fx.Tracer whose is_leaf_module says so; torchvision's "
+                            "create_feature_extractor: tracer_kwargs={'leaf_modules': [DOConv2d]})")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
         if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
@@ -308,6 +329,8 @@ class DOConv2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.I_fill is not None and self.W is not None and self.I_fill.device != self.W.device:
+            self.I_fill = self._identity_like(self.W)  # assign=True into a meta-device layer: I_fill is not saved
         if self.W is None or self.D is None or self.config.groups != 1:
             return
         if getattr(self, "_c_major", False) and not DF.c_major(self.W, 1):  # assign=True with another layout
@@ -330,11 +353,17 @@ class DOConv2d(nn.Module):
         An ``nn.Conv2d`` when it can express the padding, else a :class:`FoldedConv2d` (an
         ``nn.Conv2d`` that pads per side first): per-side pads, or ``'same'`` with stride > 1.
         """
-        source = self._parameters["weight"] if self.deployed else self.W
         with torch.no_grad():
             kernel = self.compose().detach().clone()
         return folded_conv(self.config, kernel, None if self.bias is None else self.bias.detach().clone(),
-                           requires_grad=source.requires_grad)
+                           requires_grad=self._kernel_requires_grad(),
+                           bias_requires_grad=self.bias is not None and self.bias.requires_grad)
+
+    def _kernel_requires_grad(self) -> bool:
+        """Whether W' trains once folded: if any of the parameters it is composed of trains."""
+        if self.deployed:
+            return self._parameters["weight"].requires_grad
+        return any(p.requires_grad for p in (self.W, self.D) if p is not None)
 
     def switch_to_deploy(self) -> None:
         """Fold in place (idempotent): W, D and I_fill are replaced by one ``weight`` = W'.
@@ -345,7 +374,7 @@ class DOConv2d(nn.Module):
             return
         with torch.no_grad():
             kernel = self.compose().detach().clone()
-        requires_grad = self.W.requires_grad
+        requires_grad = self._kernel_requires_grad()
         del self.W, self.D, self.I_fill
         self.W = self.D = self.I_fill = None  # plain attributes, so the names stay defined
         self._cache = None
@@ -405,8 +434,9 @@ class FoldedConv2d(nn.Conv2d):
 
 
 def folded_conv(config: DOConvConfig, kernel: torch.Tensor, bias: Optional[torch.Tensor], *,
-                requires_grad: bool = True) -> nn.Conv2d:
-    """The plain convolution for ``config`` holding ``kernel`` (OIHW) and ``bias``."""
+                requires_grad: bool = True, bias_requires_grad: Optional[bool] = None) -> nn.Conv2d:
+    """The plain convolution for ``config`` holding ``kernel`` (OIHW) and ``bias``; its weight trains if
+    ``requires_grad``, its bias if ``bias_requires_grad`` (default: ``requires_grad``)."""
     padding = config.padding
     if padding == "same" and max(config.stride) > 1 or padding not in ("same", "valid") and any(
             lo != hi for lo, hi in padding):
@@ -421,5 +451,7 @@ def folded_conv(config: DOConvConfig, kernel: torch.Tensor, bias: Optional[torch
         conv.weight.copy_(kernel)
         if bias is not None:
             conv.bias.copy_(bias)
-    conv.requires_grad_(requires_grad)
+    conv.weight.requires_grad_(requires_grad)
+    if conv.bias is not None:
+        conv.bias.requires_grad_(requires_grad if bias_requires_grad is None else bias_requires_grad)
     return conv

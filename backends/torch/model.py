@@ -17,7 +17,7 @@ from torch import nn
 
 from doconv import DOConvConfig, selection, standardize_flag
 
-from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _check_choice
+from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _check_choice, _pair_of_one
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -96,8 +96,32 @@ def _start(model, inplace: bool, verb: str):
 
 def _config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
     padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-    return DOConvConfig(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+    stride, padding, dilation = (_pair_of_one(v) for v in (conv.stride, padding, conv.dilation))
+    return DOConvConfig(conv.in_channels, conv.out_channels, conv.kernel_size, stride, padding, dilation,
                         conv.groups, conv.bias is not None, conv.padding_mode, D_mul)
+
+
+#: The hooks a replaced module hands on to its replacement (torch.ao.quantization's module swap does the
+#: same): forward pre-hooks, forward hooks and backward hooks, with their flags. The dicts themselves move,
+#: so a handle taken on the old module still removes its hook.
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def _carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` in ``old``'s training mode, holding ``old``'s forward and backward hooks."""
+    new.train(old.training)
+    for name in _HOOKS:
+        if name in old.__dict__:
+            setattr(new, name, old.__dict__[name])
+    return new
+
+
+def _rewrites_weight(conv: nn.Conv2d) -> bool:
+    """torch.nn.utils.weight_norm / spectral_norm (the hook forms): a pre-hook recomputes ``weight``."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return any(isinstance(hook, (SpectralNorm, WeightNorm)) for hook in conv._forward_pre_hooks.values())
 
 
 def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "identity",
@@ -116,9 +140,12 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
         layer.W[..., :c.MN].copy_(conv.weight.reshape(c.out_channels, c.in_per_group, c.MN))
         if conv.bias is not None:
             layer.bias.copy_(conv.bias)
-    layer.train(conv.training)
-    layer.requires_grad_(conv.weight.requires_grad)
-    return layer
+    layer.W.requires_grad_(conv.weight.requires_grad)  # D is made of the weight too: it follows it
+    if layer.D is not None:
+        layer.D.requires_grad_(conv.weight.requires_grad)
+    if conv.bias is not None:
+        layer.bias.requires_grad_(conv.bias.requires_grad)
+    return _carry_over(conv, layer)
 
 
 def _skip_reason(name: str, module: nn.Conv2d, include, exclude):
@@ -131,6 +158,8 @@ def _skip_reason(name: str, module: nn.Conv2d, include, exclude):
         return type(module).__name__, "nn.Conv2d subclass: its forward may differ"
     if module.kernel_size == (1, 1):
         return "Conv2d 1x1", "pointwise: DO-Conv has no D"
+    if _rewrites_weight(module):
+        return "Conv2d", "weight_norm / spectral_norm hook: it recomputes weight, which DO-Conv composes"
     return None
 
 
@@ -167,7 +196,7 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     _check_patterns({"include": include, "exclude": exclude},
                     [name for name, _ in model.named_modules(remove_duplicate=False)])
     model, report = _start(model, inplace, "converted")
-    plan, decided = [], {}
+    plan, decided, owners = [], {}, {}
     for name, module, first in _paths(model, nn.Conv2d):
         skip = _skip_reason(name, module, include, exclude)
         if first != name and (skip is None) != (decided[first] is None):
@@ -179,9 +208,10 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
             decided[name] = skip
             if skip is None:
                 try:
-                    _config_of(module, D_mul)
+                    config = _config_of(module, D_mul)
                 except (TypeError, ValueError) as error:
                     raise type(error)(f"layer {name!r}: {error}") from error
+                _check_tie(name, module, config, owners)
         plan.append((name, module, first, skip))
     layers, tied = {}, {}  # tied: id of an original weight / bias Parameter -> (path, the DOConv2d made from it)
     for name, module, first, skip in plan:
@@ -202,9 +232,25 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     return model, report
 
 
+def _check_tie(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> None:
+    """Before the model changes: convs sharing a weight (or bias) Parameter must get W and D (or bias) of
+    one shape each, or they could not stay tied (``owners``: id of a Parameter -> (path, config))."""
+    for original, shapes in ((conv.weight, lambda c: {"W": c.W_shape, "D": c.D_shape if c.has_D else None}),
+                             (conv.bias, lambda c: {"bias": (c.out_channels,)})):
+        if original is None:
+            continue
+        path, other = owners.setdefault(id(original), (name, config))
+        mine, theirs = shapes(config), shapes(other)
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise ValueError(f"layer {name!r} shares its {'weight' if key != 'bias' else 'bias'} with {path!r}, "
+                                 f"but their DOConv2d {key} shapes differ ({mine[key]} vs {theirs[key]}): they "
+                                 f"cannot stay tied")
+
+
 def _tie(layer: DOConv2d, conv: nn.Conv2d, name: str, tied: dict) -> str:
     """Two convs holding one weight (or bias) Parameter get one W and D (or bias): converting each alone
-    would silently untie them. Returns the report's note."""
+    would silently untie them (shapes were checked by :func:`_check_tie`). Returns the report's note."""
     notes = []
     for original, names in ((conv.weight, ("W", "D")), (conv.bias, ("bias",))):
         if original is None:
@@ -214,12 +260,7 @@ def _tie(layer: DOConv2d, conv: nn.Conv2d, name: str, tied: dict) -> str:
             continue
         path, other = tied[id(original)]
         for key in names:
-            mine, theirs = getattr(layer, key), getattr(other, key)
-            if mine is not None and (theirs is None or mine.shape != theirs.shape):
-                raise ValueError(f"layer {name!r} shares its {'weight' if key != 'bias' else 'bias'} with {path!r}, "
-                                 f"but their DOConv2d {key} shapes differ ({tuple(mine.shape)} vs "
-                                 f"{None if theirs is None else tuple(theirs.shape)}): they cannot stay tied")
-            setattr(layer, key, theirs)
+            setattr(layer, key, getattr(other, key))
         notes.append(f"{'/'.join(names)} tied to {path!r} (a shared Parameter)")
     return "; ".join(notes)
 
@@ -240,8 +281,7 @@ def fold_report(model: nn.Module, *, inplace: bool = False):
     convs = {}
     for name, module, first in _paths(model, DOConv2d):
         if first not in convs:
-            convs[first] = module.fuse()
-            convs[first].train(module.training)
+            convs[first] = _carry_over(module, module.fuse())
         conv = convs[first]
         report.append(ReportRow(name, "folded", repr(module.config), _count(module), _count(conv),
                                 _shared_note(name, first), "" if name == first else first))

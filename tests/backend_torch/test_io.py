@@ -117,3 +117,21 @@ def test_official_import_errors():
     arrays["D"] = arrays["D"][:, :4]
     with pytest.raises(ValueError, match="'D' has shape"):
         import_official(layer, arrays)
+
+
+def test_canonical_import_checks_every_layer_before_writing(tmp_path):
+    model = nn.Sequential(DOConv2d(3, 4, 3), DOConv2d(4, 4, 3))
+    export_canonical(model, tmp_path / "m.safetensors")
+    target = nn.Sequential(DOConv2d(3, 4, 3), DOConv2d(4, 4, 3))
+    target[1].switch_to_deploy()
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(ValueError, match="layer '1' is deployed"):
+        import_canonical(target, tmp_path / "m.safetensors")
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_layer_from_config_names_an_unknown_dtype():
+    from doconv.torch import layer_from_config
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype or its name, but got dtype='float46'"):
+        layer_from_config(doconv.DOConvConfig(2, 2, 3), dtype="float46")

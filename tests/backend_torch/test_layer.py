@@ -720,3 +720,88 @@ def test_a_parametrization_of_W_or_D_runs_once_per_forward(name):
         calls.clear()
         layer(torch.randn(1, 3, 6, 6))
         assert len(calls) == 1, (training, len(calls))
+
+
+def _random_D_layer(*args, **kwargs):
+    torch.manual_seed(0)
+    layer = DOConv2d(*args, **kwargs)
+    with torch.no_grad():
+        layer.D.normal_(0.0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("flow", ["to_empty", "skip_init", "assign"])
+def test_I_fill_survives_every_materialisation(flow):
+    """I_fill is not saved, so whatever leaves buffers uninitialised or on 'meta' must rebuild it."""
+    source = _random_D_layer(4, 6, 3, padding=1)
+    if flow == "skip_init":
+        layer = torch.nn.utils.skip_init(DOConv2d, 4, 6, 3, padding=1)
+        layer.load_state_dict(source.state_dict())
+    else:
+        layer = DOConv2d(4, 6, 3, padding=1, device="meta")
+        if flow == "to_empty":
+            layer.to_empty(device="cpu")
+        layer.load_state_dict(source.state_dict(), assign=flow == "assign")
+    assert layer.I_fill.device.type == "cpu"
+    torch.testing.assert_close(layer.I_fill, torch.as_tensor(doconv.identity_fill(9, 9), dtype=torch.float32))
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(layer(x), source(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer.half().I_fill, source.I_fill.half(), rtol=0, atol=0)
+
+
+def test_layers_made_under_inference_mode_run():
+    """Inference tensors have no version counter: such a layer composes every call instead of caching."""
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        layer = _random_D_layer(4, 6, 3, padding=1, groups=2, dtype=torch.float64)
+        want = torch.nn.functional.conv2d(x, DF.compose_einsum(layer.W, layer.D + layer.I_fill, layer.config),
+                                          layer.bias, padding=1, groups=2)
+        torch.testing.assert_close(layer(x), want)
+        torch.testing.assert_close(layer.float().double()(x), want)
+        with torch.no_grad():
+            layer.W.mul_(2.0)  # in place, no version bump: a cache would now be stale
+        torch.testing.assert_close(layer(x) - layer.bias[:, None, None], 2 * (want - layer.bias[:, None, None]))
+    with torch.no_grad():  # outside inference mode (as for nn.Conv2d, autograd cannot save inference tensors)
+        torch.testing.assert_close(layer(x) - layer.bias[:, None, None], 2 * (want - layer.bias[:, None, None]))
+
+
+def test_fx_symbolic_trace_says_what_to_do_and_a_leaf_tracer_works():
+    model = nn.Sequential(_random_D_layer(3, 4, 3, padding=1), nn.ReLU())
+    with pytest.raises(TypeError, match=r"fold the model first .*leaf_modules"):
+        torch.fx.symbolic_trace(model)
+
+    class Leaf(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, DOConv2d) or super().is_leaf_module(m, name)
+
+    traced = torch.fx.GraphModule(model, Leaf().trace(model))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    torch.fx.symbolic_trace(doconv.torch.fold(model))  # folded: plain convs, traced as usual
+
+
+def test_one_element_tuples_as_nn_conv2d_takes_them():
+    """nn.Conv2d(stride=(2,), padding=(1,), dilation=(2,)) builds and runs (its conv broadcasts them)."""
+    layer = _random_D_layer(3, 4, 3, stride=(2,), padding=[1], dilation=(2,))
+    assert (layer.stride, layer.padding, layer.dilation) == ((2, 2), (1, 1), (2, 2))
+    conv = nn.Conv2d(3, 4, 3, stride=(2,), padding=(1,), dilation=(2,))
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight)
+        conv.bias.copy_(layer.bias)
+    x = torch.randn(1, 3, 9, 9)
+    torch.testing.assert_close(layer(x), conv(x))
+    converted, _ = convert(nn.Sequential(conv))
+    torch.testing.assert_close(converted(x), conv(x))
+
+
+def test_fuse_keeps_each_parameters_requires_grad():
+    """Bias-only fine-tuning: a frozen W and D fold into a frozen weight, the bias keeps training (and back)."""
+    layer = DOConv2d(3, 4, 3)
+    layer.W.requires_grad_(False)
+    layer.D.requires_grad_(False)
+    assert (layer.fuse().weight.requires_grad, layer.fuse().bias.requires_grad) == (False, True)
+    layer.D.requires_grad_(True)  # W' = D^T o W still trains through D
+    layer.bias.requires_grad_(False)
+    assert (layer.fuse().weight.requires_grad, layer.fuse().bias.requires_grad) == (True, False)
+    layer.switch_to_deploy()
+    assert (layer.weight.requires_grad, layer.bias.requires_grad) == (True, False)

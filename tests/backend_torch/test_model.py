@@ -299,3 +299,59 @@ def test_convert_keeps_a_parameter_shared_by_two_convs_tied():
     with pytest.raises(ValueError, match=r"layer '1' shares its weight with '0', but their DOConv2d D shapes differ "
                                          r"\(\(6, 9, 9\) vs \(2, 9, 9\)\)"):
         convert(nn.Sequential(a, b))
+
+
+def test_convert_and_fold_keep_each_parameters_requires_grad():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    model[0].weight.requires_grad_(False)  # a frozen kernel, its bias trained
+    model[1].bias.requires_grad_(False)    # a trained kernel, its bias frozen
+    converted, _ = convert(model)
+    assert {n: p.requires_grad for n, p in converted.named_parameters()} == {
+        "0.W": False, "0.D": False, "0.bias": True, "1.W": True, "1.D": True, "1.bias": False}
+    assert {n: p.requires_grad for n, p in fold(converted).named_parameters()} == {
+        n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+def test_convert_and_fold_keep_hooks(inplace):
+    """Forward pre-hooks, forward hooks and backward hooks move with the layer, and their handles still work."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    seen = []
+    pre = conv.register_forward_pre_hook(lambda m, args: (2 * args[0],))
+    conv.register_forward_hook(lambda m, args, out: seen.append(("forward", type(m).__name__)))
+    conv.register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", type(m).__name__)))
+    model = nn.Sequential(conv)
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    converted, _ = convert(model, inplace=inplace)
+    _perturb(converted)
+    with torch.no_grad():
+        want = converted[0].fuse()._conv_forward(2 * x, converted[0].weight, converted[0].bias)  # no hooks run
+    seen.clear()
+    converted(x).sum().backward()
+    assert seen == [("forward", "DOConv2d"), ("backward", "DOConv2d")]
+    folded = fold(converted, inplace=inplace)
+    seen.clear()
+    torch.testing.assert_close(folded(x), want)  # the pre-hook doubled the input
+    assert seen == [("forward", "Conv2d")]
+    if inplace:  # the handle taken on the original conv removes the hook from its replacements
+        pre.remove()
+        torch.testing.assert_close(folded(2 * x), want)
+
+
+def test_convert_skips_weight_norm_and_spectral_norm_convs():
+    """Their pre-hook recomputes weight on every call; converting would silently drop the normalisation."""
+    model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.Conv2d(4, 4, 3))
+    _, report = convert(model, inplace=True)  # (torch cannot deepcopy a weight_norm module)
+    assert [(r.name, r.action) for r in report] == [("0", "skipped"), ("1", "converted")]
+    assert "weight_norm / spectral_norm" in report[0].reason
+    _, report = convert(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3))))
+    assert report[0].action == "skipped"
+
+
+def test_inplace_convert_with_untieable_weights_changes_nothing():
+    a, b = nn.Conv2d(4, 4, 3), nn.Conv2d(8, 4, 3, groups=2)  # one (4, 4, 3, 3) weight, D shapes differ
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    with pytest.raises(ValueError, match="layer '1' shares its weight with '0'"):
+        convert(model, inplace=True)
+    assert model[0] is a and model[1] is b
