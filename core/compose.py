@@ -16,7 +16,8 @@ is composed with the D slice *of the channel it reads* (paper Section 3, DO-DCon
     W'[o, c, m] = sum_s D[(o // (C_out/g)) * (C_in/g) + c, m, s] * W[o, c, s]
 
 In einsum form, with D viewed as ``(g, C_in/g, MN, S)`` and W as ``(g, C_out/g, C_in/g, S)``,
-this is :data:`COMPOSE_EINSUM` = ``"gcms,gjcs->gjcm"``: every backend uses this string.
+this is :data:`COMPOSE_EINSUM` = ``"gcms,gjcs->gjcm"``: PyTorch and MXNet use this string, Keras the
+same contraction with its operands' axes in Keras' order (``doconv.tf.KERAS_COMPOSE_EINSUM``).
 
 The official code (yangyanli/DO-Conv) pairs differently when ``1 < groups``: its PyTorch layer
 uses D channel ``(o mod g)*(C_in/g) + c`` and its TensorFlow/GluonCV layers ``c*g + o // (C_out/g)``.
@@ -105,10 +106,10 @@ def init_params(config: DOConvConfig, *, d_init: str = "identity", rng=None,
 
     - W ~ U(+-1/sqrt(fan_in)) and bias ~ U(+-1/sqrt(fan_in)) with ``fan_in = C_in/g * M * N``,
       the fan-in of W' (:func:`doconv.config.kaiming_bound`). At identity init W' sums the columns
-      of W that share a tap (:func:`identity_fill`): for M*N <= D_mul < 2*M*N, W' = W[..., :MN] plus
-      nothing for most taps, and with D_mul = M*N (the default) W' has exactly the distribution of a
-      freshly initialised ``nn.Conv2d`` kernel; each further multiple of M*N adds one more uniform
-      term per tap (D_mul = 2*M*N doubles the variance).
+      of W that share a tap (:func:`identity_fill`, whole blocks only): for M*N <= D_mul < 2*M*N,
+      W' = W[..., :MN] exactly (the remaining columns start unused), so W' has exactly the
+      distribution of a freshly initialised ``nn.Conv2d`` kernel; each further whole multiple of M*N
+      adds one more uniform term per tap (D_mul = 2*M*N doubles the variance).
     - ``dtype`` must be a floating dtype (an integer W would round every draw to zero).
     - ``d_init='identity'``: D = I_fill (D' = 0), the paper's default (Section 4).
     - ``d_init='random'``: D ~ N(0, 2/MN), He init of a depthwise kernel with fan-in MN (Table 7).

@@ -88,7 +88,8 @@ def standardize_padding(value: Any) -> PaddingSpec:
 
     Accepted: an int (all sides), a pair ``(h, w)`` (symmetric per axis, as ``nn.Conv2d``),
     per-side pairs ``((top, bottom), (left, right))``, or the strings ``'same'``/``'valid'``
-    (case-insensitive).
+    (case-insensitive). In per-side form an axis may be one int, symmetric: ``(1, (2, 3))`` is
+    ``((1, 1), (2, 3))``.
     """
     if isinstance(value, str):
         lowered = value.lower()
@@ -297,6 +298,8 @@ class DOConvConfig:
         if any(isinstance(v, (bool, numbers.Real)) and not _is_int(v) for v in input_shape):  # 5.9, True
             raise TypeError(f"input shape must hold ints, but got input shape {shown}")
         batch, channels, height, width = (int(v) for v in input_shape)
+        if min(batch, channels, height, width) < 0:
+            raise ValueError(f"input shape must hold sizes >= 0, but got input shape {shown}")
         if channels != self.in_channels:
             raise ValueError(f"input has {channels} channels but in_channels={self.in_channels} "
                              f"(input shape {shown})")

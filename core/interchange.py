@@ -10,9 +10,11 @@ The header's metadata holds one JSON document under the key ``"doconv"``::
     {"format": "doconv-interchange", "version": 1, "pairing": "paper",
      "layers": {name: DOConvConfig.to_dict(), ...}}
 
-Writing is atomic (a temporary file renamed over the target), so a crash never leaves half a file.
-Reading checks everything and raises ``ValueError`` naming the layer and the problem: an unknown
-version or field, a missing or unexpected tensor, a wrong shape, a damaged or truncated file.
+Writing is atomic (a temporary file, flushed to disk, renamed over the target), so a crash never
+leaves half a file. Reading checks everything and raises ``ValueError`` naming the layer and the
+problem: an unknown version or field, a duplicate key, a missing or unexpected tensor, a wrong shape
+or dtype, a damaged or truncated file. Values are not judged: NaN or Inf load as stored, and each
+tensor keeps its own dtype (float16, float32 or float64; a backend casts them to its layer's).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
@@ -76,27 +78,39 @@ def save(path, layers: Layers) -> None:
 @contextlib.contextmanager
 def replacing(path: str):
     """Write a file atomically: yields a temporary path beside ``path``; when the block succeeds it is
-    renamed over ``path`` with the replaced file's permissions (else those ``open(path, 'w')`` gives,
-    not mkstemp's 0600), and on any failure it is removed, leaving ``path`` as it was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
+    flushed to disk and renamed over ``path`` with the replaced file's permissions (else those
+    ``open(path, 'w')`` gives), and on any failure it is removed, leaving ``path`` as it was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path!r}: its folder {folder!r} does not exist")
+    while True:  # a short name of its own, so that any name the folder takes for ``path`` fits
+        tmp = os.path.join(folder, f".doconv-{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
-        yield tmp
-        os.chmod(tmp, _file_mode(path))
+        mode = os.stat(tmp).st_mode & 0o7777  # 0666 less the umask, read without touching the umask
+        yield tmp  # (the writer may replace tmp by a file of its own, e.g. mode 0600)
+        with contextlib.suppress(FileNotFoundError):
+            mode = os.stat(path).st_mode & 0o7777
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def _file_mode(path: str) -> int:
-    """The replaced file's permissions, else 0666 less the umask (what ``open(path, 'w')`` gives)."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+def _unique_keys(pairs):
+    """``object_pairs_hook`` of the header's JSON: a key given twice (the last would silently win) is refused."""
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate key(s) {duplicates}")
+    return dict(pairs)
 
 
 def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
@@ -114,23 +128,25 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
     except FileNotFoundError:
         raise
     except Exception as err:  # safetensors raises its own error types for damaged headers/bodies
-        if "bfloat16" in str(err):
-            raise ValueError(f"{where} holds bfloat16 tensors, which NumPy cannot read; a file holds {DTYPES} "
+        if "bfloat16" in str(err) or isinstance(err, AttributeError):  # numpy has no float8_e4m3fn, ...
+            raise ValueError(f"{where} holds tensors of a dtype NumPy cannot read ({err}); a file holds {DTYPES} "
                              f"(convert them to float32)") from None
         raise ValueError(f"{where} is damaged or not a safetensors file: {err}") from None
     if "doconv" not in metadata:
         raise ValueError(f"{where} has no 'doconv' metadata: not a DO-Conv interchange file")
     try:
-        header = json.loads(metadata["doconv"])
-    except json.JSONDecodeError as err:
+        header = json.loads(metadata["doconv"], object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError(f"{where}: its 'doconv' metadata is nested too deeply to be a DO-Conv header") from None
+    except ValueError as err:  # JSONDecodeError is a ValueError, and so is a duplicate key
         raise ValueError(f"{where}: its 'doconv' metadata is not valid JSON ({err})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"{where}: format must be {FORMAT!r}, but got {header.get('format') if isinstance(header, dict) else header!r}")
-    unknown = sorted(set(header) - HEADER_KEYS)
-    if unknown:
-        raise ValueError(f"{where}: unknown header field(s) {unknown}; known: {sorted(HEADER_KEYS)}")
     if type(header.get("version")) is not int or header.get("version") != VERSION:  # not True, not 1.0
         raise ValueError(f"{where}: unknown format version {header.get('version')!r}; this doconv reads version {VERSION}")
+    unknown = sorted(set(header) - HEADER_KEYS)  # (after the version: a newer version may add fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown header field(s) {unknown}; known: {sorted(HEADER_KEYS)}")
     if header.get("pairing") != "paper":
         raise ValueError(f"{where}: unknown pairing {header.get('pairing')!r}; expected 'paper'")
     layers = header.get("layers")
@@ -139,6 +155,8 @@ def load(path) -> Dict[str, Tuple[DOConvConfig, DOConvParams]]:
     out = {}
     used = set()
     for name, config_dict in layers.items():
+        if not name:
+            raise ValueError(f"{where}: a layer has an empty name (save refuses them)")
         try:
             config = DOConvConfig.from_dict(config_dict)
         except (TypeError, ValueError) as err:

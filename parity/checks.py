@@ -41,6 +41,7 @@ import numpy as np
 from doconv import DOConvConfig, DOConvParams, compose, conv2d, forward, load, max_error, tolerance
 from doconv.cases import CASES, Case
 from doconv.compose import identity_fill
+from doconv.interchange import replacing
 from doconv.layouts import official_params, official_shapes, to_paper_pairing
 from doconv import selfcheck
 from doconv.selfcheck import layer_vjp
@@ -81,6 +82,11 @@ class Result:
     def from_dict(cls, data: dict) -> "Result":
         data = {k: v for k, v in data.items() if k != "passed"}
         data["error"] = float(data["error"])
+        if data["error"] < 0:  # max_error is >= 0, inf when the check raised, NaN when it compared NaNs
+            raise ValueError(f"result {data!r} has a negative error")
+        tol = data.get("tolerance")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+            raise ValueError(f"result {data!r} has no positive finite tolerance")
         return cls(**data)
 
 
@@ -325,7 +331,7 @@ def write_manifest(root: str, fw: Framework, done: Dict[str, List[str]], seed: i
     manifest = {"format": "doconv-parity-artifacts", "version": 1, "framework": fw.name, "family": fw.family,
                 "seed": seed, "sgd": {"lr": SGD_LR, "steps": SGD_STEPS}, "trained": done,
                 "cases": {i: cases[i] for ids in done.values() for i in ids}}
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
+    with replacing(os.path.join(folder, "manifest.json")) as tmp, open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
 
 

@@ -85,7 +85,10 @@ def parse_selection(text: Optional[str]) -> Tuple[str, ...]:
 
 
 def selection(cli_value: Optional[str] = None) -> Tuple[str, ...]:
-    """The option wins over the environment variable, which wins over the default."""
+    """The option wins over the environment variable, which wins over the default. An empty option
+    (``-f "$FW"`` with FW unset) is an error, not the default: that would run every framework."""
+    if cli_value is not None and not cli_value.strip():
+        raise ValueError(f"no framework named in frameworks={cli_value!r}; known: {sorted(KNOWN)}")
     return parse_selection(cli_value if cli_value is not None else os.environ.get(ENV_VAR))
 
 

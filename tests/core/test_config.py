@@ -98,6 +98,9 @@ def test_unbatched_output_shape_quotes_the_shape_given():
         config.output_shape((4, 9, 7))
     with pytest.raises(ValueError, match=r"3-D \(C, H, W\) or 4-D .* input shape \(9, 7\)"):
         config.output_shape((9, 7), unbatched=True)
+    with pytest.raises(ValueError, match=r"sizes >= 0, but got input shape \(-3, 4, 9, 7\)"):
+        config.output_shape((-3, 4, 9, 7))  # (the cost model would count negative multiply-adds)
+    assert config.output_shape((0, 4, 9, 7)) == (0, 6, 4, 3)
 
 
 def test_defaults_and_shapes():

@@ -73,6 +73,8 @@ def saved(tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (edit_doconv(lambda m: m.update(version=2)), "unknown format version 2"),
+    (edit_doconv(lambda m: m.update(version=2, extras={})), "unknown format version 2"),  # newer versions add fields
+    (edit_doconv(lambda m: m["layers"].update({"": m["layers"]["conv1"]})), "a layer has an empty name"),
     (edit_doconv(lambda m: m.update(colour="red")), r"unknown header field\(s\) \['colour'\]"),
     (edit_doconv(lambda m: m.update(format="other")), "format must be 'doconv-interchange'"),
     (edit_doconv(lambda m: m.update(pairing="official-torch")), "unknown pairing"),
@@ -83,6 +85,11 @@ def saved(tmp_path):
     (edit_doconv(lambda m: m["layers"].update(extra=m["layers"]["conv1"])), "layer 'extra': tensor 'W' is missing"),
     (lambda h: h.pop("__metadata__"), "no 'doconv' metadata"),
     (lambda h: h["__metadata__"].update(doconv="{not json"), "not valid JSON"),
+    (lambda h: h["__metadata__"].update(doconv=h["__metadata__"]["doconv"].replace(
+        '"layers": {', '"layers": {"conv1": {}, ', 1)), r"duplicate key\(s\) \['conv1'\]"),  # the last would win
+    (lambda h: h["__metadata__"].update(doconv="[" * 5000 + "]" * 5000), "nested too deeply"),
+    (lambda h: h["g.bias"].update(dtype="F8_E4M3", shape=[h["g.bias"]["data_offsets"][1] - h["g.bias"]["data_offsets"][0]]),
+     "a dtype NumPy cannot read"),
 ])
 def test_damaged_header_gives_a_clear_error(saved, edit, message):
     rewrite_header(saved, edit)
@@ -135,6 +142,17 @@ def test_load_matching_checks_layers_and_compares_resolved_configs(tmp_path):
     with pytest.raises(ValueError, match=r"missing from the file \['b'\]"):
         doconv.load_matching(path, {"a": torch_style, "b": torch_style})
     assert set(doconv.load_matching(path, {"a": torch_style, "b": torch_style}, strict=False)) == {"a"}
+
+
+def test_save_takes_any_name_the_folder_takes_and_names_a_missing_folder(tmp_path):
+    config = DOConvConfig(2, 3, 3)
+    params = doconv.init_params(config, rng=0)
+    long = tmp_path / ("x" * 240 + ".safetensors")  # 252 characters: the temporary name must not grow from it
+    doconv.save(long, {"l": (config, params)})
+    assert list(doconv.load(long)) == ["l"] and sorted(p.name for p in tmp_path.iterdir()) == [long.name]
+    missing = tmp_path / "absent" / "m.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*absent/m.safetensors.*does not exist"):
+        doconv.save(missing, {"l": (config, params)})
 
 
 def test_save_gives_the_mode_open_would_and_writes_through_symlinks(tmp_path):

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import doconv.parity.__main__ as cli
-from doconv.parity import report
+from doconv.parity import checks, report
 from doconv.parity.__main__ import main
 from doconv.parity.fw_core import CoreFramework
 
@@ -157,7 +157,7 @@ def test_seed_must_be_a_non_negative_integer(value, why, no_run, capsys):
     assert "--seed" in err and repr(value) in err and why in err
 
 
-@pytest.mark.parametrize("value", [",", " , ,"])
+@pytest.mark.parametrize("value", [",", " , ,", "", "  "])  # -f "$FW" with FW unset must not run everything
 def test_frameworks_naming_no_framework_is_a_usage_error(value, no_run, capsys):
     err = usage_error(capsys, ["-f", value, *QUICK])
     assert "-f/--frameworks" in err and repr(value) in err and "no framework" in err
@@ -167,3 +167,24 @@ def test_environment_naming_no_framework_names_the_variable(monkeypatch, no_run,
     monkeypatch.setenv(cli.ENV_VAR, ",")
     err = usage_error(capsys, QUICK)
     assert cli.ENV_VAR in err and "','" in err
+
+
+@pytest.mark.parametrize("field, value", [("error", "-inf"), ("error", -5.0), ("tolerance", 0), ("tolerance", "inf")])
+def test_check_refuses_results_that_could_only_pass_by_damage(field, value, exchange, no_run, capsys):
+    """A negative error (or a tolerance <= 0 or infinite) is no max_error: the check must not read it as PASS."""
+    path = next((exchange / "results").glob("*.json"))
+    data = json.loads(path.read_text())
+    data["results"][0][field] = value
+    path.write_text(json.dumps(data))
+    err = usage_error(capsys, ["check", str(exchange), *QUICK])
+    assert str(path) in err and "damaged" in err
+
+
+def test_manifest_is_replaced_atomically(exchange, monkeypatch):
+    """A failure while writing a manifest leaves the previous one (a truncated one would block the DIR)."""
+    manifest = exchange / "artifacts" / "numpy" / "manifest.json"
+    before = manifest.read_text()
+    monkeypatch.setattr(checks.json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        checks.write_manifest(str(exchange / "artifacts"), CoreFramework(), {}, 0)
+    assert manifest.read_text() == before and not [p for p in manifest.parent.iterdir() if p.suffix == ".tmp"]
