@@ -58,15 +58,19 @@ from its first input (:meth:`DOConv2D.infer_shape`); inside a hybridized parent,
 on the symbol graph, the first graph carries a one-pixel shape probe (two tiny FullyConnected ops whose
 zeros join the bias) because MXNet's matrix products do not infer their operands' shapes backwards. The probe
 adds exactly zero and is left out of every graph built once the shapes are known (hybridize again to drop it).
+Feature composition needs C_in for its depthwise conv: a layer called on an NDArray infers it first (the
+layer's own ``hybridize()`` included), and a hybridized parent's first graph composes W' instead, as
+``'auto'`` does before its first input.
 """
 
 from __future__ import annotations
 
 import numbers
+import re
 
 import numpy as np
 
-from doconv import DOConvConfig, choose_composition, standardize_pair
+from doconv import DOConvConfig, choose_composition, params_for_kernel, standardize_pair
 
 from ._mx import gluon, mx
 
@@ -100,6 +104,38 @@ class DOConvDelta(mx.init.Initializer):
         from doconv import identity_fill
         D = np.random.normal(0.0, np.sqrt(2.0 / self.MN), size=arr.shape)
         arr[:] = D - identity_fill(self.MN, self.S)
+
+
+def _dumps(init):
+    """``init`` as ``Initializer.dumps`` writes it (``Parameter.var`` stores the initializer's kwargs as JSON)."""
+    if init is None or isinstance(init, str):
+        return init
+    try:
+        return init.dumps()
+    except (TypeError, ValueError):  # kwargs JSON cannot hold: the name only (the object itself still draws)
+        return type(init).__name__.lower()
+
+
+@mx.init.register
+class KernelInit(mx.init.Initializer):
+    """Initialiser of W that draws W' as a ``gluon.nn.Conv2D`` draws its weight (what ``convert`` gives W).
+
+    ``init`` (the conv weight's own initializer, or None for the one passed to ``initialize()``) fills a
+    (C_out, C_in/g, M, N) kernel under the conv weight's ``name`` -- its shape, so its fan, and its name --
+    and W holds that kernel as :func:`doconv.params_for_kernel` does: W' = the kernel at D' = 0.
+    """
+
+    def __init__(self, init=None, name="weight", kernel_size=(3, 3), groups=1):
+        super().__init__(init=_dumps(init), name=name, kernel_size=list(kernel_size), groups=groups)
+        self.conv_init, self.conv_name, self.kernel_size, self.groups = init, name, tuple(kernel_size), groups
+
+    def _init_weight(self, desc, arr):
+        outer = getattr(desc, "global_init", None) or mx.init.Uniform()
+        cout, per_group, s = arr.shape
+        config = DOConvConfig(per_group * self.groups, cout, self.kernel_size, groups=self.groups, D_mul=s)
+        kernel = mx.nd.zeros(config.kernel_shape, dtype=arr.dtype)
+        mx.init.create(outer)(mx.init.InitDesc(self.conv_name, {"__init__": self.conv_init or outer}), kernel)
+        arr[:] = params_for_kernel(kernel.asnumpy(), config).W
 
 
 def _notifying(method):
@@ -137,7 +173,8 @@ class ComposedKernel(WatchedParameter):
     """W' of a ``DOConv2D``, the graph's ``kernel_cache`` input: composed per call while recording, else cached.
 
     The data of this parameter is a per-context buffer; ``data()`` refreshes it (see the module docstring).
-    Layers that share W and D (``params=``) share it too: ``layers`` lists them, the first composes.
+    Layers that share W and D (``params=``) share it too: ``layers`` lists them, and whichever composes
+    W' from kernel (an ``'auto'`` layer may have chosen feature composition, its sharers not) fills it.
     """
 
     def __init__(self, name, *, layer, shape):
@@ -149,21 +186,34 @@ class ComposedKernel(WatchedParameter):
     def _layer(self):
         return self.layers[0]
 
+    def _composer(self):
+        """A sharer that convolves with W' from here, or None while every one composes features (then
+        nothing reads the buffer and nothing composes). Sharers compose alike: they share W and D."""
+        return next((each for each in self.layers if each._kernel_mode()), None)
+
     def invalidate(self):
         self._fresh = set()
 
     def _adopt(self):
-        """Initialise after W: ``load_parameters`` initialises W, D and bias from a file that holds no cache."""
-        if self._data is None and not self._deferred_init and self._layer.W._data is not None:
-            W = self._layer.W
+        """Follow W: initialise after it (``load_parameters`` initialises W, D and bias from a file that holds
+        no cache; a layer's own deferred initialisation finishes only its ``params``) and take its dtype
+        (``load_parameters(cast_dtype=True, dtype_source='saved')`` sets W's and D's to the file's, and
+        ``Block.cast`` reaches only ``params``, which this is no entry of)."""
+        W = self._layer.W
+        if np.dtype(self.dtype) != np.dtype(W.dtype):
+            self.cast(W.dtype)  # a write: drops the cached W'
+        if self._data is None and W._data is not None:
             self.shape = W.shape[:2] + self._layer._args["kernel_size"]
-            self.initialize(ctx=W.list_ctx())
+            if self._deferred_init:  # a layer's own deferred init finishes its params only, not this
+                self._finish_deferred_init()
+            else:
+                self.initialize(ctx=W.list_ctx())
 
     def data(self, ctx=None):
         self._adopt()
         buffer = super().data(ctx)
-        layer = self._layer
-        if not layer._kernel_mode():
+        layer = self._composer()
+        if layer is None:
             return buffer
         ctx = buffer.context
         if mx.autograd.is_recording():
@@ -186,9 +236,10 @@ class ComposedKernel(WatchedParameter):
         """W' on the CPU (``export`` saves it; ``reset_ctx`` / ``cast`` move it), composed where W lives now:
         ``reset_ctx`` moves W and D before this buffer."""
         with mx.autograd.pause():
-            if not self._layer._kernel_mode():
+            layer = self._composer()
+            if layer is None:
                 return super().data(self.list_ctx()[0]).copyto(mx.cpu())
-            return self._layer._compose_nd(self._layer.W.list_ctx()[0]).copyto(mx.cpu())
+            return layer._compose_nd(layer.W.list_ctx()[0]).copyto(mx.cpu())
 
 
 def _shapes_agree(a, b) -> bool:
@@ -236,6 +287,7 @@ class DOConv2D(gluon.HybridBlock):
                           padding=pad, dilation=cfg.dilation, groups=cfg.groups, bias=cfg.bias, D_mul=cfg.D_mul,
                           depthwise_separable=depthwise_separable)
         self._layout, self._composition, self._auto = layout, composition, None
+        self._loading = False  # load_parameters runs: collect_params leaves the kernel cache out
         self._graphs = set()  # kinds of symbol graph built so far: 'compose' (recording), 'cache' (not)
         self._activation, self.d_init = activation, d_init
         self._check_in_channels(int(in_channels))
@@ -249,8 +301,7 @@ class DOConv2D(gluon.HybridBlock):
                                         allow_deferred_init=True) if use_bias else None
             self.kernel_cache = None
             if cfg.has_D and composition != "feature":
-                self.kernel_cache = self._watched("kernel", kind=ComposedKernel, layer=self,
-                                                  shape=(cfg.out_channels, cin // cfg.groups) + cfg.kernel_size)
+                self.kernel_cache = self._shared_cache((cfg.out_channels, cin // cfg.groups) + cfg.kernel_size)
                 for param in (self.W, self.D):
                     param.listeners.append(self.kernel_cache.invalidate)
             self.act = gluon.nn.Activation(activation, prefix=activation + "_") if activation is not None else None
@@ -268,9 +319,29 @@ class DOConv2D(gluon.HybridBlock):
         if not isinstance(shared, kind) or not _shapes_agree(shared.shape, shape):
             raise ValueError(f"params: the shared parameter {name!r} ({type(shared).__name__}, shape "
                              f"{shared.shape}) does not fit this layer (needs a {kind.__name__} of shape {shape})")
-        if isinstance(shared, ComposedKernel):
-            shared.layers.append(self)
         return shared
+
+    def _shared_cache(self, shape) -> ComposedKernel:
+        """The kernel cache of the layers that share this one's W (``params=``), else a new one. It is no entry
+        of ``params`` -- so ``summary()`` counts W, D and bias only -- but of ``collect_params()`` (initialize,
+        graphs, export), and found through W."""
+        cache = getattr(self.W, "kernel_cache", None)
+        if cache is None:
+            cache = self.W.kernel_cache = ComposedKernel(self.params.prefix + "kernel", layer=self, shape=shape)
+            return cache
+        if not _shapes_agree(cache.shape, shape):
+            raise ValueError(f"params: the shared parameter {cache.name!r} (ComposedKernel, shape {cache.shape}) "
+                             f"does not fit this layer (needs a ComposedKernel of shape {shape})")
+        cache.layers.append(self)
+        return cache
+
+    def collect_params(self, select=None):
+        """Gluon's, with the kernel cache (see :meth:`_shared_cache`)."""
+        params = super().collect_params(select)
+        cache = self.kernel_cache
+        if cache is not None and not self._loading and (select is None or re.compile(select).match(cache.name)):
+            params.update({cache.name: cache})
+        return params
 
     def invalidate_cache(self):
         """Drop the cached W' (needed only after raw in-place writes to W's or D's arrays; see the module doc)."""
@@ -285,14 +356,11 @@ class DOConv2D(gluon.HybridBlock):
     def load_parameters(self, filename, *args, **kwargs):
         """As Gluon's; a bare layer's file (keys without '.') takes Gluon's legacy path through
         ``collect_params``, which must not ask the file for the kernel cache."""
-        cache = self.kernel_cache
-        if cache is not None:
-            del self.params._params[cache.name]
+        self._loading = True
         try:
             return super().load_parameters(filename, *args, **kwargs)
         finally:
-            if cache is not None:
-                self.params._params[cache.name] = cache
+            self._loading = False
 
     def _kernel_mode(self) -> bool:
         return self.kernel_cache is not None and (self._auto or "kernel") == "kernel"
@@ -353,10 +421,10 @@ class DOConv2D(gluon.HybridBlock):
             if self.in_channels and channels != self.in_channels:
                 raise ValueError(f"{self.name}: input has {channels} channels but in_channels={self.in_channels} "
                                  f"(input shape {x.shape}, layout {self._layout!r})")
+            if not self.in_channels and self._composition != "kernel":  # a graph built next may need C_in
+                self.infer_shape(x)                                           # (feature composition)
             if self._composition == "auto" and self._auto is None:
                 cfg = DOConvConfig(channels, **self._args)
-                if not self.in_channels:  # a graph built next may need C_in (feature composition)
-                    self.infer_shape(x)
                 shape = x.shape if self._layout == "NCHW" else (x.shape[0], x.shape[3], *x.shape[1:3])
                 self._auto = choose_composition(cfg, shape)
                 self._clear_cached_op()
@@ -410,6 +478,8 @@ class DOConv2D(gluon.HybridBlock):
 
     def hybrid_forward(self, F, x, W, D=None, bias=None, kernel_cache=None):
         mode = self._auto or ("kernel" if self._composition == "auto" else self._composition)
+        if not self.in_channels:  # a hybridized parent's first graph, C_in unknown: composes W' (as 'auto')
+            mode = "kernel"
         if mode == "feature" and D is not None:
             if kernel_cache is not None and F is mx.sym:  # 'auto' chose feature: the cache is unused
                 W = F.reshape_like(W, kernel_cache, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1)  # C_out
@@ -453,10 +523,7 @@ class DOConv2D(gluon.HybridBlock):
 
     def _feature(self, F, x, W, D, bias, compute):
         """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
-        cin, a = self.in_channels, self._args
-        if not cin:
-            raise ValueError(f"{self.name}: composition='feature' needs in_channels (it sets the depthwise "
-                             f"conv's channel count); pass in_channels or run the layer once unhybridized")
+        cin, a = self.in_channels, self._args  # known: hybrid_forward composes W' while it is not
         s, (m, n) = a["D_mul"], a["kernel_size"]
         full = F.broadcast_add(D, self._identity_fill(F, "float32" if compute else self._dtype))
         dk = F.reshape(F.swapaxes(full, 1, 2), (cin * s, 1, m, n))
@@ -480,7 +547,9 @@ class DOConv2D(gluon.HybridBlock):
         """
         a = self._args
         g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
-        pixel = F.slice(x, begin=(0, 0, 0, 0), end=(1, None, 1, 1))                  # one pixel, all C_in
+        channel = self._layout.find("C")
+        end = tuple(None if axis == channel else 1 for axis in range(4))
+        pixel = F.slice(x, begin=(0, 0, 0, 0), end=end)                               # one pixel, all C_in
         pixel = F.cast(F.reshape(pixel, (g, -1)), "float32")                          # (g, C_in/g)
         first = F.slice_axis(pixel, axis=0, begin=0, end=1)                           # (1, C_in/g)
 

@@ -16,7 +16,7 @@ from doconv import selection, standardize_flag
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from ._mx import gluon, mx
-from .layer import DOConv2D
+from .layer import DOConv2D, KernelInit
 
 #: Gluon's Convolution pads symmetrically with zeros, fixed at construction: no per-side or non-zero
 #: padding, and no TF-style 'same' at stride > 1 (its pads depend on the input size). 'same' at stride 1
@@ -147,14 +147,61 @@ def _contexts(param) -> Optional[list]:
         return None
 
 
-def _initialise_like(new: gluon.HybridBlock, old_param) -> bool:
-    """Initialise ``new`` where ``old_param`` lives, with its dtype; False if the old one held no data yet."""
-    ctxs = _contexts(old_param)
+def _carry_settings(new: DOConv2D, conv: gluon.nn.Conv2D) -> None:
+    """The conv weight's grad_req / lr_mult / wd_mult on W and D (a frozen conv stays frozen), its bias's on bias."""
+    for param, old in ((new.W, conv.weight), (new.D, conv.weight), (new.bias, conv.bias)):
+        if param is not None and old is not None:
+            param.grad_req, param.lr_mult, param.wd_mult = old.grad_req, old.lr_mult, old.wd_mult
+
+
+def _initialise_like(new: DOConv2D, conv: gluon.nn.Conv2D) -> bool:
+    """Initialise ``new`` where the conv's weight lives, with its dtype; False if the conv held no data yet.
+
+    A conv still deferred (``initialize(init)`` ran, C_in unknown) leaves its pending initializers to ``new``:
+    W's draws W' as the conv's weight would have been drawn (:class:`~doconv.mxnet.layer.KernelInit`), the
+    bias takes the conv bias's.
+    """
+    ctxs = _contexts(conv.weight)
     if ctxs is None:
         return False
-    new.cast(old_param.dtype)
+    new.cast(conv.weight.dtype)
     new.initialize(ctx=ctxs)
-    return old_param._deferred_init == ()  # initialised with a known shape: data to copy
+    if conv.weight._deferred_init:
+        init, _, default, _ = conv.weight._deferred_init
+        a = new._args
+        new.W._deferred_init = (KernelInit(init, conv.weight.name, a["kernel_size"], a["groups"]), ctxs, default, None)
+        if new.bias is not None and conv.bias._deferred_init:
+            init, _, default, _ = conv.bias._deferred_init
+            new.bias._deferred_init = (init, ctxs, default, None)
+    return conv.weight._deferred_init == ()  # initialised with a known shape: data to copy
+
+
+def _refuse(error: Exception, what: str, path: str, done: str):
+    kind = TypeError if isinstance(error, TypeError) else ValueError
+    raise kind(f"cannot {what} layer {path!r}: {error}; nothing was {done}") from error
+
+
+def _converted(conv: gluon.nn.Conv2D, path: str, shared: Optional[DOConv2D], D_mul, d_init, composition):
+    """The DOConv2D for ``conv`` (sharing ``shared``'s parameters, if any) and whether it holds the conv's data."""
+    args = _conv_args(conv)
+    cin = conv.weight.shape[1] * args["groups"]
+    bias = {} if conv.bias is None else {"bias_initializer": conv.bias.init}
+    new = DOConv2D(**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
+                   weight_initializer=KernelInit(conv.weight.init, conv.weight.name, args["kernel_size"],
+                                                 args["groups"]),
+                   prefix=conv.prefix, params=None if shared is None else shared.params, **bias)
+    if shared is not None:
+        return new, False
+    _carry_settings(new, conv)
+    with_data = _initialise_like(new, conv) and cin > 0
+    if with_data:
+        config = new.config
+        bias = None if conv.bias is None else conv.bias.data(conv.bias.list_ctx()[0]).asnumpy()
+        params = doconv.params_for_kernel(conv.weight.data(conv.weight.list_ctx()[0]).asnumpy(), config, bias)
+        if d_init == "random":
+            params.D = get_params(new).D
+        set_params(new, params, name=path)
+    return new, with_data
 
 
 def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, exclude=None,
@@ -166,19 +213,23 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
     ``(path, block) -> bool``) on block paths; a pattern that matches no path is a ValueError. Sharing
     survives: a block used at several paths becomes one DOConv2D at all of them (selected at its first
     path), and blocks sharing parameters (``params=``) become DOConv2Ds sharing W, D and bias. A conv whose
-    weight is not initialised yet becomes a deferred DOConv2D. ``d_init='random'`` re-initialises D (and
-    therefore changes outputs). Returns ``(model, report)``.
+    weight is not initialised yet becomes a deferred DOConv2D that is initialised as the conv would have been
+    (the conv's initializers, pending or its own, draw W' and bias). W and D take the conv weight's
+    ``grad_req``, ``lr_mult`` and ``wd_mult``, bias the conv bias's. ``d_init='random'`` re-initialises D (and
+    therefore changes outputs). Every layer is built before any is swapped: an error (naming the block path)
+    leaves the model as it was. Returns ``(model, report)``.
     """
     include = selection.glob_patterns(include, "include", "a callable(path, block)")
     exclude = selection.glob_patterns(exclude, "exclude", "a callable(path, block)")
     selection.refuse_unmatched({"include": include, "exclude": exclude},
                                (path for path, _, _, _ in named_blocks(model)), "block path")
     report = ConversionReport()
+    swaps = []  # (parent, key, DOConv2D), made once every layer is built
     made, tied = {}, {}  # id(Conv2D) -> (path, its DOConv2D); id(weight Parameter) -> (path, the DOConv2D made from it)
     for path, block, parent, key in list(named_blocks(model)):
         if id(block) in made:  # one block at several paths: one DOConv2D at all of them
             first, new = made[id(block)]
-            _replace(parent, key, new)
+            swaps.append((parent, key, new))
             report.append(dataclasses.replace(report[[r.name for r in report].index(first)], name=path,
                                               weights=f"shared with {first!r}"))
             continue
@@ -186,26 +237,15 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
             continue
         if not _selected(path, block, include, exclude):
             continue
-        args = _conv_args(block)
-        cin = block.weight.shape[1] * args["groups"]
         first, shared = tied.get(id(block.weight), (None, None))  # Gluon params= sharing between blocks
-        new = DOConv2D(**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
-                       prefix=block.prefix, params=None if shared is None else shared.params)
+        try:
+            new, with_data = _converted(block, path, shared, D_mul, d_init, composition)
+        except (ValueError, TypeError) as error:
+            _refuse(error, "convert", path, "converted")
         made[id(block)] = (path, new)
         tied.setdefault(id(block.weight), (path, new))
-        if shared is not None:
-            with_data = False
-        else:
-            with_data = _initialise_like(new, block.weight) and cin > 0
-        if with_data:
-            config = new.config
-            bias = None if block.bias is None else block.bias.data(block.bias.list_ctx()[0]).asnumpy()
-            params = doconv.params_for_kernel(block.weight.data(block.weight.list_ctx()[0]).asnumpy(), config, bias)
-            if d_init == "random":
-                params.D = get_params(new).D
-            set_params(new, params, name=path)
-        _replace(parent, key, new)
-        cfg_d = new._args
+        swaps.append((parent, key, new))
+        cin, cfg_d = new.in_channels, new._args
         kind = doconv.DOConvConfig(cin, **cfg_d).kind if cin else (
             "DO-Conv" if cfg_d["groups"] == 1 else "DO-GConv or DO-DConv (C_in deferred)")
         weights = f"tied to {first!r} (shared parameters)" if shared is not None else \
@@ -213,15 +253,28 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
         report.append(ConversionRow(path, kind, cin,
                                     cfg_d["out_channels"], cfg_d["kernel_size"], cfg_d["groups"], cfg_d["D_mul"],
                                     weights))
+    for parent, key, new in swaps:
+        _replace(parent, key, new)
     _clear_cached_graphs(model)
     return model, report
+
+
+def _check_foldable(layer: DOConv2D, path: str) -> None:
+    if not layer.in_channels:
+        raise ValueError(f"cannot fold layer {path!r}: in_channels is not known yet (in_channels=0 and no input "
+                         f"seen); nothing was folded")
+    if layer.W._data is None:
+        raise ValueError(f"cannot fold layer {path!r}: its parameters are not initialised (initialize() or "
+                         f"load_parameters() first); nothing was folded")
 
 
 def fold(model: gluon.Block, *, return_report: bool = False):
     """Replace every ``DOConv2D`` (the model itself included) by a plain ``gluon.nn.Conv2D`` holding W' and bias.
 
     The folded net has the baseline's parameters and cost (paper Section 3). Returns the model (or the new
-    conv if ``model`` is itself a DOConv2D), with the report when ``return_report=True``.
+    conv if ``model`` is itself a DOConv2D), with the report when ``return_report=True``. Every layer is
+    checked (C_in known, initialised) before any is replaced: an error names the block path and leaves the
+    model as it was.
     """
     return_report = standardize_flag(return_report, "return_report")  # checked before the model changes
     report = ConversionReport()
@@ -245,15 +298,19 @@ def fold(model: gluon.Block, *, return_report: bool = False):
         return conv
 
     if isinstance(model, DOConv2D):
+        _check_foldable(model, model.name)
         out = folded(model, model.name)
     else:
+        places = [(path, block, parent, key) for path, block, parent, key in named_blocks(model)
+                  if isinstance(block, DOConv2D)]
+        for path, block, _, _ in places:
+            _check_foldable(block, path)
         convs = {}  # id(DOConv2D) -> its Conv2D: a block used at several paths stays one block
-        for path, block, parent, key in list(named_blocks(model)):
-            if id(block) in convs:
-                _replace(parent, key, convs[id(block)])
-            elif isinstance(block, DOConv2D):
+        for path, block, _, _ in places:
+            if id(block) not in convs:
                 convs[id(block)] = folded(block, path)
-                _replace(parent, key, convs[id(block)])
+        for _, block, parent, key in places:
+            _replace(parent, key, convs[id(block)])
         _clear_cached_graphs(model)
         out = model
     return (out, report) if return_report else out

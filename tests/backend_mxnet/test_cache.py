@@ -180,3 +180,54 @@ def test_reset_ctx_moves_the_layer(before, after):
     want = doconv.forward(x, get_params(layer), layer_config(layer))
     for i in after:
         doconv.assert_close(layer(mx.nd.array(x, ctx=mx.cpu(i))).asnumpy(), want, "float32", f"cpu({i})")
+
+
+def _randomise(layer, seed):
+    rng = np.random.default_rng(seed)
+    for param in (layer.W, layer.D, layer.bias):
+        param.set_data(mx.nd.array(rng.normal(0, 0.5, size=param.shape), dtype=param.dtype))
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_sharers_of_an_auto_layer_that_chose_feature_read_a_correct_kernel(hybridize):
+    """The shared cache is filled by whichever sharer convolves with it: an 'auto' layer that chose feature
+    composition (a small input) must not leave its kernel-composing sharers the unfilled buffer, nor may two
+    'auto' sharers that chose differently (different input sizes)."""
+    a = DOConv2D(8, 3, in_channels=3, composition="auto", prefix="shared_")
+    kernel = DOConv2D(8, 3, in_channels=3, params=a.params)
+    auto = DOConv2D(8, 3, in_channels=3, composition="auto", params=a.params)
+    a.initialize()
+    _randomise(a, 0)
+    small, large = (np.random.default_rng(s).normal(size=shape).astype("float32")
+                    for s, shape in ((1, (1, 3, 3, 3)), (2, (2, 3, 16, 16))))
+    for layer in (a, kernel, auto):
+        if hybridize:
+            layer.hybridize()
+    for step in ("first calls", "after D.set_data"):
+        params = get_params(a)
+        for layer, x in ((a, small), (kernel, large), (auto, large), (a, small)):
+            doconv.assert_close(layer(mx.nd.array(x)).asnumpy(), doconv.forward(x, params, a.config), "float32",
+                                f"{step}: {layer.name}")
+        assert (a._auto, auto._auto) == ("feature", "kernel")
+        a.D.set_data(a.D.data() + 0.3)
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_load_parameters_casting_to_the_saved_dtype_casts_the_cache_too(tmp_path, hybridize):
+    """``load_parameters(cast_dtype=True, dtype_source='saved')`` sets W's and D's dtype to the file's: W'
+    (the kernel cache) follows, also after a float32 W' was cached."""
+    saved = DOConv2D(4, 3, in_channels=2, prefix="layer_")
+    saved.initialize()
+    saved.cast("float64")
+    _randomise(saved, 3)
+    saved.save_parameters(str(tmp_path / "f64.params"))
+    layer = DOConv2D(4, 3, in_channels=2, prefix="layer_")
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    x = np.random.default_rng(4).normal(size=(1, 2, 6, 5))
+    layer(mx.nd.array(x, dtype="float32"))  # caches a float32 W'
+    layer.load_parameters(str(tmp_path / "f64.params"), cast_dtype=True, dtype_source="saved")
+    out = layer(mx.nd.array(x, dtype="float64"))
+    assert out.dtype == np.float64 and layer.kernel_cache.data().dtype == np.float64
+    doconv.assert_close(out.asnumpy(), doconv.forward(x, get_params(saved), layer_config(saved)), "float64", "loaded")

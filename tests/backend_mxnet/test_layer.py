@@ -114,6 +114,27 @@ def test_nhwc_on_cpu_is_a_clear_error():
         layer(mx.nd.ones((1, 5, 5, 3)))
 
 
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_nhwc_deferred_in_a_hybridized_parent_infers_c_in_from_the_channel_axis(use_bias):
+    """The graph's shape probe reads NHWC's last axis: shapes come out right, and the CPU then fails exactly
+    as MXNet's own NHWC Conv2D does (not with a shape inconsistency)."""
+    def run(block):
+        net = gluon.nn.HybridSequential()
+        net.add(block)
+        net.initialize()
+        net.hybridize()
+        with pytest.raises(mx.base.MXNetError) as info:
+            net(mx.nd.ones((1, 7, 6, 3))).wait_to_read()
+        return str(info.value).strip().splitlines()[0]
+    ours = DOConv2D(4, 3, layout="NHWC", use_bias=use_bias)
+    theirs = gluon.nn.Conv2D(4, 3, layout="NHWC", use_bias=use_bias)
+    error = run(ours)
+    assert error == run(theirs) and "Shape inconsistent" not in error
+    assert (ours.in_channels, ours.W.shape, ours.D.shape, ours.kernel_cache.shape) == (3, (4, 3, 9), (3, 9, 9),
+                                                                                      (4, 3, 3, 3))
+    assert theirs.weight.shape == (4, 3, 3, 3)
+
+
 def test_float16_fails_on_cpu_exactly_as_conv2d_does():
     def error(block):
         block.initialize()
@@ -161,6 +182,28 @@ def test_deferred_in_channels_inferred_from_first_input(hybridize, recorded, dty
     doconv.assert_close(out, _core_forward(net, x), dtype, "deferred net")
     net.hybridize()  # a graph built with known shapes (no shape probe) gives the same numbers
     doconv.assert_close(net(h.nd(x, dtype)).asnumpy(), out, dtype, "rebuilt graph")
+
+
+@pytest.mark.parametrize("where", ["layer", "parent"], ids=["layer-hybridized", "in-hybridized-parent"])
+def test_feature_composition_with_deferred_in_channels_hybridizes(where):
+    """composition='feature' with in_channels=0 and hybridize(): the layer infers C_in from its first NDArray
+    before building its graph; a hybridized parent's first graph composes W' (C_in unknown), the next one,
+    built with C_in known, composes features. Both give the core's outputs (randomised D)."""
+    layer = DOConv2D(6, 3, padding=1, groups=2, composition="feature")
+    net = layer if where == "layer" else gluon.nn.HybridSequential()
+    if where == "parent":
+        net.add(layer)
+    net.initialize()
+    net.hybridize()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 7, 6)).astype("float32")
+    assert net(mx.nd.array(x)).shape == (2, 6, 7, 6) and layer.W.shape == (6, 2, 9)
+    for param in (layer.W, layer.D, layer.bias):
+        param.set_data(mx.nd.array(rng.normal(0, 0.5, size=param.shape)))
+    want = doconv.forward(x, get_params(layer), layer.config)
+    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), want, "float32", "first graph")
+    net.hybridize()
+    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), want, "float32", "graph built with C_in known")
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
@@ -303,3 +346,23 @@ def test_bad_inputs_name_the_channels(hybridize):
     with pytest.raises(ValueError, match=r"input must be 4-D \(NCHW\), but got input shape \(3, 6, 6\)"):
         layer(mx.nd.ones((3, 6, 6)))
     assert layer(mx.nd.ones((1, 3, 6, 6))).shape == (1, 4, 4, 4)
+
+
+def test_summary_counts_W_D_and_bias_only(capsys):
+    """The kernel cache is no parameter of the model: ``summary()`` counts W, D and bias (a sharer's once)."""
+    a = DOConv2D(4, 3, padding=1, in_channels=4, prefix="a_")
+    net = gluon.nn.HybridSequential()
+    net.add(a, DOConv2D(4, 3, padding=1, in_channels=4, params=a.params))
+    net.initialize()
+    a.D.set_data(mx.nd.array(np.random.default_rng(0).normal(0, 0.3, size=a.D.shape)))
+    x = np.random.default_rng(1).normal(size=(1, 4, 5, 5)).astype("float32")
+    net.summary(mx.nd.array(x))
+    lines = capsys.readouterr().out.splitlines()
+    count = dict(line.strip().rsplit(": ", 1) for line in lines if ": " in line)
+    own = 4 * 4 * 9 + 4 * 9 * 9 + 4
+    assert (count["Total params"], count["Trainable params"], count["Unique parameters in model"]) == \
+        (str(2 * own), str(2 * own), str(own))
+    assert sorted(net.collect_params()) == ["a_D", "a_W", "a_bias", "a_kernel"]  # graphs and export still see it
+    params = get_params(a)
+    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), doconv.forward(doconv.forward(x, params, a.config), params,
+                                                                      a.config), "float32", "shared twice")

@@ -261,3 +261,148 @@ def test_convert_and_fold_keep_sharing():
     folded = fold(net)
     assert folded[0] is folded[2] and type(folded[0]) is gluon.nn.Conv2D
     doconv.assert_close(folded(x).asnumpy(), want, "float32", "folded")
+
+
+def _core_chain(net, x):
+    for block in net:
+        x = doconv.forward(x, get_params(block), block.config)
+    return x
+
+
+def _plain_deferred_net(**kwargs):
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(6, 3, padding=1, **kwargs), gluon.nn.Conv2D(4, 3, groups=2, **kwargs))
+    return net
+
+
+@pytest.mark.parametrize("init", ["xavier", "constant"])
+def test_a_converted_deferred_net_is_initialised_as_its_convs_would_be(init):
+    """GluonCV's convs are still deferred after ``net.initialize(init)``: the converted layers draw W' with the
+    initializer passed to initialize() -- the very kernel the conv would have drawn (same seed), also with
+    D_mul > M*N, where W and W' differ in shape -- and bias as the conv's."""
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 4, 6, 6)))
+    chosen = {"xavier": mx.init.Xavier(magnitude=2.0), "constant": mx.init.Constant(0.5)}[init]
+    mx.random.seed(3)
+    plain = _plain_deferred_net()
+    plain.initialize(chosen)
+    plain(x)
+    mx.random.seed(3)
+    net = _plain_deferred_net()
+    net.initialize(chosen)
+    convert(net, D_mul=12)
+    net(x)
+    for conv, layer in zip(plain, net):
+        np.testing.assert_array_equal(doconv.compose(get_params(layer), layer.config), conv.weight.data().asnumpy())
+        np.testing.assert_array_equal(layer.bias.data().asnumpy(), conv.bias.data().asnumpy())
+    _randomise_D(net, 1)
+    doconv.assert_close(net(x).asnumpy(), _core_chain(net, x.asnumpy()), "float32", "randomised D")
+
+
+@pytest.mark.parametrize("when", ["initialised", "deferred", "never-initialised"])
+def test_convert_keeps_each_convs_own_initializers(when):
+    """A conv's weight_initializer / bias_initializer pass on: W' and bias as the conv would draw them, also at
+    a later initialize() with another (global) initializer, as for the conv."""
+    own = dict(weight_initializer=mx.init.Constant(0.25), bias_initializer=mx.init.Constant(3.0))
+    net = _plain_deferred_net(**own) if when != "initialised" else gluon.nn.HybridSequential()
+    if when == "initialised":
+        net.add(gluon.nn.Conv2D(6, 3, padding=1, in_channels=4, **own), gluon.nn.Conv2D(4, 3, groups=2, **own))
+    if when != "never-initialised":
+        net.initialize(mx.init.Xavier())
+    convert(net, D_mul=12)
+    if when == "never-initialised":
+        net.initialize(mx.init.Xavier())
+    x = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype("float32")
+    net(mx.nd.array(x))
+    for _ in range(2):
+        for layer in net:
+            kernel = doconv.compose(get_params(layer), layer.config)
+            np.testing.assert_array_equal(kernel, np.full(kernel.shape, 0.25, "float32"))
+            np.testing.assert_array_equal(layer.bias.data().asnumpy(), np.full(layer.bias.shape, 3.0, "float32"))
+        net.initialize(mx.init.Uniform(), force_reinit=True)  # the convs' own initializers win, as in Gluon
+    _randomise_D(net, 2)
+    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), _core_chain(net, x), "float32", "randomised D")
+
+
+def test_convert_keeps_frozen_convs_frozen_and_their_multipliers():
+    """grad_req, lr_mult, wd_mult of a conv's weight go to W and D, those of its bias to bias: a frozen
+    backbone stays frozen through a Trainer step."""
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(6, 3, padding=1, in_channels=4), gluon.nn.Conv2D(4, 3, in_channels=6))
+    net.initialize(mx.init.Xavier())
+    net[0].collect_params().setattr("grad_req", "null")
+    net[1].weight.lr_mult, net[1].weight.wd_mult, net[1].bias.lr_mult, net[1].bias.wd_mult = 0.5, 2.0, 3.0, 0.0
+    convert(net)
+    frozen, trained = net
+    assert [(p.grad_req, p.lr_mult, p.wd_mult) for p in (frozen.W, frozen.D, frozen.bias)] == [("null", 1.0, 1.0)] * 3
+    assert [(p.lr_mult, p.wd_mult) for p in (trained.W, trained.D, trained.bias)] == [(0.5, 2.0), (0.5, 2.0),
+                                                                                      (3.0, 0.0)]
+    assert trained.W.grad_req == trained.D.grad_req == "write"
+    _randomise_D(net, 3)
+    before = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
+    x = mx.nd.array(np.random.default_rng(4).normal(size=(2, 4, 6, 6)))
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    with mx.autograd.record():
+        loss = net(x).square().sum()
+    loss.backward()
+    trainer.step(1)
+    for p in (frozen.W, frozen.D, frozen.bias):
+        np.testing.assert_array_equal(p.data().asnumpy(), before[p.name])
+    assert all(np.abs(p.data().asnumpy() - before[p.name]).max() > 0 for p in (trained.W, trained.D))
+    doconv.assert_close(net(x).asnumpy(), _core_chain(net, x.asnumpy()), "float32", "after a step")
+
+
+def test_a_failed_convert_changes_nothing_and_names_the_block_path():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.Conv2D(4, 5, in_channels=4))
+    net.initialize(mx.init.Xavier())
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, 9, 9)))
+    before = net(x).asnumpy()
+    with pytest.raises(ValueError, match=r"cannot convert layer '1': D_mul must be >= M\*N = 25 .*nothing was "
+                                         r"converted"):
+        convert(net, D_mul=12)
+    assert [type(b) for b in net] == [gluon.nn.Conv2D] * 2
+    np.testing.assert_array_equal(net(x).asnumpy(), before)
+
+
+@pytest.mark.parametrize("flaw", ["shape-not-inferred", "never-initialised"])
+def test_a_failed_fold_changes_nothing_and_names_the_block_path(flaw):
+    net = gluon.nn.HybridSequential()
+    net.add(DOConv2D(4, 3, in_channels=3), DOConv2D(4, 3, in_channels=0 if flaw == "shape-not-inferred" else 4))
+    if flaw == "shape-not-inferred":
+        net.initialize()
+        match = r"cannot fold layer '1': in_channels is not known yet .*nothing was folded"
+    else:
+        net[0].initialize()
+        match = r"cannot fold layer '1': its parameters are not initialised .*nothing was folded"
+    with pytest.raises(ValueError, match=match):
+        fold(net)
+    assert [type(b) for b in net] == [DOConv2D] * 2
+    if flaw == "never-initialised":
+        net[1].initialize()
+    x = np.random.default_rng(0).normal(size=(1, 3, 9, 9)).astype("float32")
+    net(mx.nd.array(x))
+    _randomise_D(net, 1)
+    want = _core_chain(net, x)
+    doconv.assert_close(fold(net)(mx.nd.array(x)).asnumpy(), want, "float32", "folded once foldable")
+    assert [type(b) for b in net] == [gluon.nn.Conv2D] * 2
+
+
+def test_a_gluoncv_net_converted_after_initialize_is_the_one_initialize_would_give():
+    """resnet18_v1b's convs have no in_channels: still deferred after ``net.initialize(Xavier)`` when converted,
+    they draw the same kernels as the plain net would (same seed), so the outputs are the plain net's."""
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, 32, 32)))
+    nets = []
+    for converted in (False, True):
+        mx.random.seed(7)
+        net = model_zoo.get_model("resnet18_v1b")
+        net.initialize(mx.init.Xavier(magnitude=2.0))
+        if converted:
+            _, report = convert(net)
+            assert len(report) == 17 and {r.weights for r in report} == {"deferred"}
+        nets.append((net, net(x).asnumpy()))
+    (_, plain), (net, ours) = nets
+    np.testing.assert_array_equal(ours, plain)
+    _randomise_D(net, 5)
+    want = net(x).asnumpy()
+    assert doconv.max_error(want, plain) > 1e-3
+    doconv.assert_close(fold(net)(x).asnumpy(), want, "float32", "folded, randomised D")
