@@ -145,10 +145,23 @@ class _ChannelMajorInit(initializers.Initializer):
                           f"Received: kernel_initializer={self.initializer!r}")
 
 
+#: The methods through which a ``tf.Variable`` is written (Keras' optimizers, EMA, ``layer.W.value.assign``,
+#: ``tf.train.Checkpoint`` restores); each is hooked on the backend variables of W and D_delta.
+_TF_WRITERS = ("assign", "assign_add", "assign_sub", "scatter_update", "scatter_add", "scatter_sub", "scatter_min",
+               "scatter_max", "scatter_mul", "scatter_div", "batch_scatter_update", "scatter_nd_update",
+               "scatter_nd_add", "scatter_nd_sub", "scatter_nd_max", "scatter_nd_min", "_restore_from_tensors")
+
+
 class _KernelCache:
-    """The composed kernel for inference, outside Keras tracking (not a weight: not saved, not counted).
+    """The composed kernel for inference: not a Keras weight (not in ``layer.weights``, not saved in
+    ``.keras`` / weight files or checkpoints, not counted), but tracked for ``tf.saved_model.save``
+    (:meth:`DOConv2D._trackable_children`).
 
     ``kernel`` holds W' (HWIO, compute dtype); ``stale`` (0 or 1) says it must be recomposed before use.
+    Both are created with initializers, so that inside Keras' stateless scope (a parent layer or model
+    built by tracing its ``call``) their creation is deferred as ``add_weight``'s is.
+    ``hooked``: the writers of the backend ``tf.Variable`` of W and D_delta are hooked (TensorFlow; done
+    at the first call, since a deferred variable has no ``tf.Variable`` yet at build time).
     ``versions`` (torch backend only): the identity and in-place version counter of W's and D''s
     ``torch.nn.Parameter`` when ``kernel`` was composed; every in-place write (``load_state_dict``,
     ``param.copy_()``, an optimizer step) bumps the counter, so a mismatch means stale.
@@ -156,8 +169,11 @@ class _KernelCache:
 
     def __init__(self, shape, dtype):
         agg = dict(aggregation="only_first_replica")  # unused under a strategy, but creatable in its scope
-        self.kernel = keras.Variable(np.zeros(shape), dtype=dtype, trainable=False, name="kernel_cache", **agg)
-        self.stale = keras.Variable(1, dtype="int32", trainable=False, name="kernel_cache_stale", **agg)
+        self.kernel = keras.Variable(initializers.Zeros(), shape=shape, dtype=dtype, trainable=False,
+                                     name="kernel_cache", **agg)
+        self.stale = keras.Variable(initializers.Ones(), shape=(), dtype="int32", trainable=False,
+                                    name="kernel_cache_stale", **agg)
+        self.hooked = False
         self.versions = None
 
 
@@ -198,19 +214,21 @@ class DOConv2D(keras.layers.Layer):
             conv with D, then grouped 1x1 conv with W; Fig. 3-a) or ``'auto'`` (the cheaper by
             :func:`doconv.composition_cost`, decided when the input shape is static; else kernel).
 
-    Inference cache. A call with ``training=False`` (``predict``, ``evaluate``, serving,
-    ``model(x, training=False)``) that no gradient can be taken of, outside a ``tf.distribute``
-    strategy, reuses the last composed kernel,
-    recomposing only after a weight change; every other call composes afresh and marks the cache
-    stale (training calls precede the optimizer's update). Every ``assign``/``assign_add``/
-    ``assign_sub`` of W or D_delta through Keras (so ``set_weights``, ``load_weights``, ``.keras``
-    loading, :func:`set_params`, the importers) marks it stale too, and so does a
-    ``tf.train.Checkpoint`` restore (hooked on the ``tf.Variable``'s restore). On the torch backend
-    any in-place write of the Parameters (``load_state_dict``, ``copy_()``) is seen through their
-    version counters. Only a TensorFlow write that bypasses the Keras variable
-    (``layer.W.value.assign(...)`` on the raw ``tf.Variable``, as Keras' own optimizers do) outside
-    a training call goes unseen: call :meth:`invalidate_cache` then. The cache is not a weight: it
-    is neither saved nor counted by ``count_params()``.
+    Inference cache. A kernel-composition call with ``training=False`` (``predict``, ``evaluate``,
+    serving, ``model(x, training=False)``) outside a ``GradientTape`` and a ``tf.distribute`` strategy
+    reuses the last composed kernel, recomposing only after a weight change; every other call (training,
+    under a tape, feature composition, ``training=None``) composes afresh and marks the cache stale.
+    Every write of W or D_delta marks it stale too: through Keras (``assign``/``assign_add``/``assign_sub``,
+    so ``set_weights``, ``load_weights``, ``.keras`` loading, :func:`set_params`, the importers) and, on
+    TensorFlow, through the backend ``tf.Variable`` itself (Keras' optimizers, the EMA overwrite of
+    ``use_ema=True``, ``layer.W.value.assign(...)``, scatters, ``tf.train.Checkpoint`` restores). On the torch
+    backend any in-place write of the Parameters (``load_state_dict``, ``copy_()``, optimizers) is seen
+    through their version counters. Only writes past those methods (raw ops on the variable's handle,
+    a strategy's per-replica components outside a training call) go unseen: call :meth:`invalidate_cache`
+    then. A ``tf.function`` traced without a tape reads the cache; called later under a tape, its
+    gradients for W and D_delta are the composition's (:meth:`_differentiable`). The cache is not a
+    weight: it is neither in ``layer.weights`` nor in ``.keras``/weight/checkpoint files, nor counted by
+    ``count_params()``; ``tf.saved_model.save`` tracks it (:meth:`_trackable_children`).
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None,
@@ -297,7 +315,7 @@ class DOConv2D(keras.layers.Layer):
         for variable in (self.W, self.D_delta):
             if variable is not None:
                 self._invalidate_on_assign(variable)
-                self._invalidate_on_restore(variable)
+        self._hook_backend_writes()  # TensorFlow; a deferred variable (stateless scope) is hooked at its first call
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
@@ -318,22 +336,28 @@ class DOConv2D(keras.layers.Layer):
         return tuple(shape)
 
     # ---- composition (paper Eq. 3 / Fig. 3) -------------------------------------------------
-    def _full_D(self):
-        """D = D' + I_fill in the layer layout (MN, S, C_in); I_fill is a constant."""
+    def _full_D(self, delta=None):
+        """D = D' + I_fill in the layer layout (MN, S, C_in), I_fill constant; ``delta``: D' (default: the layer's)."""
         fill = doconv.identity_fill(self.doconv_config.MN, self.doconv_config.S)[:, :, None]
-        delta = ops.convert_to_tensor(self.D_delta)
+        delta = ops.convert_to_tensor(self.D_delta if delta is None else delta)
         return delta + ops.convert_to_tensor(fill, dtype=delta.dtype)
 
-    def _compose(self):
-        """W' = D^T o W as an HWIO kernel (M, N, C_in/g, filters), differentiable in W and D'."""
+    def _weights(self):
+        """The tensors W' is composed from: (W,) or (W, D_delta), read now."""
+        return tuple(ops.convert_to_tensor(v) for v in (self.W, self.D_delta) if v is not None)
+
+    def _compose(self, *weights):
+        """W' = D^T o W as an HWIO kernel (M, N, C_in/g, filters), differentiable in W and D'.
+
+        ``weights``: the tensors W (and D_delta) to compose from, by default the variables' values."""
         c = self.doconv_config
-        W = ops.convert_to_tensor(self.W)
+        W, *delta = weights or self._weights()
         if not c.has_D:
             return ops.reshape(W, (*c.kernel_size, c.in_per_group, c.out_channels))
         g = c.groups
         # KERAS_COMPOSE_EINSUM as one batched matmul over the input channels (g, c): (MN x S) @ (S x C_out/g).
         # Faster than ops.einsum's lowering, which transposes W forward and dW backward (bench/tf_results.md).
-        D = ops.transpose(ops.reshape(self._full_D(), (c.MN, c.S, g, c.in_per_group)), (2, 3, 0, 1))
+        D = ops.transpose(ops.reshape(self._full_D(*delta), (c.MN, c.S, g, c.in_per_group)), (2, 3, 0, 1))
         W = ops.reshape(W, (c.in_per_group, c.S, g, c.out_per_group))
         W = ops.reshape(W, (1, *W.shape[:2], c.out_per_group)) if g == 1 else ops.transpose(W, (2, 0, 1, 3))
         kernel = ops.transpose(_batched_matmul(D, W), (2, 1, 0, 3))  # (g, c, MN, j) -> (MN, c, g, j): "mcgj"
@@ -341,13 +365,20 @@ class DOConv2D(keras.layers.Layer):
 
     @property
     def kernel(self):
-        """The composed kernel W' (HWIO, as ``Conv2D.kernel``); recomputed on every read."""
+        """The composed kernel W' (HWIO, as ``Conv2D.kernel``); recomputed on every read, a tensor, not a variable."""
         if not self.built:
             raise AttributeError("You must build the layer before accessing `kernel`.")
         return self._compose()
 
+    @kernel.setter
+    def kernel(self, value):
+        raise AttributeError(f"DOConv2D.kernel is the composed kernel W' = D^T o W, computed from the variables W and "
+                             f"D_delta: it cannot be set. Assign layer.W / layer.D_delta (or doconv.tf.set_params), "
+                             f"or fold the layer first (layer.fold(), doconv.tf.fold(model)) to get a Conv2D whose "
+                             f"kernel is a variable. Layer: {self.name!r}")
+
     def invalidate_cache(self):
-        """Mark the inference kernel cache stale (after assigning W / D_delta directly)."""
+        """Mark the inference kernel cache stale (after a write that bypasses ``tf.Variable``'s methods)."""
         if self._cache is not None:
             self._cache.stale.assign(1)
 
@@ -367,8 +398,32 @@ class DOConv2D(keras.layers.Layer):
             if torch_backend:
                 self._cache.versions = self._torch_versions()
             return kernel
-        return ops.cond(ops.not_equal(self._cache.stale, 0), refresh,
-                        lambda: ops.convert_to_tensor(self._cache.kernel))
+        kernel = ops.cond(ops.not_equal(self._cache.stale, 0), refresh,
+                          lambda: ops.convert_to_tensor(self._cache.kernel))
+        return kernel if torch_backend else self._differentiable(kernel)
+
+    def _differentiable(self, kernel):
+        """TensorFlow graphs: the cached ``kernel`` with the gradient of the composition w.r.t. W and D_delta.
+
+        Whether the cache may be used is decided when a ``tf.function`` is traced (no tape then), but the
+        function may later run under a ``GradientTape``: its value is the cache's, its gradient is
+        computed (only when asked for) through :meth:`_compose`, so W and D_delta get the gradients they
+        would get from a composing call (those of the folded ``Conv2D``'s kernel), not zeros. Eagerly
+        the result cannot be taped later (and no tape is recording now): returned as it is.
+        """
+        import tensorflow as tf
+        if tf.executing_eagerly():
+            return kernel
+
+        @tf.custom_gradient
+        def cached_composition(*weights):
+            def grad(upstream):
+                with tf.GradientTape() as tape:
+                    tape.watch(weights)
+                    composed = ops.cast(self._compose(*weights), upstream.dtype)
+                return tape.gradient(composed, weights, output_gradients=upstream)
+            return kernel, grad
+        return cached_composition(*self._weights())
 
     # ---- forward ----------------------------------------------------------------------------
     def _conv(self, inputs, kernel, *, depthwise=False, pointwise=False):
@@ -392,19 +447,20 @@ class DOConv2D(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         c = self.doconv_config
-        if self._resolve_composition(inputs) == "feature" and c.has_D:
+        if not self._cache.hooked:
+            self._hook_backend_writes()
+        feature = self._resolve_composition(inputs) == "feature" and c.has_D
+        cached = not feature and training is False and _cache_allowed()
+        if not cached:  # any call that may precede a weight update (training, a tape, a strategy) ...
+            self._cache.stale.assign(1)  # ... marks the cache stale: backend writes are not all hooked
+        if feature:
             # Fig. 3-a: P' = D o P (depthwise conv into C_in*S channels, channel k*S + s), O = W * P'.
             depthwise = ops.transpose(ops.reshape(self._full_D(), (*c.kernel_size, c.S, c.in_channels)),
                                       (0, 1, 3, 2))
             pointwise = ops.reshape(self.W, (1, 1, c.in_per_group * c.S, c.out_channels))
             outputs = self._conv(self._conv(inputs, depthwise, depthwise=True), pointwise, pointwise=True)
         else:
-            if training is False and _cache_allowed():
-                kernel = self._cached_kernel()
-            else:
-                kernel = self._compose()
-                if self._cache is not None:
-                    self._cache.stale.assign(1)
+            kernel = self._cached_kernel() if cached else self._compose()
             if c.groups == c.in_channels and c.groups > 1:  # depthwise: a native op on every backend
                 outputs = self._conv(inputs, ops.reshape(kernel, (*c.kernel_size, c.in_channels, c.out_per_group)),
                                      depthwise=True)
@@ -431,17 +487,37 @@ class DOConv2D(keras.layers.Layer):
         weight loading) mark the kernel cache stale."""
         self._invalidate_after(variable, "assign")
 
-    def _invalidate_on_restore(self, variable):
-        """TensorFlow: make a ``tf.train.Checkpoint`` restore of ``variable`` mark the kernel cache stale.
+    def _hook_backend_writes(self):
+        """TensorFlow: make every write of the backend ``tf.Variable`` of W and D_delta mark the cache stale.
 
-        The restore writes the backend ``tf.Variable`` itself (its ``_restore_from_tensors``), not through
-        ``variable.assign``; it is hooked on that ``tf.Variable``, so a checkpoint tracking the Keras
-        variable (``tf.train.Checkpoint(model=model)``) or the raw one (``layer.W.value``) is seen,
-        immediate and deferred restores alike. (torch: see :attr:`_KernelCache.versions`.)
+        Keras' optimizers (``model.fit``, ``apply_gradients``), the EMA overwrite at the end of ``fit``
+        (``use_ema=True``), ``layer.W.value.assign(...)`` and ``tf.train.Checkpoint`` restores write the
+        ``tf.Variable`` itself, not through the Keras variable's ``assign``: every method of :data:`_TF_WRITERS`
+        is wrapped on that object (so a checkpoint of the Keras variable or of the raw one is seen alike).
+        Under a ``tf.distribute`` strategy its per-replica components are written directly: unseen, which is
+        why every call that does not read the cache (training calls included) also marks it stale.
+        A variable whose creation was deferred (built in Keras' stateless scope) has no ``tf.Variable`` yet:
+        hooked at the layer's next call, before the cache is first filled. (torch: :attr:`_KernelCache.versions`.)
         """
-        raw = getattr(variable, "_value", None)
-        if keras.backend.backend() == "tensorflow" and hasattr(raw, "_restore_from_tensors"):
-            self._invalidate_after(raw, "_restore_from_tensors")
+        if keras.backend.backend() != "tensorflow":
+            self._cache.hooked = True
+            return
+        raws = [getattr(v, "_value", None) for v in (self.W, self.D_delta) if v is not None]
+        if any(raw is None for raw in raws):
+            return
+        for raw in raws:
+            for method in _TF_WRITERS:
+                if hasattr(raw, method):
+                    self._invalidate_after(raw, method)
+        self._cache.hooked = True
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        """TensorFlow tracking: the cache variables are children for ``tf.saved_model.save`` (whose functions
+        read them) but not for checkpoints, so ``tf.train.Checkpoint`` files keep the weights only."""
+        children = super()._trackable_children(save_type, **kwargs)
+        if save_type == "savedmodel" and self._cache is not None:
+            children.update(kernel_cache=self._cache.kernel, kernel_cache_stale=self._cache.stale)
+        return children
 
     def fold(self):
         """A plain ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) with the composed kernel, built."""

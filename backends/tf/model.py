@@ -256,7 +256,8 @@ def _nhwc_wrapper(layer, plain):
 def folded_layer(layer: DOConv2D):
     """The plain built ``Conv2D`` (``DepthwiseConv2D`` when ``groups = C_in > 1``) equal to ``layer``.
 
-    The kernel W' is composed by the core (:func:`doconv.fold`) from the layer's parameters;
+    The kernel W' is composed by the core (:func:`doconv.fold`) from the layer's parameters (in
+    float32 for variable dtypes NumPy cannot multiply, such as ``bfloat16``, then cast back);
     regularizers, constraints, activation, dtype policy and name carry over.
 
     ``channels_first`` on the TensorFlow backend: a ``channels_first`` Keras ``Conv2D`` is not a
@@ -271,7 +272,11 @@ def folded_layer(layer: DOConv2D):
     adds its bias with ``tf.add`` and is correct in both layouts.
     """
     c = layer_config(layer)
-    kernel, bias = doconv.fold(get_params(layer), c)
+    params = get_params(layer)
+    dtype = params.W.dtype
+    if dtype not in (np.float16, np.float32, np.float64):  # ml_dtypes' bfloat16 etc.: NumPy's einsum refuses them
+        params = params.astype(np.float32)
+    kernel, bias = (None if a is None else a.astype(dtype) for a in doconv.fold(params, c))
     nhwc = layer.data_format == "channels_first" and keras.backend.backend() == "tensorflow"
     data_format = "channels_last" if nhwc else layer.data_format
     common = dict(kernel_size=c.kernel_size, strides=c.stride, padding=layer.padding, data_format=data_format,

@@ -75,6 +75,50 @@ def test_load_state_dict_refreshes_the_inference_cache_on_the_torch_backend():
     assert "torch state_dict ok" in run_python(TORCH_STATE_DICT_CHECK, env={"KERAS_BACKEND": "torch"})
 
 
+TORCH_NESTED_CHECK = """
+    import warnings
+    import numpy as np, keras, torch
+    assert keras.backend.backend() == "torch"
+    import doconv, doconv.tf as dtf
+
+    class Block(keras.layers.Layer):  # no build(): Keras traces call() in a stateless scope to build it
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = dtf.DOConv2D(3, 3, padding="same")
+
+        def call(self, x):
+            return x + self.conv(x)
+
+    class Subclassed(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = dtf.DOConv2D(4, 3)
+
+        def call(self, x):
+            return self.conv(x)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 7, 7, 3)).astype("float32")
+    inputs = keras.Input((7, 7, 3))
+    block = Block()
+    model = keras.Model(inputs, block(inputs))
+    assert [w.name for w in model.weights] == ["W", "D_delta", "bias"], model.weights
+    block.conv.D_delta.assign(rng.normal(size=tuple(block.conv.D_delta.shape)) * 0.3)
+    want = x + keras.ops.convert_to_numpy(block.conv.fold()(x))
+    doconv.assert_close(model.predict(x, verbose=0), want, "float32", "block")
+    sub = Subclassed()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sub(x)
+    assert len(sub.weights) == 3 and sub.count_params() == 3 * 9 * 4 + 81 * 3 + 4, sub.weights
+    print("torch nested ok")
+"""
+
+
+def test_nested_layers_on_the_torch_backend():
+    assert "torch nested ok" in run_python(TORCH_NESTED_CHECK, env={"KERAS_BACKEND": "torch"})
+
+
 MIRRORED_CHECK = """
     import numpy as np, tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]

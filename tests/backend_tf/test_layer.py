@@ -119,7 +119,10 @@ def test_inference_cache_in_graph_follows_weight_updates(jit_compile):
         update()  # every write through the Keras variable invalidates the cache
         doconv.assert_close(from_layout(infer(x), "channels_last"),
                             doconv.forward(case.input(0), dtf.get_params(layer), case.config), "float32", "assign")
-    layer.W.value.assign(layer.W * 2.0)  # a raw tf.Variable write is not seen ...
+    layer.W.value.assign(layer.W * 2.0)  # so is a write of the tf.Variable itself (test_cache.py: all of them)
+    doconv.assert_close(from_layout(infer(x), "channels_last"),
+                        doconv.forward(case.input(0), dtf.get_params(layer), case.config), "float32", "raw assign")
+    tf.raw_ops.AssignVariableOp(resource=layer.W.value.handle, value=layer.W * 2.0)  # past every method: unseen ...
     stale = doconv.forward(case.input(0), dtf.get_params(layer), case.config)
     assert doconv.max_error(from_layout(infer(x), "channels_last"), stale) > 1e-3
     layer.invalidate_cache()  # ... until the cache is invalidated
@@ -184,6 +187,13 @@ def test_training_false_under_a_tape_still_trains_W_and_D():
     for name in trained:
         assert frozen[name] is not None
         doconv.assert_close(frozen[name], trained[name], "float64", name)
+
+
+def test_kernel_cannot_be_set_and_says_why():
+    layer = dtf.DOConv2D(4, 3, name="conv")
+    layer.build((None, 5, 5, 2))
+    with pytest.raises(AttributeError, match=r"composed kernel W' = D\^T o W.*layer.W / layer.D_delta.*fold.*'conv'"):
+        layer.kernel = np.zeros((3, 3, 2, 4), "float32")
 
 
 def test_weights_order_names_and_shapes():

@@ -264,3 +264,26 @@ def test_a_bare_layer_moves_to_torch_and_back(tmp_path):
     doconv.save(two, {"a": (config, params), "b": (config, params)})
     with pytest.raises(ValueError, match=r"layers the model lacks \['a', 'b'\]"):  # ambiguous: names must match
         dtf.import_canonical(back, two)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4], ids=["DO-Conv", "DO-GConv", "DO-DConv"])
+def test_fold_of_a_bfloat16_layer(groups):
+    """NumPy's einsum refuses ml_dtypes' bfloat16: the fold composes in float32 and casts back."""
+    x = rng.normal(size=(2, 7, 7, 4)).astype("float32")
+    layer = dtf.DOConv2D(8, 3, groups=groups, dtype="bfloat16")
+    layer.build(x.shape)
+    layer.D_delta.assign(rng.normal(0, 0.3, layer.D_delta.shape))
+    folded = dtf.fold(keras.Sequential([keras.Input((7, 7, 4)), layer]))
+    conv = folded.layers[-1]
+    depthwise = groups == 4  # groups = C_in: DO-DConv folds into a DepthwiseConv2D
+    assert type(conv) is (keras.layers.DepthwiseConv2D if depthwise else keras.layers.Conv2D)
+    assert keras.backend.standardize_dtype(conv.kernel.dtype) == "bfloat16"
+    params = dtf.get_params(layer).astype(np.float32)
+    oihw = doconv.compose(params, layer.doconv_config)
+    want = layouts.oihw_to_depthwise_hwcm(oihw, 4) if depthwise else layouts.oihw_to_hwio(oihw)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(conv.kernel, "float32")), want,
+                               rtol=1e-2, atol=1e-2)  # bfloat16 keeps 8 bits of mantissa
+    reference = doconv.forward(x.transpose(0, 3, 1, 2), params, layer.doconv_config).transpose(0, 2, 3, 1)
+    for y in (folded(x), layer(x), layer(x, training=False)):
+        y = keras.ops.convert_to_numpy(keras.ops.cast(y, "float32"))
+        assert np.abs(y - reference).max() <= 0.05 * np.abs(reference).max()
