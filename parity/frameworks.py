@@ -68,10 +68,10 @@ def import_backend(name: str, framework_module: str, backend_module: str):
     return backend
 
 
-def parse_selection(text: Optional[str]) -> Tuple[str, ...]:
-    """``'torch,tf'`` -> ``('torch', 'tf')``; None/empty -> the default; an unknown name, or a text that names
-    no framework at all (``','``), is a ValueError."""
-    if text is None or not text.strip():
+def parse_selection(text: Optional[str], *, empty_is_default: bool = True) -> Tuple[str, ...]:
+    """``'torch,tf'`` -> ``('torch', 'tf')``; None (and, if ``empty_is_default``, empty) -> the default; an
+    unknown name, or a text that names no framework at all (``','``), is a ValueError."""
+    if text is None or (empty_is_default and not text.strip()):
         return DEFAULT
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     if not names:
@@ -87,9 +87,9 @@ def parse_selection(text: Optional[str]) -> Tuple[str, ...]:
 def selection(cli_value: Optional[str] = None) -> Tuple[str, ...]:
     """The option wins over the environment variable, which wins over the default. An empty option
     (``-f "$FW"`` with FW unset) is an error, not the default: that would run every framework."""
-    if cli_value is not None and not cli_value.strip():
-        raise ValueError(f"no framework named in frameworks={cli_value!r}; known: {sorted(KNOWN)}")
-    return parse_selection(cli_value if cli_value is not None else os.environ.get(ENV_VAR))
+    if cli_value is not None:
+        return parse_selection(cli_value, empty_is_default=False)
+    return parse_selection(os.environ.get(ENV_VAR))
 
 
 def load_frameworks(names: Sequence[str]) -> Tuple[List["Framework"], List[Missing]]:

@@ -206,15 +206,16 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
                              f"(converting one path only would untie the weights)")
         if first == name:
             decided[name] = skip
+            ties = []
             if skip is None:
                 try:
                     config = _config_of(module, D_mul)
                 except (TypeError, ValueError) as error:
                     raise type(error)(f"layer {name!r}: {error}") from error
-                _check_tie(name, module, config, owners)
-        plan.append((name, module, first, skip))
-    layers, tied = {}, {}  # tied: id of an original weight / bias Parameter -> (path, the DOConv2d made from it)
-    for name, module, first, skip in plan:
+                ties = _ties(name, module, config, owners)
+        plan.append((name, module, first, skip, ties))
+    layers = {}
+    for name, module, first, skip, ties in plan:
         size = _count(module)
         shared = "" if name == first else first
         if skip is not None:
@@ -222,9 +223,12 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
             continue
         note = _shared_note(name, first)
         if first not in layers:
-            layers[first] = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition,
-                                      W_storage=W_storage)
-            note = "; ".join(filter(None, [note, _tie(layers[first], module, name, tied)]))
+            layers[first] = layer = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition,
+                                              W_storage=W_storage)
+            for keys, path in ties:  # converting each alone would silently untie them
+                for key in keys:
+                    setattr(layer, key, getattr(layers[path], key))
+                note = "; ".join(filter(None, [note, f"{'/'.join(keys)} tied to {path!r} (a shared Parameter)"]))
         layer = layers[first]
         model = _set_submodule(model, name, layer)
         report.append(ReportRow(name, "converted", repr(layer.config).replace("DOConvConfig", layer.config.kind),
@@ -232,37 +236,26 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     return model, report
 
 
-def _check_tie(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> None:
-    """Before the model changes: convs sharing a weight (or bias) Parameter must get W and D (or bias) of
-    one shape each, or they could not stay tied (``owners``: id of a Parameter -> (path, config))."""
+def _ties(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> list:
+    """``[(('W', 'D') or ('bias',), path of the earlier layer)]``: what the DOConv2d for ``conv`` takes from an
+    earlier one because the two convs hold one weight (or bias) Parameter. Checked before the model changes:
+    the tied tensors must have one shape each (``owners``: id of a Parameter -> (first path, config))."""
+    ties = []
     for original, shapes in ((conv.weight, lambda c: {"W": c.W_shape, "D": c.D_shape if c.has_D else None}),
                              (conv.bias, lambda c: {"bias": (c.out_channels,)})):
         if original is None:
             continue
         path, other = owners.setdefault(id(original), (name, config))
+        if path == name:
+            continue
         mine, theirs = shapes(config), shapes(other)
         for key in mine:
             if mine[key] != theirs[key]:
                 raise ValueError(f"layer {name!r} shares its {'weight' if key != 'bias' else 'bias'} with {path!r}, "
                                  f"but their DOConv2d {key} shapes differ ({mine[key]} vs {theirs[key]}): they "
                                  f"cannot stay tied")
-
-
-def _tie(layer: DOConv2d, conv: nn.Conv2d, name: str, tied: dict) -> str:
-    """Two convs holding one weight (or bias) Parameter get one W and D (or bias): converting each alone
-    would silently untie them (shapes were checked by :func:`_check_tie`). Returns the report's note."""
-    notes = []
-    for original, names in ((conv.weight, ("W", "D")), (conv.bias, ("bias",))):
-        if original is None:
-            continue
-        if id(original) not in tied:
-            tied[id(original)] = (name, layer)
-            continue
-        path, other = tied[id(original)]
-        for key in names:
-            setattr(layer, key, getattr(other, key))
-        notes.append(f"{'/'.join(names)} tied to {path!r} (a shared Parameter)")
-    return "; ".join(notes)
+        ties.append((tuple(mine), path))
+    return ties
 
 
 def fold(model: nn.Module, *, inplace: bool = False):
