@@ -261,11 +261,10 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
 
 def _check_foldable(layer: DOConv2D, path: str) -> None:
     if not layer.in_channels:
-        raise ValueError(f"cannot fold layer {path!r}: in_channels is not known yet (in_channels=0 and no input "
-                         f"seen); nothing was folded")
+        _refuse(ValueError("in_channels is not known yet (in_channels=0 and no input seen)"), "fold", path, "folded")
     if layer.W._data is None:
-        raise ValueError(f"cannot fold layer {path!r}: its parameters are not initialised (initialize() or "
-                         f"load_parameters() first); nothing was folded")
+        _refuse(ValueError("its parameters are not initialised (initialize() or load_parameters() first)"),
+                "fold", path, "folded")
 
 
 def fold(model: gluon.Block, *, return_report: bool = False):
