@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 import doconv
 from doconv import DOConvConfig, DOConvParams
 from doconv.cases import CASES
+from doconv.interchange import VERSION, config_digest
 from doconv.testing import config_strategy, random_params
 
 
@@ -57,9 +58,14 @@ def rewrite_header(path, edit):
 
 
 def edit_doconv(fn):
+    """An edit of the "doconv" header after which its config digests are recomputed (the tensors' are kept),
+    so that the check after the digests is the one a test sees."""
     def edit(header):
         meta = json.loads(header["__metadata__"]["doconv"])
         fn(meta)
+        if isinstance(meta.get("sha256"), dict):
+            meta["sha256"] = {name: {**meta["sha256"].get(name, {}), "config": config_digest(config)}
+                              for name, config in meta["layers"].items()}
         header["__metadata__"]["doconv"] = json.dumps(meta)
     return edit
 
@@ -72,10 +78,13 @@ def saved(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (edit_doconv(lambda m: m.update(version=2)), "unknown format version 2"),
-    (edit_doconv(lambda m: m.update(version=2, extras={})), "unknown format version 2"),  # newer versions add fields
+    (edit_doconv(lambda m: m.update(version=VERSION + 1)), f"format version {VERSION + 1}, newer than .*upgrade"),
+    (edit_doconv(lambda m: m.update(version=VERSION + 1, extras={})), "newer than"),  # newer versions add fields
+    (edit_doconv(lambda m: m.update(version=0)), "unknown format version 0; this doconv reads versions 1 to"),
+    (edit_doconv(lambda m: m.update(version=True)), "unknown format version True"),
+    (edit_doconv(lambda m: m.update(version=float(VERSION))), f"unknown format version {float(VERSION)}"),
     (edit_doconv(lambda m: m["layers"].update({"": m["layers"]["conv1"]})), "a layer has an empty name"),
-    (edit_doconv(lambda m: m.update(colour="red")), r"unknown header field\(s\) \['colour'\]"),
+    (edit_doconv(lambda m: m.update(colour="red")), r"unknown header field\(s\) \['colour'\] for version 2"),
     (edit_doconv(lambda m: m.update(format="other")), "format must be 'doconv-interchange'"),
     (edit_doconv(lambda m: m.update(pairing="official-torch")), "unknown pairing"),
     (edit_doconv(lambda m: m["layers"]["conv1"].update(groups=7)), "layer 'conv1': bad config.*divisible by groups"),
