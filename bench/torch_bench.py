@@ -137,7 +137,7 @@ def composition_tasks(channels: int, with_compile: bool) -> Dict[str, Callable[[
     Wc = DF.to_c_major(W).requires_grad_(True)    # the layer's own layout for groups=1
     impls = {"einsum (autograd)": (DF.compose_einsum, W, g),
              "ComposeKernel (custom backward, contiguous W)": (DF.compose_kernel, W, g),
-             "ComposeCMajor OIHW (c-major W; eval cache, stride 2)": (DF.compose_kernel, Wc, g),
+             "ComposeCMajor OIHW (c-major W; inference, stride 2)": (DF.compose_kernel, Wc, g),
              "ComposeCMajor reversed taps (c-major W; training at stride 1)":
                  (lambda W, D, c: DF.ComposeCMajor.apply(W, D, True), Wc, g.reshape(Wc.shape[0], -1, 9))}
     if with_compile:

@@ -14,8 +14,11 @@ expected values are the core's, computed in float64 from the same (dtype-rounded
 ``official``        random arrays in the official code's layout (``import_official``) give the official
                     layer's output (its composed kernel in its own channel pairing); where the paper's
                     pairing cannot express it, ``refold=False`` must refuse and ``refold=True`` must match
-``eval cache``      inference output, then after an in-place update of the stored variables (as an
-                    optimizer step does) and after ``set_params``: a cached kernel must not go stale
+``fresh kernel``    inference output after a write no hook can see (``raw_write``: torch ``.data``, the
+                    Keras backend variable, an MXNet NDArray in place) and after ``set_params``; inside
+                    the backend's ``cached()`` scope the kernel is composed once (a W/D write made there,
+                    breaking the scope's promise, is not seen where M*N > 1; a 1x1 kernel is W itself)
+                    and leaving the scope forgets it
 ``sgd``             a few steps of the framework's SGD optimizer against the same steps done by the core
 ==================  ===============================================================================
 
@@ -52,7 +55,7 @@ COMPOSITIONS = ("kernel", "feature")
 #: SGD protocol of the ``sgd`` / ``cross`` checks: plain SGD, no momentum, no weight decay.
 SGD_LR, SGD_STEPS = 0.5, 3
 CHECK_ORDER = ("forward", "grad x", "grad W", "grad D", "grad bias", "fold kernel", "fold forward", "interchange",
-               "official", "eval cache", "sgd", "cross")
+               "official", "fresh kernel", "sgd", "cross")
 PAIRING_OF = {"torch": "official-torch", "tf": "official-tf", "gluon": "official-gluon"}
 
 
@@ -272,15 +275,29 @@ def check_official(fw: Framework, ctx: Context) -> Optional[float]:
     return max_error(fw.forward(layer, ctx.x), expected)
 
 
-def check_eval_cache(fw: Framework, ctx: Context, mapping) -> float:
+def check_fresh_kernel(fw: Framework, ctx: Context, mapping) -> float:
     layer = _built(fw, ctx)
     errors = [max_error(fw.forward(layer, ctx.x, training=False), ctx.expected)]
-    stored = fw.trainables(layer)
-    deltas = {k: (0.25 * ctx.rng.normal(size=np.shape(v))).astype(ctx.dtype) for k, v in stored.items()}
-    fw.perturb(layer, deltas)
-    moved = to_canonical(deltas, mapping, ctx.config)
-    p = DOConvParams(*(None if getattr(ctx.p64, k) is None else getattr(ctx.p64, k) + moved[k]
-                       for k in ("W", "D", "bias")))
+    p = ctx.p64
+
+    def moved(scale, keys):
+        """Random deltas of the stored variables named by ``keys``, and the canonical params they give."""
+        deltas = {k: (scale * (mapping[k][0] in keys) * ctx.rng.normal(size=np.shape(v))).astype(ctx.dtype)
+                  for k, v in fw.trainables(layer).items()}
+        canonical = to_canonical(deltas, mapping, ctx.config)
+        return deltas, DOConvParams(*(None if getattr(p, k) is None else getattr(p, k) + canonical[k]
+                                      for k in ("W", "D", "bias")))
+
+    deltas, p = moved(0.25, ("W", "D", "bias"))
+    fw.raw_write(layer, deltas)  # the default path composes from the parameters as they are now
+    fresh = forward(ctx.x64, p, ctx.config)
+    errors.append(max_error(fw.forward(layer, ctx.x, training=False), fresh))
+    with fw.cached(layer):
+        errors.append(max_error(fw.forward(layer, ctx.x, training=False), fresh))
+        deltas, p = moved(0.25, ("W", "D"))
+        fw.raw_write(layer, deltas)  # breaks the scope's promise: the scope's kernel must be the one used ...
+        scoped = fresh if ctx.config.has_D else forward(ctx.x64, p, ctx.config)  # ... where there is one to
+        errors.append(max_error(fw.forward(layer, ctx.x, training=False), scoped))  # cache (1x1: W' is W)
     errors.append(max_error(fw.forward(layer, ctx.x, training=False), forward(ctx.x64, p, ctx.config)))
     other = ctx.case.params(ctx.rng.integers(1 << 30), ctx.dtype)
     fw.set_params(layer, other)
@@ -418,7 +435,7 @@ def framework_tasks(fw: Framework, cases: Iterable[Case], dtypes: Sequence[str],
                 guard(["fold kernel", "fold forward"], lambda: check_fold(fw, ctx))
                 guard(["interchange"], lambda: {"interchange": check_interchange(fw, ctx, tmp)})
                 guard(["official"], lambda: {"official": check_official(fw, ctx)})
-                guard(["eval cache"], lambda: {"eval cache": check_eval_cache(fw, ctx, mapping)})
+                guard(["fresh kernel"], lambda: {"fresh kernel": check_fresh_kernel(fw, ctx, mapping)})
 
                 def sgd():
                     err, layer = check_sgd(fw, ctx)

@@ -40,7 +40,7 @@ DEFAULT = ("core", "torch", "tf", "mxnet")
 
 #: The names of the backend contract (/doconv.torch, doconv.tf, doconv.mxnet) the adapters call.
 CONTRACT = ("UNSUPPORTED_FEATURES", "layer_from_config", "layer_config", "get_params", "set_params", "fold",
-            "export_canonical", "import_canonical", "import_official")
+            "export_canonical", "import_canonical", "import_official", "cached")
 
 
 class Missing(Exception):
@@ -158,9 +158,18 @@ class Framework:
         """Add ``deltas`` to the stored variables in place, as an optimizer step does."""
         raise NotImplementedError
 
+    def raw_write(self, layer: Layer, deltas: Dict[str, np.ndarray]) -> None:
+        """Add ``deltas`` to the stored variables through a path no hook or version counter sees (torch
+        ``.data``, the Keras backend variable, an MXNet NDArray written in place)."""
+        raise NotImplementedError
+
     def sgd(self, layer: Layer, x: np.ndarray, u: np.ndarray, lr: float, steps: int) -> None:
         """``steps`` steps of the framework's plain SGD optimizer on the loss ``sum(u * forward(x))``."""
         raise NotImplementedError
+
+    def cached(self, layer: Layer):
+        """The backend's explicit kernel scope, ``doconv.<fw>.cached(model)``."""
+        return self.backend.cached(layer.obj)
 
     # ---- fold, files, official checkpoints ------------------------------------------------------
     def fold(self, layer: Layer) -> Tuple[np.ndarray, Optional[np.ndarray], Callable[[np.ndarray], np.ndarray]]:

@@ -1,15 +1,15 @@
 """A framework made of the core itself: the harness's own reference adapter and its test double.
 
 :class:`CoreFramework` stores what a backend stores (W, the trainable delta D' = D - I_fill, bias),
-computes with :func:`doconv.forward` and :func:`doconv.selfcheck.layer_vjp` (its "autograd"), and keeps
-an inference cache of the composed kernel that is invalidated by a version counter, as the torch and
-Keras layers do. Every check passes on it to rounding, and the harness's tests derive deliberately
+computes with :func:`doconv.forward` and :func:`doconv.selfcheck.layer_vjp` (its "autograd"), and reuses
+a composed kernel only inside its :meth:`CoreFramework.cached` scope, as the backends do. Every check passes on it to rounding, and the harness's tests derive deliberately
 wrong adapters from it (a transposed D, the official pairing, a dropped bias, 'same' off by one,
 a stale cache) to prove that each check can fail, without any framework installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict
 
 import numpy as np
@@ -32,7 +32,7 @@ class CoreFramework(Framework):
     def build(self, config: DOConvConfig, dtype: str, composition: str = "kernel") -> Layer:
         params = DOConvParams(np.zeros(config.W_shape, dtype), None if not config.has_D else
                               np.zeros(config.D_shape, dtype), np.zeros(config.bias_shape, dtype) if config.bias else None)
-        layer = Layer(obj={}, layer=None, config=config, dtype=dtype, state={"composition": composition, "version": 0})
+        layer = Layer(obj={}, layer=None, config=config, dtype=dtype, state={"composition": composition})
         self.set_params(layer, params)
         return layer
 
@@ -42,28 +42,30 @@ class CoreFramework(Framework):
         p = params.astype(layer.dtype)
         layer.obj = {k: v.copy() for k, v in (("W", p.W), ("D", D_to_delta(p.D, layer.config)),
                                                ("bias", p.bias)) if v is not None}
-        self.touch(layer)
 
     def get_params(self, layer: Layer) -> DOConvParams:
         o = layer.obj
         return DOConvParams(o["W"].copy(), delta_to_D(o.get("D"), layer.config), None if "bias" not in o
                             else o["bias"].copy())
 
-    def touch(self, layer: Layer) -> None:
-        """A parameter changed: the inference cache is stale."""
-        layer.state["version"] += 1
+    @contextlib.contextmanager
+    def cached(self, layer: Layer):
+        layer.state["scope"] = None  # the scope's (kernel, ...) once an inference call composed it
+        try:
+            yield layer
+        finally:
+            del layer.state["scope"]
 
     def forward(self, layer: Layer, x: np.ndarray, *, training: bool = True) -> np.ndarray:
         params, config = self.get_params(layer), layer.config
         x = x.astype(layer.dtype)
         if training and layer.state["composition"] == "feature":
             return forward(x, params, config, composition="feature")
-        if training:
+        if training or "scope" not in layer.state or not config.has_D:  # 1x1: W' is W, nothing to cache
             return self.plain_conv(x, self.compose_kernel(params, config), params.bias, config)
-        cached = layer.state.get("cache")
-        if cached is None or cached[0] != layer.state["version"]:
-            cached = layer.state["cache"] = (layer.state["version"], self.compose_kernel(params, config), params.bias)
-        return self.plain_conv(x, cached[1], cached[2], config)
+        if layer.state["scope"] is None:
+            layer.state["scope"] = self.compose_kernel(params, config)
+        return self.plain_conv(x, layer.state["scope"], params.bias, config)
 
     def compose_kernel(self, params: DOConvParams, config: DOConvConfig) -> np.ndarray:
         """W' = D^T o W (paper Eq. 3), the paper's pairing."""
@@ -84,7 +86,10 @@ class CoreFramework(Framework):
     def perturb(self, layer: Layer, deltas: Dict[str, np.ndarray]) -> None:
         for key, delta in deltas.items():
             layer.obj[key] = layer.obj[key] + delta.astype(layer.dtype)
-        self.touch(layer)
+
+    def raw_write(self, layer: Layer, deltas: Dict[str, np.ndarray]) -> None:
+        for key, delta in deltas.items():
+            layer.obj[key] += delta.astype(layer.dtype)  # in place, as a framework's unhooked write
 
     def sgd(self, layer: Layer, x: np.ndarray, u: np.ndarray, lr: float, steps: int) -> None:
         for _ in range(steps):

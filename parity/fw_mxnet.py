@@ -71,6 +71,10 @@ class GluonFramework(Framework):
         for name, p in self._params(layer).items():
             p.set_data(p.data(self.ctx) + self._nd(deltas[name], layer))
 
+    def raw_write(self, layer, deltas):
+        for name, p in self._params(layer).items():
+            p.data(self.ctx)[:] += self._nd(deltas[name], layer)  # the NDArray in place: no Gluon call sees it
+
     def sgd(self, layer, x, u, lr, steps):
         trainer = self.mx.gluon.Trainer(self._params(layer), "sgd", {"learning_rate": lr, "momentum": 0.0, "wd": 0.0})
         xt = self._nd(x, layer)

@@ -81,6 +81,10 @@ class KerasFramework(Framework):
         for name, v in self._vars(layer).items():
             v.assign(v + deltas[name])
 
+    def raw_write(self, layer, deltas):
+        for name, v in self._vars(layer).items():
+            v.value.assign(v.value + deltas[name])  # the backend tf.Variable itself, past keras.Variable.assign
+
     def sgd(self, layer, x, u, lr, steps):
         optimizer = self.keras.optimizers.SGD(learning_rate=lr)
         for _ in range(steps):

@@ -1,8 +1,7 @@
 """PyTorch adapter: ``doconv.torch`` through its contract names, autograd and ``torch.optim.SGD``.
 
 The layer sits in ``nn.Sequential(conv=layer)`` so model-level functions (``fold``, ``export_canonical``)
-see the module path ``conv``. Inference is ``model.eval()`` under ``torch.no_grad()`` (where the layer
-caches its composed kernel).
+see the module path ``conv``. Inference is ``model.eval()`` under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
@@ -54,6 +53,10 @@ class TorchFramework(Framework):
         with self.torch.no_grad():
             for name, p in self._named(layer).items():
                 p.add_(self._t(deltas[name], layer))
+
+    def raw_write(self, layer, deltas):
+        for name, p in self._named(layer).items():
+            p.data.add_(self._t(deltas[name], layer))  # .data bumps no version counter of the parameter
 
     def sgd(self, layer, x, u, lr, steps):
         layer.obj.train(True)

@@ -2,8 +2,10 @@
 
 state_dict of a ``DOConv2d``: ``W`` (C_out, C_in/g, D_mul), ``D`` -- the trainable delta D' = D - I_fill,
 (C_in, M*N, D_mul), absent for 1x1 kernels -- and ``bias``; the fixed ``I_fill`` is a non-persistent buffer.
+Every call composes the kernel from W and D as they are; ``cached(model)`` reuses it within a scope.
 """
 
+from .cache import cached
 from .io import (doconv_layers, export_canonical, get_params, import_canonical, import_official, layer_config,
                  layer_from_config, set_params)
 from .layer import COMPOSITIONS, DOConv2d, FoldedConv2d, folded_conv
@@ -14,7 +16,7 @@ from .parametrize import parametrize
 UNSUPPORTED_FEATURES: frozenset = frozenset()
 
 __all__ = [
-    "COMPOSITIONS", "DOConv2d", "FoldedConv2d", "Report", "ReportRow", "UNSUPPORTED_FEATURES", "convert",
+    "COMPOSITIONS", "DOConv2d", "FoldedConv2d", "Report", "ReportRow", "UNSUPPORTED_FEATURES", "cached", "convert",
     "doconv_layers", "export_canonical", "fold", "fold_report", "folded_conv", "from_conv", "get_params",
     "import_canonical", "import_official", "layer_config", "layer_from_config", "parametrize", "set_params",
 ]

@@ -6,7 +6,8 @@ only moves arrays between NumPy (canonical layout, *full* D) and the layer's ten
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+import re
+from typing import Dict, List, Mapping
 
 import numpy as np
 import torch
@@ -87,40 +88,97 @@ def doconv_layers(model: nn.Module) -> Dict[str, DOConv2d]:
     return {name or ROOT_NAME: m for name, m in model.named_modules() if isinstance(m, DOConv2d)}
 
 
-def export_canonical(model: nn.Module, path) -> None:
-    """Write every ``DOConv2d`` of ``model`` to the core's canonical safetensors file, named by module path."""
+def export_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -> None:
+    """Write every ``DOConv2d`` of ``model`` to the core's canonical safetensors file, named by module path.
+
+    NaN or +-inf in a parameter is a ValueError unless ``allow_nonfinite=True`` (:func:`doconv.save`)."""
     layers = doconv_layers(model)
     if not layers:
         raise ValueError(f"model has no DOConv2d layer to export ({type(model).__name__})")
-    save(path, {name: (m.config, get_params(m)) for name, m in layers.items()})
+    save(path, {name: (m.config, get_params(m)) for name, m in layers.items()}, allow_nonfinite=allow_nonfinite)
 
 
-def import_canonical(model: nn.Module, path) -> None:
+def _layers_to_load(model: nn.Module, what: str) -> Dict[str, DOConv2d]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
+    layers = doconv_layers(model)
+    if not layers:
+        raise ValueError(f"model has no DOConv2d layer to load {what} into ({type(model).__name__}): convert it "
+                         f"first (doconv.torch.convert(model)), then import")
+    return layers
+
+
+def import_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -> List[str]:
     """Load a canonical file into ``model``: every ``DOConv2d`` must be in the file and vice versa.
 
     Matching is the core's :func:`doconv.load_matching` (``strict=True``): configs are compared
     resolved, so a file whose 'same' padding was written explicitly (Keras/Gluon, or ``padding=1``)
-    loads into a ``padding='same'`` layer. Nothing is written unless every layer matches.
+    loads into a ``padding='same'`` layer. Nothing is written unless every layer matches; a damaged file
+    (checksums) or one holding NaN / +-inf (unless ``allow_nonfinite=True``) is a ValueError. Returns the
+    names of the layers loaded.
     """
-    layers = doconv_layers(model)
+    layers = _layers_to_load(model, "a canonical file")
     params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=True,
-                           bare=isinstance(model, DOConv2d))
+                           bare=isinstance(model, DOConv2d), allow_nonfinite=allow_nonfinite)
     for name, m in layers.items():  # every layer checked before any is written
         _check_params(m, params[name], repr(name))
     for name, m in layers.items():
         _write_params(m, params[name])
+    return list(layers)
 
 
-def import_official(layer: DOConv2d, arrays: Mapping[str, np.ndarray], *, refold: bool = False) -> None:
-    """Load a state_dict of the official PyTorch DO-Conv layer (keys W, D = delta, d_diag, bias).
+#: Prefixes that wrappers put before a model's keys: DataParallel / DDP, torch.compile.
+WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 
-    The official layer pairs W rows with D slices as ``(o mod g)*(C_in/g) + c``; the core
-    (:func:`doconv.layouts.from_official`) permutes D into the paper's pairing, which reproduces the
-    official composed kernel exactly when ``groups == 1`` or ``C_out/groups == 1``. Otherwise (official
-    DO-GConv, DO-DConv with a channel multiplier) no paper-pairing D exists and a ValueError says so;
-    ``refold=True`` then imports the composed kernel itself (W = W', D = I_fill): identical outputs,
-    the D/W split reset.
+
+def import_official(model: nn.Module, state_dict: Mapping[str, np.ndarray], *, refold: bool = False,
+                    strict: bool = True) -> List[str]:
+    """Load a checkpoint of the official PyTorch DO-Conv code into ``model``; returns the layers converted.
+
+    ``state_dict`` is a whole model's (or, for a bare ``DOConv2d``, one layer's: keys ``W``, ``D`` = the
+    delta, ``d_diag``, ``bias``); wrapper prefixes (``module.``, ``_orig_mod.``) are stripped. Each
+    official layer's tensors are converted (:func:`doconv.layouts.from_official`) and the whole dict,
+    BatchNorm and the rest included, is loaded by ``model.load_state_dict(..., strict=strict)``; nothing is
+    written unless every layer converts.
+
+    The official layer pairs W rows with D slices as ``(o mod g)*(C_in/g) + c``; the core permutes D into
+    the paper's pairing, which reproduces the official composed kernel exactly when ``groups == 1`` or
+    ``C_out/groups == 1``. Otherwise (official DO-GConv, DO-DConv with a channel multiplier) no
+    paper-pairing D exists and a ValueError says so; ``refold=True`` then imports the composed kernel itself
+    (W = W', D = I_fill): identical outputs, the D/W split reset.
     """
-    c = _check_layer(layer).config
-    numpy_arrays = {k: (_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in arrays.items()}
-    set_params(layer, from_official(numpy_arrays, c, "torch", refold=refold))
+    layers = _layers_to_load(model, "an official checkpoint")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, but got {type(state_dict).__name__}")
+    tensors = {WRAPPER_PREFIX.sub("", k): v for k, v in state_dict.items()}
+    bare = isinstance(model, DOConv2d)
+    out = dict(tensors)
+    for name, layer in layers.items():
+        prefix = "" if bare else name + "."
+        own = {k[len(prefix):]: k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if not own:
+            raise ValueError(f"state_dict has no tensors for layer {name!r} (no key starts with {prefix!r}); "
+                             f"its first keys are {sorted(tensors)[:4]}")
+        arrays = {short: _numpy(tensors[k]) if isinstance(tensors[k], torch.Tensor) else np.asarray(tensors[k])
+                  for short, k in own.items()}
+        try:
+            params = from_official(arrays, layer.config, "torch", refold=refold)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
+        _check_params(layer, params, repr(name))
+        for k in own.values():
+            del out[k]
+        out.update({prefix + k: v for k, v in _state_of(layer, params).items()})
+    model.load_state_dict(out, strict=strict)
+    return list(layers)
+
+
+def _state_of(layer: DOConv2d, params: DOConvParams) -> Dict[str, torch.Tensor]:
+    """``params`` (canonical, full D) as ``layer``'s state_dict entries (W, the delta D', bias)."""
+    like = dict(dtype=layer.W.dtype, device=layer.W.device)
+    state = {"W": torch.as_tensor(np.asarray(params.W), **like)}
+    if layer.D is not None:
+        state["D"] = torch.as_tensor(D_to_delta(np.asarray(params.D, dtype=np.float64), layer.config), **like)
+    if layer.bias is not None:
+        state["bias"] = torch.as_tensor(np.asarray(params.bias), **like)
+    return state

@@ -30,19 +30,18 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from doconv import DOConvConfig, choose_composition, identity_fill
 from doconv.config import kaiming_bound
 
 from . import functional as DF
+from .cache import KernelCache, needs_grad
 
 COMPOSITIONS = ("kernel", "feature", "auto")
 W_STORAGES = ("c-major", "contiguous")
 #: 'auto' with a c-major W: feature composition must save this share of kernel composition's MACC.
-#: Measured (bench/torch_results.md, round 4): at 512@7x7 batch 8 feature saves 0.5% of the MACC but
-#: its training step is 1.5x nn.Conv2d's against kernel composition's 1.27x (its depthwise conv with
-#: a channel multiplier of S costs 13.5 ms for 16 M MACC), so a tie in MACC is a clear loss in time.
+#: Feature composition's depthwise conv with a channel multiplier of S runs far below the machine's
+#: MACC rate (bench/torch_results.md), so a near-tie in MACC is a clear loss in time.
 FAST_KERNEL_MARGIN = 0.05
 D_INITS = ("identity", "random")
 
@@ -56,24 +55,6 @@ def _check_choice(value, name: str, allowed) -> str:
 def _pair_of_one(value):
     """``(v, v)`` for a one-element tuple or list: ``nn.Conv2d`` takes ``stride=(2,)``, its conv broadcasting it."""
     return (value[0], value[0]) if isinstance(value, (tuple, list)) and len(value) == 1 else value
-
-
-def _functorch_active() -> bool:
-    return bool(torch._C._are_functorch_transforms_active())
-
-
-#: Optimizer steps taken in this process (a key of every cached kernel). Fused optimizers
-#: (``fused=True``) update parameters without bumping their version counters; torch's global
-#: post-step hook sees every ``Optimizer.step``, fused or not.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class DOConv2d(nn.Module):
@@ -94,10 +75,10 @@ class DOConv2d(nn.Module):
       either way) or ``'contiguous'``. Code that flattens parameters with ``view(-1)`` --
       ``torch.optim.LBFGS``, ``torch.nn.utils.parameters_to_vector`` -- raises on a c-major W, as on
       any non-contiguous (e.g. channels_last) parameter: use ``'contiguous'`` there (same values,
-      a training step 7-17% slower here, BENCHMARKS.md), or :meth:`contiguous_W` on built layers;
+      a slower training step at most shapes, BENCHMARKS.md), or :meth:`contiguous_W` on built layers;
     - ``composition``: ``'kernel'`` (Fig. 3-b), ``'feature'`` (Fig. 3-a) or ``'auto'`` (the default),
       the cheaper by :func:`doconv.choose_composition` for the input at hand. ``'auto'`` is the default
-      because it is never slower here: with a cached kernel (inference) it is kernel composition, and in
+      because it is never slower in our benchmarks: in inference it is kernel composition, and in
       training it switches to feature composition only where that saves more than
       :data:`FAST_KERNEL_MARGIN` of the multiply-adds (deep layers at very small batch, e.g. a
       512-channel 7x7 layer below about 134 input positions); see BENCHMARKS.md.
@@ -108,11 +89,18 @@ class DOConv2d(nn.Module):
     call with ``conv2d`` of the OIHW kernel.
 
     Arguments are validated by :class:`doconv.DOConvConfig` (the error names the argument).
-    In ``eval()`` mode or under ``torch.no_grad()``, whenever the kernel needs no gradient, the
-    composed kernel is cached and reused until a parameter changes (tensor identities, version
-    counters, data pointers, dtype, device and the process's optimizer step count form the key: fused
-    optimizers do not bump version counters) or ``train()`` is called. Writes through ``.data``
-    bypass version counters: call :meth:`invalidate_cache` after them.
+    Every call composes W' from W and D as they are at that call, whatever wrote them (``.data``,
+    fused optimizers, EMA loops); :func:`doconv.torch.cached` reuses one kernel within a scope in
+    which the caller promises not to write them, and :func:`doconv.torch.fold` deploys.
+
+    Shape: input (N, C_in, H, W) or (C_in, H, W); output (N, C_out, H_out, W_out) with H_out, W_out
+    as ``nn.Conv2d``'s (or TF's rule for ``'same'`` with stride > 1).
+
+    Example::
+
+        >>> layer = DOConv2d(16, 32, 3, padding=1, groups=2)
+        >>> layer(torch.randn(8, 16, 28, 28)).shape
+        torch.Size([8, 32, 28, 28])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -139,7 +127,7 @@ class DOConv2d(nn.Module):
             self.register_parameter("D", None)
             self.register_buffer("I_fill", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(c.out_channels, **factory)) if c.bias else None
-        self._cache = None  # (key, kernel, the tensors the key describes)
+        self._kernel_cache = KernelCache()  # used only inside doconv.torch.cached(...)
         self._auto = {}     # (input shape, margin) -> composition, for composition="auto"
         self.reset_parameters()
 
@@ -187,6 +175,7 @@ class DOConv2d(nn.Module):
         """I_fill is a constant of the config, not state: rebuilt after every ``to()`` / ``half()`` /
         ``to_empty()`` (which leaves buffers uninitialised: meta-device init, ``nn.utils.skip_init``)."""
         out = super()._apply(fn, recurse)
+        self._kernel_cache.clear()
         if self.I_fill is not None:
             self.I_fill = self._identity_like(self.I_fill)
         return out
@@ -218,38 +207,16 @@ class DOConv2d(nn.Module):
                 "doconv.torch.fold) to get a plain convolution whose weight can be replaced")
         super().__setattr__(name, value)
 
-    @staticmethod
-    def _cache_key(W: torch.Tensor, D: Optional[torch.Tensor]):
-        """Identity, version counter, address, dtype and device of W and D, and the optimizer step count.
-
-        The cache holds W and D themselves, so that neither their ids nor their memory can be reused by
-        other tensors (e.g. fresh ones passed through ``functional_call``) while the entry lives."""
-        tensors = [t for t in (W, D) if t is not None]  # (never inference tensors: _can_cache)
-        return (_optimizer_steps,) + tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-
-    @staticmethod
-    def _can_cache(W: torch.Tensor, D: Optional[torch.Tensor]) -> bool:
-        if torch.compiler.is_compiling() or _functorch_active() or torch.jit.is_tracing():
-            return False
-        if any(p.is_inference() for p in (W, D) if p is not None):
-            return False  # made under torch.inference_mode: no version counter to key a cache on
-        if torch.is_grad_enabled() and any(p.requires_grad for p in (W, D) if p is not None):
-            return False  # the kernel needs its graph (e.g. fine-tuning in eval mode): never a stale cache
-        return True
-
     def kernel(self) -> torch.Tensor:
-        """W' for the convolution: from the cache when no gradient is needed, else composed afresh."""
-        if self.deployed:
-            return self.compose()
-        W, D = self.W, self.D
-        return self._cached_kernel(W, D) if self._can_cache(W, D) else self._compose(W, D)
+        """W' for the convolution: the :func:`doconv.torch.cached` scope's kernel where a call may read it,
+        else composed afresh."""
+        return self.compose() if self.deployed else self._kernel(self.W, self.D)
 
-    def _cached_kernel(self, W: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
-        key = self._cache_key(W, D)
-        if self._cache is None or self._cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                self._cache = (key, self._compose(W, D), (W, D))
-        return self._cache[1]
+    def _kernel(self, W: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
+        scope = self._kernel_cache
+        if scope.usable() and not needs_grad(W, D):
+            return scope.kernel(W, D, lambda: self._compose(W, D))
+        return self._compose(W, D)
 
     @property
     def W_storage(self) -> str:
@@ -262,24 +229,28 @@ class DOConv2d(nn.Module):
         self._c_major = False
         if self.W is not None and not self.W.is_contiguous():
             self.W.data = self.W.data.contiguous()
-            self._cache = None
+            self._kernel_cache.clear()
         return self
 
     def invalidate_cache(self) -> None:
-        """Drop the cached W'. Needed only after writes that bypass autograd's version counters:
-        ``layer.W.data.mul_(2)`` or ``layer.W.data.copy_(...)`` (``.data`` is a separate tensor with its own
-        counter); every ordinary in-place update, optimizer step and ``load_state_dict`` is detected."""
-        self._cache = None
+        """Drop the kernel of the open :func:`doconv.torch.cached` scope (after a deliberate write inside
+        it); a no-op outside one, where every call composes afresh anyway."""
+        self._kernel_cache.clear()
 
-    def train(self, mode: bool = True):
-        self.invalidate_cache()
-        return super().train(mode)
+    def __getstate__(self):
+        """Pickles and deep copies carry W and D, never a scope's kernel."""
+        return {**super().__getstate__(), "_kernel_cache": KernelCache()}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.pop("_cache", None)  # the implicit cache of older pickles: never read
+        self.__dict__.setdefault("_kernel_cache", KernelCache())
 
     # ---- forward ------------------------------------------------------------------------------
     def _check_input(self, x, dtype: torch.dtype) -> None:
         if isinstance(x, torch.fx.Proxy):
-            raise TypeError("torch.fx.symbolic_trace traces into DOConv2d, whose forward branches on its kernel "
-                            "cache; fold the model first (doconv.torch.fold), or trace with DOConv2d as a leaf "
+            raise TypeError("torch.fx.symbolic_trace traces into DOConv2d, whose forward branches on its input "
+                            "and route; fold the model first (doconv.torch.fold), or trace with DOConv2d as a leaf "
                             "module (a torch.fx.Tracer whose is_leaf_module says so; torchvision's "
                             "create_feature_extractor: tracer_kwargs={'leaf_modules': [DOConv2d]})")
         if not isinstance(x, torch.Tensor):
@@ -293,12 +264,10 @@ class DOConv2d(nn.Module):
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
 
     def _route(self, x: torch.Tensor, c_major: bool) -> str:
-        """The composition of a call that composes afresh (the cached kernel is kernel composition); forward
+        """The composition of a call that composes afresh (a scope's kernel is kernel composition); forward
         calls it only for layers with D, and does not read D again (a parametrization of D runs once)."""
         if self.composition != "auto":
             return self.composition
-        if torch.jit.is_tracing():
-            return "kernel"  # a trace is a deployment graph, and its sizes are traced tensors
         shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
         margin = FAST_KERNEL_MARGIN if c_major else 0.0
         if torch.compiler.is_compiling():
@@ -316,29 +285,69 @@ class DOConv2d(nn.Module):
         self._check_input(x, W.dtype)
         if D is None:
             return DF.conv(x, self._compose(W, D), self.bias, self.config)
-        if self.composition != "feature" and self._can_cache(W, D):  # inference: the cached kernel
-            return DF.conv(x, self._cached_kernel(W, D), self.bias, self.config)
+        if self.composition != "feature" and (not needs_grad(W, D) or torch.jit.is_tracing()):
+            # inference, and every trace (its checks re-run it without grad): one kernel, one conv2d
+            return DF.conv(x, self._kernel(W, D), self.bias, self.config)
         c_major = DF.c_major(W, self.config.groups)
         if self._route(x, c_major) == "feature":
             return DF.feature_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config)
-        if c_major and not torch.jit.is_tracing():  # training at stride 1: conv_transpose2d of the reversed taps
+        if c_major:  # training at stride 1: conv_transpose2d of the reversed taps
             pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
             if pads is not None:
                 return DF.transposed_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config, pads)
         return DF.conv(x, self._compose(W, D), self.bias, self.config)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``nn.Module``'s, plus two checkpoints that carry other names for this layer's state:
+
+        - the official DO-Conv layer's (keys ``d_diag`` / ``D_diag`` beside ``W`` and ``D``) is refused:
+          for 1 < groups it pairs D with W differently, so loading its tensors by name computes another
+          kernel. :func:`doconv.torch.import_official` converts it.
+        - a plain convolution's (``weight``, no ``W``) loads as :func:`doconv.torch.convert` would have
+          converted it: W[..., :M*N] = the kernel, the other columns zero, D' = 0, so W' = the kernel.
+        """
+        if not self.deployed:
+            official = [prefix + k for k in ("d_diag", "D_diag") if prefix + k in state_dict]
+            if official:
+                error_msgs.append(
+                    f"{prefix.rstrip('.') or 'DOConv2d'}: the checkpoint holds the official DO-Conv layer's "
+                    f"{', '.join(map(repr, official))}; its D pairs channels differently for 1 < groups, so loading "
+                    f"its tensors by name computes another kernel. Load it with "
+                    f"doconv.torch.import_official(model, state_dict)")
+                return
+            if prefix + "weight" in state_dict and prefix + "W" not in state_dict:
+                self._plain_to_params(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         if self.I_fill is not None and self.W is not None and self.I_fill.device != self.W.device:
             self.I_fill = self._identity_like(self.W)  # assign=True into a meta-device layer: I_fill is not saved
         if self.W is None or self.D is None or self.config.groups != 1:
             return
         if getattr(self, "_c_major", False) and not DF.c_major(self.W, 1):  # assign=True with another layout
             self.W.data = DF.to_c_major(self.W.data)
-            self._cache = None
         elif getattr(self, "_c_major", None) is False and not self.W.is_contiguous():  # 'contiguous' storage
             self.W.data = self.W.data.contiguous()
-            self._cache = None
+
+    def _plain_to_params(self, state_dict, prefix: str, error_msgs) -> None:
+        """Replace a plain convolution's ``weight`` in ``state_dict`` by the W and D' that compose to it."""
+        c = self.config
+        kernel = state_dict[prefix + "weight"]
+        if not isinstance(kernel, torch.Tensor) or tuple(kernel.shape) != c.kernel_shape:
+            shape = tuple(kernel.shape) if isinstance(kernel, torch.Tensor) else type(kernel).__name__
+            error_msgs.append(f"size mismatch for {prefix}weight: a plain convolution's kernel of shape {shape} "
+                              f"cannot load into {c!r}, whose composed kernel has shape {c.kernel_shape}")
+            return
+        if c.S < c.MN:
+            error_msgs.append(f"{prefix}weight: a plain convolution's kernel cannot load into a depthwise_separable "
+                              f"layer with D_mul={c.S} < M*N={c.MN} (its kernels have rank D_mul)")
+            return
+        W = kernel.new_zeros(c.W_shape)
+        W[..., :c.MN] = kernel.reshape(c.out_channels, c.in_per_group, c.MN)
+        del state_dict[prefix + "weight"]
+        state_dict[prefix + "W"] = W
+        if self.D is not None:
+            state_dict[prefix + "D"] = kernel.new_zeros(c.D_shape)
 
     def __prepare_scriptable__(self):
         raise NotImplementedError(
@@ -377,7 +386,7 @@ class DOConv2d(nn.Module):
         requires_grad = self._kernel_requires_grad()
         del self.W, self.D, self.I_fill
         self.W = self.D = self.I_fill = None  # plain attributes, so the names stay defined
-        self._cache = None
+        self._kernel_cache.clear()
         self.deployed = True
         # register_parameter would refuse the name: the class's ``weight`` property already answers it.
         bias = self._parameters.pop("bias", None)  # keep nn.Conv2d's key order: weight, bias

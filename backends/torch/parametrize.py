@@ -3,8 +3,8 @@
 ``parametrize(conv)`` replaces ``conv.weight`` by the composed kernel D^T o W of two new tensors,
 ``conv.parametrizations.weight.original0`` (W) and ``...original1`` (the delta D'), initialised so the
 kernel is unchanged. Prefer :class:`doconv.torch.DOConv2d`: the parametrized conv has torch's generated
-state_dict keys, no eval-mode cache (unless inside ``parametrize.cached()``) and nn.Conv2d's padding
-options only. ``torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")`` folds it.
+state_dict keys and nn.Conv2d's padding options only, and :func:`doconv.torch.cached` does not reach it
+(torch's own ``torch.nn.utils.parametrize.cached()`` does, for every parametrization in the process). ``torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")`` folds it.
 """
 
 from __future__ import annotations

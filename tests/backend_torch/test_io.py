@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,132 @@ def test_layer_from_config_names_an_unknown_dtype():
     from doconv.torch import layer_from_config
     with pytest.raises(TypeError, match="dtype must be a torch.dtype or its name, but got dtype='float46'"):
         layer_from_config(doconv.DOConvConfig(2, 2, 3), dtype="float46")
+
+
+# ---- checkpoints that cannot load wrongly ------------------------------------------------------------
+
+def _official_model_state(model, seed=0):
+    """A whole model's checkpoint as the official code writes it: every DOConv2d as W, D (delta), d_diag."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DOConv2d):
+            arrays = _official_arrays(module.config, seed + len(state))
+            state.update({f"{name}.{k}": torch.as_tensor(v, dtype=torch.float64) for k, v in arrays.items()})
+    state.update({k: v for k, v in model.state_dict().items() if not k.split(".")[-1] in ("W", "D", "bias")
+                  or k.startswith("1.")})  # the BatchNorm's own tensors
+    return state
+
+
+def _grouped_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(DOConv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64),
+                          nn.BatchNorm2d(6, dtype=torch.float64),
+                          DOConv2d(6, 6, 3, padding=1, groups=3, bias=False, dtype=torch.float64)).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+def _official_outputs(model, state, x):
+    """The official model's output: each layer's official kernel (:func:`official_torch_kernel`), the BN."""
+    out = torch.as_tensor(x)
+    for name, module in model.named_children():
+        if isinstance(module, DOConv2d):
+            c = module.config
+            arrays = {k[len(name) + 1:]: v.numpy() for k, v in state.items() if k.startswith(name + ".")}
+            out = torch.as_tensor(doconv.conv2d(out.numpy(), official_torch_kernel(arrays, c), arrays.get("bias"),
+                                                stride=c.stride, padding=c.padding, groups=c.groups))
+        else:
+            with torch.no_grad():
+                out = module(out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_refuses_an_official_checkpoint(strict):
+    model = _grouped_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = _official_model_state(model)
+    with pytest.raises(RuntimeError, match=r"'0\.d_diag'.*import_official\(model, state_dict\)"):
+        model.load_state_dict(state, strict=strict)
+    for key in ("0.W", "0.D", "2.W", "2.D"):
+        torch.testing.assert_close(model.state_dict()[key], before[key], rtol=0, atol=0)
+    renamed = {k.replace("d_diag", "D_diag"): v for k, v in state.items()}
+    with pytest.raises(RuntimeError, match="'D_diag'.*import_official"):
+        DOConv2d(4, 6, 3, padding=1, groups=2, dtype=torch.float64).load_state_dict(
+            {k[2:]: v for k, v in renamed.items() if k.startswith("0.")}, strict=strict)
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.module."])
+def test_import_official_takes_a_whole_models_state_dict(prefix):
+    model = _grouped_model()
+    state = _official_model_state(model)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 6))
+    expected = _official_outputs(model, state, x)
+    wrapped = {prefix + k: v for k, v in state.items()}
+    with pytest.raises(ValueError, match="layer '0'.*refold=True"):  # grouped with 3 rows per group
+        import_official(model, wrapped)
+    assert import_official(model, wrapped, refold=True) == ["0", "2"]
+    with torch.no_grad():
+        doconv.assert_close(model(torch.as_tensor(x)).numpy(), expected, "float64", "official model")
+    torch.testing.assert_close(model[1].running_var, state["1.running_var"], rtol=0, atol=0)
+
+
+def test_import_official_names_a_layer_the_checkpoint_lacks():
+    model = _grouped_model()
+    state = {k: v for k, v in _official_model_state(model).items() if not k.startswith("2.")}
+    with pytest.raises(ValueError, match="no tensors for layer '2'"):
+        import_official(model, state, refold=True)
+
+
+@pytest.mark.parametrize("D_mul", [None, 12])
+def test_a_plain_convolution_checkpoint_loads_into_the_converted_model(D_mul):
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, stride=2, bias=False), nn.Conv2d(8, 8, 1)).eval()
+    with torch.no_grad():
+        plain[1].running_mean.normal_()
+    twin, _ = doconv.torch.convert(copy.deepcopy(plain), D_mul=D_mul, d_init="random")  # D != identity
+    before = get_params(twin[0])
+    assert not np.allclose(before.D, doconv.identity_D(twin[0].config))
+    for p in plain.parameters():
+        torch.nn.init.normal_(p)  # the checkpoint differs from what convert copied
+    twin.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), plain(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(get_params(twin[0]).D, doconv.identity_D(twin[0].config))
+
+
+def test_a_plain_checkpoint_of_the_wrong_shape_or_rank_is_refused():
+    layer = DOConv2d(4, 6, 3, padding=1)
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: .*shape \(6, 4, 5, 5\).*\(6, 4, 3, 3\)"):
+        layer.load_state_dict(nn.Conv2d(4, 6, 5).state_dict())
+    low_rank = DOConv2d(4, 6, 3, D_mul=4, depthwise_separable=True)
+    with pytest.raises(RuntimeError, match="D_mul=4 < M\\*N=9"):
+        low_rank.load_state_dict(nn.Conv2d(4, 6, 3).state_dict())
+
+
+def test_import_into_a_model_without_doconv_layers_says_convert_first(tmp_path):
+    export_canonical(DOConv2d(4, 4, 3), tmp_path / "m.safetensors")
+    plain = nn.Sequential(nn.Conv2d(4, 4, 3))
+    with pytest.raises(ValueError, match=r"no DOConv2d layer .*convert it first \(doconv.torch.convert"):
+        import_canonical(plain, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="convert it first"):
+        import_official(plain, {"0.W": torch.zeros(4, 4, 9)})
+
+
+def test_non_finite_weights_export_and_import_only_when_asked(tmp_path):
+    layer = DOConv2d(4, 4, 3, dtype=torch.float64)
+    set_params(layer, doconv.init_params(layer.config, d_init="random", rng=np.random.default_rng(1)))
+    with torch.no_grad():
+        layer.W[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*allow_nonfinite=True"):
+        export_canonical(layer, tmp_path / "nan.safetensors")
+    export_canonical(layer, tmp_path / "nan.safetensors", allow_nonfinite=True)
+    target = DOConv2d(4, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="non-finite"):
+        import_canonical(target, tmp_path / "nan.safetensors")
+    assert import_canonical(target, tmp_path / "nan.safetensors", allow_nonfinite=True) == ["self"]
+    assert torch.isnan(target.W[0, 0, 0]) and torch.equal(target.D, layer.D)

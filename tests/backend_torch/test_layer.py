@@ -169,7 +169,7 @@ def test_training_at_stride_1_runs_conv_transpose2d(case_id, transposed, monkeyp
     layer(x).sum().backward()
     assert len(calls) == int(transposed)
     with torch.no_grad():
-        layer(x)                                  # inference: the cached OIHW kernel and conv2d
+        layer(x)                                  # inference: the OIHW kernel and conv2d
     assert len(calls) == int(transposed)
 
 
@@ -364,117 +364,6 @@ def test_load_state_dict_and_set_params_name_the_array():
         set_params(layer, bad, name="'net.conv'")
 
 
-# ---- eval-mode cache ---------------------------------------------------------------------------------
-
-def _counting(layer):
-    """Count the layer's compositions (``_compose``, which ``compose()`` and every forward go through)."""
-    calls = []
-    original = layer._compose
-
-    def compose(W, D):
-        calls.append(1)
-        return original(W, D)
-
-    layer._compose = compose
-    return calls
-
-
-def test_eval_cache_reuses_kernel_until_a_parameter_changes(h):
-    case = get_case("g2-k3")
-    layer = h.make_layer(case, "float64").eval()
-    calls = _counting(layer)
-    x = torch.tensor(case.input(0))
-    with torch.no_grad():
-        first = layer(x)
-    layer.requires_grad_(False)
-    second = layer(x)
-    assert len(calls) == 1 and torch.equal(first, second)
-    with torch.no_grad():  # in-place update: the version counter moves
-        layer.D.add_(0.1)
-    p = get_params(layer)
-    doconv.assert_close(layer(x).numpy(), doconv.forward(case.input(0), p, case.config), "float64")
-    assert len(calls) == 2
-    fresh = h.make_layer(case, "float64", seed=5)
-    layer.load_state_dict(fresh.state_dict())
-    doconv.assert_close(layer(x).numpy(), doconv.forward(case.input(0), case.params(5), case.config), "float64")
-    assert len(calls) == 3
-    layer.train()
-    assert layer._cache is None
-
-
-def test_writes_through_data_need_invalidate_cache(h):
-    """``.data`` has its own version counter, so such writes are invisible to the cache key (documented);
-    ``invalidate_cache()`` brings the layer back in line with the core."""
-    case = get_case("g3-k3")
-    layer = h.make_layer(case, "float64").eval()
-    x = torch.tensor(case.input(0))
-    with torch.no_grad():
-        layer(x)
-        layer.W.data.mul_(2.0)
-        layer.D.data.add_(0.3)
-        layer.invalidate_cache()
-        out = layer(x)
-    doconv.assert_close(out.numpy(), doconv.forward(case.input(0), get_params(layer), case.config), "float64")
-
-
-def test_eval_mode_with_grad_never_uses_a_stale_kernel(h):
-    case = get_case("k3")
-    layer = h.make_layer(case, "float64").eval()  # fine-tuning with frozen BN: eval() + gradients
-    x, expected, u, grads = h.reference(case)
-    with torch.no_grad():
-        layer(torch.tensor(x))  # fills the cache
-    _, got = h.torch_grads(layer, torch.tensor(x), u)
-    doconv.assert_close(got["D"], grads["D"], "float64", "dD in eval mode")
-    doconv.assert_close(got["W"], grads["W"], "float64", "dW in eval mode")
-
-
-def test_no_grad_in_train_mode_also_caches(h):
-    layer = h.make_layer(get_case("k3"), "float32")
-    calls = _counting(layer)
-    with torch.no_grad():
-        for _ in range(3):
-            layer(torch.zeros(1, 3, 5, 5))
-    assert len(calls) == 1
-
-
-@pytest.mark.parametrize("optimizer", [
-    lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
-    lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=True),
-], ids=["AdamW-fused", "SGD-fused", "Adam-foreach"])
-def test_no_grad_calls_between_optimizer_steps_follow_the_weights(optimizer, h):
-    """A GAN's ``fake = G(z)`` or an EMA teacher: no_grad forwards between steps. Fused optimizers write
-    without bumping version counters; the cache must still follow every step."""
-    case = get_case("k3")
-    layer = h.make_layer(case, "float32")
-    opt = optimizer(list(layer.parameters()))
-    x = torch.tensor(case.input(0), dtype=torch.float32)
-    for _ in range(3):
-        layer(x).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            got = layer(x)
-        doconv.assert_close(got.numpy(), doconv.forward(case.input(0), get_params(layer), case.config), "float32",
-                            "no_grad call after a step")
-
-
-def test_cache_is_not_fooled_by_fresh_tensors_at_a_reused_address(h):
-    """functional_call with a fresh W each time: a new tensor starts at version 0 and may land at the
-    freed one's address, so the key alone would match; the cache pins the tensors it describes."""
-    case = get_case("k3-nobias")
-    layer = h.make_layer(case, "float32").eval()
-    D = layer.D.detach().clone()
-    x = torch.tensor(case.input(0), dtype=torch.float32)
-    for i in range(30):
-        W = torch.randn(layer.W.shape, generator=torch.Generator().manual_seed(i))
-        with torch.no_grad():
-            got = torch.func.functional_call(layer, {"W": W, "D": D}, (x,))
-        want = torch.nn.functional.conv2d(x, DF.compose_einsum(W, D + layer.I_fill, case.config), padding=1)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        del W, got
-
-
 def test_meta_device_init_then_to_empty_and_reset_parameters():
     """The FSDP / torchtitan pattern: build on 'meta', materialise, reset -- I_fill is rebuilt too."""
     with torch.device("meta"):
@@ -523,17 +412,6 @@ def test_depthwise_separable_D_mul_below_MN(groups, h):
         doconv.assert_close(got[name], grads[name], "float64", f"d{name}")
 
 
-def test_inference_mode_cache_is_usable_afterwards(h):
-    case = get_case("k3")
-    layer = h.make_layer(case, "float64").eval()
-    with torch.inference_mode():
-        layer(torch.tensor(case.input(0)))
-    layer.requires_grad_(False)
-    x = torch.tensor(case.input(0), requires_grad=True)
-    layer(x).sum().backward()  # the cached kernel is a normal tensor, so conv may save it
-    assert x.grad is not None
-
-
 # ---- dtype/device moves, autocast ----------------------------------------------------------------
 
 def test_to_double_half_like_conv2d(h):
@@ -576,7 +454,7 @@ def test_torch_compile_fullgraph_forward_and_backward(case_id, h):
     doconv.assert_close(out.numpy(), expected, "float32", "compiled forward")
     for name in ("W", "D", "x"):
         doconv.assert_close(got[name], grads[name], "float32", f"compiled d{name}")
-    # 'auto' and eval mode compile without graph breaks too (the cache is bypassed while compiling)
+    # 'auto' and eval mode compile without graph breaks too
     layer.composition = "auto"
     with torch.no_grad():
         out = torch.compile(layer.eval(), fullgraph=True, backend="eager")(torch.tensor(x, dtype=torch.float32))
@@ -750,7 +628,7 @@ def test_I_fill_survives_every_materialisation(flow):
 
 
 def test_layers_made_under_inference_mode_run():
-    """Inference tensors have no version counter: such a layer composes every call instead of caching."""
+    """Layers made under inference_mode run there and, under no_grad, outside it."""
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     with torch.inference_mode():
         layer = _random_D_layer(4, 6, 3, padding=1, groups=2, dtype=torch.float64)
@@ -759,7 +637,7 @@ def test_layers_made_under_inference_mode_run():
         torch.testing.assert_close(layer(x), want)
         torch.testing.assert_close(layer.float().double()(x), want)
         with torch.no_grad():
-            layer.W.mul_(2.0)  # in place, no version bump: a cache would now be stale
+            layer.W.mul_(2.0)
         torch.testing.assert_close(layer(x) - layer.bias[:, None, None], 2 * (want - layer.bias[:, None, None]))
     with torch.no_grad():  # outside inference mode (as for nn.Conv2d, autograd cannot save inference tensors)
         torch.testing.assert_close(layer(x) - layer.bias[:, None, None], 2 * (want - layer.bias[:, None, None]))

@@ -255,9 +255,10 @@ def test_jit_trace_records_the_composition_and_saves(tmp_path, mode):
     follows later updates of W, D in place, as a traced nn.Conv2d follows its weight."""
     model, x = _folded_example()
     model = model.train(mode == "train")
-    with torch.no_grad():
-        model(x)  # an eval cache filled before tracing must not become a constant of the trace
-    traced = torch.jit.trace(model, x)
+    with doconv.torch.cached(model):
+        with torch.no_grad():
+            model(x)  # a scope's kernel filled before tracing must not become a constant of the trace
+        traced = torch.jit.trace(model, x)
     path = tmp_path / "traced.pt"
     torch.jit.save(traced, str(path))
     x2 = torch.randn(3, 3, 10, 11)

@@ -5,6 +5,8 @@ framework (:class:`doconv.parity.fw_core.CoreFramework`, no framework needed) an
 installed, the real torch backend (:class:`doconv.parity.fw_torch.TorchFramework`).
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -66,9 +68,21 @@ class CoreSameOffByOne(CoreFramework):
 class CoreStaleCache(CoreFramework):
     name = "fault:stale-cache"
 
-    def perturb(self, layer, deltas):  # in-place update that forgets to invalidate the inference cache
-        for key, delta in deltas.items():
-            layer.obj[key] += delta.astype(layer.dtype)
+    def forward(self, layer, x, *, training=True):  # an implicit inference cache keyed on the arrays' identities
+        if training:
+            return super().forward(layer, x, training=True)
+        key = tuple(id(v) for v in layer.obj.values())
+        if layer.state.get("implicit", (None,))[0] != key:
+            layer.state["implicit"] = (key, self.compose_kernel(self.get_params(layer), layer.config))
+        return self.plain_conv(x.astype(layer.dtype), layer.state["implicit"][1], self.get_params(layer).bias,
+                               layer.config)
+
+
+class CoreCacheIgnored(CoreFramework):
+    name = "fault:cache-ignored"
+
+    def cached(self, layer):  # a scope that caches nothing: the explicit path is not what it claims
+        return contextlib.nullcontext(layer)
 
 
 CORE_FAULTS = {
@@ -77,7 +91,8 @@ CORE_FAULTS = {
     "official-pairing": (CoreOfficialPairing, ["g3-k3", "dw-x2-k3"], "forward"),
     "dropped-bias": (CoreDroppedBias, ["k3", "g2-k3"], "forward"),
     "same-off-by-one": (CoreSameOffByOne, ["k2x2-same", "k3-s2-same"], "forward"),
-    "stale-cache": (CoreStaleCache, ["k3", "g3-k3"], "eval cache"),
+    "stale-cache": (CoreStaleCache, ["k3", "g3-k3"], "fresh kernel"),
+    "cache-ignored": (CoreCacheIgnored, ["k3", "g3-k3"], "fresh kernel"),
 }
 
 
@@ -137,7 +152,7 @@ def torch_faults():
         "torch-official-pairing": (TorchOfficialPairing, ["g3-k3"], "forward"),
         "torch-dropped-bias": (TorchDroppedBias, ["k3"], "forward"),
         "torch-same-off-by-one": (TorchSameOffByOne, ["k2x2-same"], "forward"),
-        "torch-stale-cache": (TorchStaleCache, ["k3"], "eval cache"),
+        "torch-stale-cache": (TorchStaleCache, ["k3"], "fresh kernel"),
     }
 
 

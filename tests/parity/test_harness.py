@@ -124,7 +124,7 @@ def test_honest_run_exits_zero_and_writes_json(tmp_path, use_frameworks):
     assert main(["-k", "g3-k3-s2", "--json", str(out), "--no-progress"]) == 0
     data = json.loads(out.read_text())
     assert data["passed"] and {r["framework"] for r in data["results"]} == {"core", "numpy"}
-    assert {r["check"] for r in data["summary"]} >= {"forward", "grad D", "official", "eval cache", "sgd",
+    assert {r["check"] for r in data["summary"]} >= {"forward", "grad D", "official", "fresh kernel", "sgd",
                                                      "kernel=feature", "vjp"}
 
 
