@@ -17,6 +17,8 @@ layer costs. This package is NumPy only and imports no deep-learning framework; 
 - :mod:`doconv.layouts`     -- framework layouts and the official code's checkpoints
 - :mod:`doconv.interchange` -- the canonical safetensors file for whole models
 - :mod:`doconv.selection`   -- ``convert``'s include / exclude glob patterns, shared by every backend
+- :mod:`doconv.contract`    -- what every backend promises: choices, ``LayerSpec``, the conversion report,
+  ``convert``'s planning, the ``Backend`` protocol
 - :mod:`doconv.cases`       -- the shared test-case table; :mod:`doconv.tolerance` -- per-dtype tolerances
 
 Framework layers live in ``doconv.torch``, ``doconv.tf`` and ``doconv.mxnet``.
@@ -26,7 +28,7 @@ from .compose import (COMPOSE_EINSUM, PAIRINGS, DOConvParams, compose, compose_v
                       identity_D, identity_fill, init_params, pairing_index, params_for_kernel, pointwise_kernel)
 from .config import PADDING_MODES, DOConvConfig, same_pads, standardize_flag, standardize_pair, standardize_padding
 from .cost import CompositionCost, choose_composition, composition_cost
-from . import selection
+from . import contract, selection
 from .interchange import ROOT_NAME, load, load_matching, save
 from .reference import conv2d, conv2d_vjp, forward, pad
 from .tolerance import TOLERANCES, assert_close, max_error, tolerance

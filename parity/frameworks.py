@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from doconv import DOConvConfig, DOConvParams, load, save
+from doconv.contract import missing_names
 
 ENV_VAR = "DOCONV_PARITY_FRAMEWORKS"
 
@@ -37,11 +38,6 @@ KNOWN = {
                                         "(numpy<1.24, no torch); nox -s parity chains it"),
 }
 DEFAULT = ("core", "torch", "tf", "mxnet")
-
-#: The names of the backend contract (/doconv.torch, doconv.tf, doconv.mxnet) the adapters call.
-CONTRACT = ("UNSUPPORTED_FEATURES", "layer_from_config", "layer_config", "get_params", "set_params", "fold",
-            "export_canonical", "import_canonical", "import_official", "cached")
-
 
 class Missing(Exception):
     """A framework that cannot take part here: ``reason`` says why, ``hint`` how to get it."""
@@ -62,7 +58,7 @@ def import_backend(name: str, framework_module: str, backend_module: str):
         backend = importlib.import_module(backend_module)
     except ImportError as err:
         raise Missing(name, f"{backend_module} cannot be imported ({err})", hint) from None
-    lacking = [attr for attr in CONTRACT if not hasattr(backend, attr)]
+    lacking = missing_names(backend)  # the doconv.contract.Backend protocol
     if lacking:
         raise Missing(name, f"{backend_module} does not provide {', '.join(lacking)} yet", hint)
     return backend
