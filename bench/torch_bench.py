@@ -68,7 +68,7 @@ def variants(channels: int, compositions) -> Dict[str, nn.Module]:
                 if isinstance(m, DOConv2d):
                     m.D.normal_(0, 0.1)
         out[f"DOConv2d {comp}"] = model
-    out["DOConv2d folded"] = fold(out[f"DOConv2d {compositions[0]}"])
+    out["DOConv2d folded"] = fold(out[f"DOConv2d {compositions[0]}"])[0]
     return out
 
 

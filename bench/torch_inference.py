@@ -34,7 +34,7 @@ def twin_models(seed: int = 0):
             if layer.D is not None:
                 layer.D.normal_(0, 0.05)
     return {"plain": plain, "DO-Conv default": twin, "DO-Conv in cached()": copy.deepcopy(twin),
-            "DO-Conv folded": dt.fold(twin).eval()}
+            "DO-Conv folded": dt.fold(twin)[0].eval()}
 
 
 def run(models, x, reps: int, warmup: int = 5):

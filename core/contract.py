@@ -34,7 +34,9 @@ COMPOSITIONS = ("kernel", "feature", "auto")
 #: ``'random'``: D ~ N(0, 2/MN) (Table 7's random-init protocol).
 D_INITS = ("identity", "random")
 
-#: Actions of a report row.
+#: Actions of a report row: ``'kept'`` is a layer left as it is by choice (include / exclude) or by design
+#: (a 1x1 kernel has no D to train; transposed convolutions), ``'skipped'`` one that cannot be converted
+#: safely (a subclass whose forward may differ, a kernel a hook rewrites).
 ACTIONS = ("converted", "folded", "kept", "skipped")
 
 
@@ -151,12 +153,14 @@ class ConversionReport(list):
 @dataclasses.dataclass
 class Candidate:
     """A convolution-like layer at one path: ``key`` identifies the layer object (the same key at several
-    paths is one shared layer), ``reason`` is the backend's own reason to leave it (None: convertible)."""
+    paths is one shared layer); ``reason`` is the backend's own reason to leave it (None: convertible), and
+    ``action`` says whether that leaves it ``'kept'`` or ``'skipped'`` (:data:`ACTIONS`)."""
 
     path: str
     key: Hashable
     obj: Any = None
     reason: Optional[str] = None
+    action: str = "kept"
 
 
 @dataclasses.dataclass
@@ -165,6 +169,11 @@ class Decision:
     obj: Any
     first: str              # the first path of this layer (== path unless shared)
     reason: Optional[str]   # None: convert; else why it is left as it is
+    action: str             # 'converted', or 'kept' / 'skipped' with ``reason``
+
+    @property
+    def shared_with(self) -> str:
+        return "" if self.first == self.path else self.first
 
 
 def plan(candidates: Iterable[Candidate], *, include=None, exclude=None, names: Optional[Iterable[str]] = None,
@@ -186,21 +195,21 @@ def plan(candidates: Iterable[Candidate], *, include=None, exclude=None, names: 
     out = []
     for c in candidates:
         if include is not None and not selection.selects(include, c.path, c.obj):
-            reason = "not included"
+            reason, action = "not included", "kept"
         elif selection.selects(exclude, c.path, c.obj):
-            reason = "excluded"
+            reason, action = "excluded", "kept"
         else:
-            reason = c.reason
+            reason, action = c.reason, ("converted" if c.reason is None else check_choice(c.action, "action", ACTIONS))
         earlier = first.get(c.key)
         if earlier is None:
-            decision = first[c.key] = Decision(c.path, c.obj, c.path, reason)
+            decision = first[c.key] = Decision(c.path, c.obj, c.path, reason, action)
         else:
             if (reason is None) != (earlier.reason is None):  # (a backend's own reason is the same at every path)
                 converted, kept = (earlier.path, c.path) if reason is not None else (c.path, earlier.path)
                 raise ValueError(f"the layer at {earlier.path!r} is also used at {c.path!r} (one shared layer), but "
                                  f"include/exclude select {converted!r} and not {kept!r}: select all of its paths "
                                  f"or none (converting one path only would untie the weights)")
-            decision = Decision(c.path, c.obj, earlier.path, earlier.reason)
+            decision = Decision(c.path, c.obj, earlier.path, earlier.reason, earlier.action)
         out.append(decision)
     return out
 

@@ -68,7 +68,7 @@ class TorchFramework(Framework):
             optimizer.step()
 
     def fold(self, layer):
-        folded = self.backend.fold(layer.obj)
+        folded, _ = self.backend.fold(layer.obj)
         plain = folded.conv
         if not isinstance(plain, self.torch.nn.Conv2d) or isinstance(plain, self.backend.DOConv2d):
             raise TypeError(f"fold left {type(plain).__name__} at 'conv', expected an nn.Conv2d")

@@ -9,14 +9,14 @@ from .cache import cached
 from .io import (doconv_layers, export_canonical, get_params, import_canonical, import_official, layer_config,
                  layer_from_config, set_params)
 from .layer import COMPOSITIONS, DOConv2d, FoldedConv2d, folded_conv
-from .model import Report, ReportRow, convert, fold, fold_report, from_conv
+from .model import convert, fold, from_conv
 from .parametrize import parametrize
 
 #: Every feature of the shared case table is expressible (per-side pads via F.pad, TF's 'same' rule).
 UNSUPPORTED_FEATURES: frozenset = frozenset()
 
 __all__ = [
-    "COMPOSITIONS", "DOConv2d", "FoldedConv2d", "Report", "ReportRow", "UNSUPPORTED_FEATURES", "cached", "convert",
-    "doconv_layers", "export_canonical", "fold", "fold_report", "folded_conv", "from_conv", "get_params",
+    "COMPOSITIONS", "DOConv2d", "FoldedConv2d", "UNSUPPORTED_FEATURES", "cached", "convert",
+    "doconv_layers", "export_canonical", "fold", "folded_conv", "from_conv", "get_params",
     "import_canonical", "import_official", "layer_config", "layer_from_config", "parametrize", "set_params",
 ]

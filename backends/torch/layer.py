@@ -33,23 +33,16 @@ from torch import nn
 
 from doconv import DOConvConfig, choose_composition, identity_fill
 from doconv.config import kaiming_bound
+from doconv.contract import COMPOSITIONS, D_INITS, check_choice
 
 from . import functional as DF
 from .cache import KernelCache, needs_grad
 
-COMPOSITIONS = ("kernel", "feature", "auto")
 W_STORAGES = ("c-major", "contiguous")
 #: 'auto' with a c-major W: feature composition must save this share of kernel composition's MACC.
 #: Feature composition's depthwise conv with a channel multiplier of S runs far below the machine's
 #: MACC rate (bench/torch_results.md), so a near-tie in MACC is a clear loss in time.
 FAST_KERNEL_MARGIN = 0.05
-D_INITS = ("identity", "random")
-
-
-def _check_choice(value, name: str, allowed) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, but got {name}={value!r}")
-    return value
 
 
 def _pair_of_one(value):
@@ -112,9 +105,9 @@ class DOConv2d(nn.Module):
         stride, padding, dilation = (_pair_of_one(v) for v in (stride, padding, dilation))
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                    bias, padding_mode, D_mul, depthwise_separable=depthwise_separable)
-        self.d_init = _check_choice(d_init, "d_init", D_INITS)
-        self.composition = _check_choice(composition, "composition", COMPOSITIONS)
-        _check_choice(W_storage, "W_storage", W_STORAGES)
+        self.d_init = check_choice(d_init, "d_init", D_INITS)
+        self.composition = check_choice(composition, "composition", COMPOSITIONS)
+        check_choice(W_storage, "W_storage", W_STORAGES)
         self.deployed = False
         c, factory = self.config, {"device": device, "dtype": dtype}
         # groups=1: W stored c-major (same shape, strides of (C_in, S, C_out)), see doconv.torch.functional

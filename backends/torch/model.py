@@ -9,69 +9,25 @@ original computed until training moves D.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from doconv import DOConvConfig, selection, standardize_flag
+from doconv import DOConvConfig, standardize_flag
+from doconv.contract import Candidate, ConversionReport, ReportRow, check_choice, check_D_mul, plan
 
-from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _check_choice, _pair_of_one
+from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _pair_of_one
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
 
-@dataclasses.dataclass
-class ReportRow:
-    name: str
-    action: str        # 'converted', 'folded' or 'skipped'
-    layer: str         # the config, or the skipped module's type
-    params_before: int
-    params_after: int
-    reason: str = ""
-    shared_with: str = ""  # the first path of a module used at several paths (its parameters count once)
-
-
-class Report(list):
-    """The rows of a convert/fold (a list of :class:`ReportRow`) that prints as a Markdown table."""
-
-    def __str__(self) -> str:
-        head = "| module | action | layer | params before | params after | note |\n|---|---|---|---:|---:|---|"
-        rows = [f"| {r.name} | {r.action} | {r.layer} | {r.params_before} | {r.params_after} | {r.reason} |"
-                for r in self]
-        changed = [r for r in self if r.action != "skipped" and not r.shared_with]
-        skipped = [r for r in self if r.action == "skipped" and not r.shared_with]
-        shared = [r for r in self if r.shared_with]
-        total = (f"\n\n{len(changed)} layer(s) {self.verb}, {len(skipped)} skipped; parameters "
-                 f"{sum(r.params_before for r in changed)} -> {sum(r.params_after for r in changed)}")
-        if shared:
-            total += f"; {len(shared)} more path(s) use a module listed above (shared, counted once)"
-        return "\n".join([head, *rows]) + total
-
-    verb = "changed"
-
-
-def _selector(selector: Selector, argument: str):
-    """``selector`` checked once, up front: None, a callable, or its glob patterns as a list."""
-    return selection.glob_patterns(selector, argument, "a callable(name, module)")
-
-
-def _check_patterns(selectors: dict, names) -> None:
-    """A pattern matching no module path is a typo: refuse it rather than convert what it meant to leave."""
-    selection.refuse_unmatched(selectors, names, "module path")
-
-
 def _check_options(D_mul, d_init: str, composition: str, W_storage: str) -> None:
-    """The options every converted layer gets, checked once by the layer's and the core's checks."""
-    _check_choice(d_init, "d_init", D_INITS)
-    _check_choice(composition, "composition", COMPOSITIONS)
-    _check_choice(W_storage, "W_storage", W_STORAGES)
-    try:  # the core's D_mul check apart from the kernel size (which convert checks per layer)
-        DOConvConfig(1, 1, (1, 2), D_mul=D_mul, depthwise_separable=True)
-    except (TypeError, ValueError) as error:
-        raise type(error)(f"D_mul must be a positive int or None (meaning M*N of each layer), "
-                          f"but got D_mul={D_mul!r}") from error
+    """The options every converted layer gets, checked once, before any layer's own checks."""
+    check_choice(d_init, "d_init", D_INITS)
+    check_choice(composition, "composition", COMPOSITIONS)
+    check_choice(W_storage, "W_storage", W_STORAGES)
+    check_D_mul(D_mul)
 
 
 def _count(module: nn.Module) -> int:
@@ -86,12 +42,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-def _start(model, inplace: bool, verb: str):
+def _start(model, inplace: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-    report = Report()
-    report.verb = verb
-    return (model if standardize_flag(inplace, "inplace") else copy.deepcopy(model)), report
+    return model if standardize_flag(inplace, "inplace") else copy.deepcopy(model)
 
 
 def _config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
@@ -148,31 +102,25 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
     return _carry_over(conv, layer)
 
 
-def _skip_reason(name: str, module: nn.Conv2d, include, exclude):
-    """``(layer, reason)`` for a conv that ``convert`` leaves alone, None for one it converts."""
-    if include is not None and not selection.selects(include, name, module):
-        return type(module).__name__, "not included"
-    if selection.selects(exclude, name, module):
-        return type(module).__name__, "excluded"
+def _candidate(name: str, module: nn.Conv2d) -> Candidate:
+    """What ``convert`` may do with the conv at ``name``: convert it, keep it (1x1) or skip it (unsafe)."""
     if type(module) is not nn.Conv2d:
-        return type(module).__name__, "nn.Conv2d subclass: its forward may differ"
-    if module.kernel_size == (1, 1):
-        return "Conv2d 1x1", "pointwise: DO-Conv has no D"
+        return Candidate(name, id(module), module, "nn.Conv2d subclass: its forward may differ", "skipped")
     if _rewrites_weight(module):
-        return "Conv2d", "weight_norm / spectral_norm hook: it recomputes weight, which DO-Conv composes"
-    return None
+        return Candidate(name, id(module), module, "weight_norm / spectral_norm hook: it recomputes weight, which "
+                                                   "DO-Conv composes", "skipped")
+    if module.kernel_size == (1, 1):
+        return Candidate(name, id(module), module, "pointwise: DO-Conv has no D")
+    return Candidate(name, id(module), module)
 
 
 def _paths(model: nn.Module, kind) -> list:
-    """``(path, module, first path of that module)`` for every path to a ``kind`` module, shared ones included."""
-    first = {}
-    return [(name, module, first.setdefault(id(module), name))
-            for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, kind)]
+    """``(path, module)`` for every path to a ``kind`` module, shared ones included."""
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, kind)]
 
 
-def _shared_note(name: str, first: str, reason: str = "") -> str:
-    note = "" if name == first else f"same module as {first!r} (shared)"
-    return "; ".join(text for text in (reason, note) if text)
+def _kind(module: nn.Module) -> str:
+    return type(module).__name__ + (" 1x1" if getattr(module, "kernel_size", None) == (1, 1) else "")
 
 
 def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity", include: Selector = None,
@@ -181,59 +129,56 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
 
     ``include``/``exclude``: glob patterns over module paths (``'layer1.*'``), lists of them, or a callable
     ``(name, module) -> bool``; ``include=None`` means every candidate. A pattern that matches no module
-    path is refused (ValueError), as a typo. 1x1 convolutions (no D, paper Section 4) and ``nn.Conv2d``
-    subclasses (their ``forward`` may differ) are left alone and reported. A conv used at several paths
-    (weight sharing) becomes one ``DOConv2d`` held at all of them, with a report row per path; include /
-    exclude must then select all of its paths or none. Returns ``(model, report)``; the model is a deep
-    copy unless ``inplace=True``. ``D_mul``, ``d_init``, ``composition`` and ``W_storage`` are passed to
-    every :class:`DOConv2d`; they and every layer's configuration are checked before the model changes
-    (an error names the layer's path).
+    path is refused (ValueError), as a typo. 1x1 convolutions (no D, paper Section 4) are kept and
+    ``nn.Conv2d`` subclasses (their ``forward`` may differ) skipped, and reported. A conv used at several
+    paths (weight sharing) becomes one ``DOConv2d`` held at all of them, with a report row per path; include /
+    exclude must then select all of its paths or none (:func:`doconv.contract.plan`). Returns
+    ``(model, report)`` (a :class:`doconv.contract.ConversionReport`); the model is a deep copy unless
+    ``inplace=True``. ``D_mul``, ``d_init``, ``composition`` and ``W_storage`` are passed to every
+    :class:`DOConv2d`; they and every layer's configuration are checked before the model changes (an error
+    names the layer's path).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     _check_options(D_mul, d_init, composition, W_storage)
-    include, exclude = _selector(include, "include"), _selector(exclude, "exclude")
-    _check_patterns({"include": include, "exclude": exclude},
-                    [name for name, _ in model.named_modules(remove_duplicate=False)])
-    model, report = _start(model, inplace, "converted")
-    plan, decided, owners = [], {}, {}
-    for name, module, first in _paths(model, nn.Conv2d):
-        skip = _skip_reason(name, module, include, exclude)
-        if first != name and (skip is None) != (decided[first] is None):
-            converted, kept = (first, name) if skip is not None else (name, first)
-            raise ValueError(f"the nn.Conv2d at {first!r} is also used at {name!r} (one shared module), but include/"
-                             f"exclude select {converted!r} and not {kept!r}: select all of its paths or none "
-                             f"(converting one path only would untie the weights)")
-        if first == name:
-            decided[name] = skip
-            ties = []
-            if skip is None:
-                try:
-                    config = _config_of(module, D_mul)
-                except (TypeError, ValueError) as error:
-                    raise type(error)(f"layer {name!r}: {error}") from error
-                ties = _ties(name, module, config, owners)
-        plan.append((name, module, first, skip, ties))
-    layers = {}
-    for name, module, first, skip, ties in plan:
+    decisions = plan([_candidate(name, m) for name, m in _paths(model, nn.Conv2d)], include=include, exclude=exclude,
+                     names=[name for name, _ in model.named_modules(remove_duplicate=False)], noun="module path")
+    model = _start(model, inplace)
+    modules = dict(model.named_modules(remove_duplicate=False))  # the copy's modules at the decided paths
+    configs, owners, ties = {}, {}, {}
+    for d in decisions:  # every layer's config and weight ties checked before anything changes
+        if d.action == "converted" and not d.shared_with:
+            try:
+                configs[d.path] = _config_of(modules[d.path], D_mul)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"layer {d.path!r}: {error}") from error
+            ties[d.path] = _ties(d.path, modules[d.path], configs[d.path], owners)
+    report, layers = ConversionReport(), {}
+    for d in decisions:
+        module = modules[d.path]
         size = _count(module)
-        shared = "" if name == first else first
-        if skip is not None:
-            report.append(ReportRow(name, "skipped", skip[0], size, size, _shared_note(name, first, skip[1]), shared))
+        if d.action != "converted":
+            report.append(ReportRow(d.path, _kind(module), d.action, _kind(module), size, size,
+                                    reason=_shared_note(d, d.reason), shared_with=d.shared_with))
             continue
-        note = _shared_note(name, first)
-        if first not in layers:
-            layers[first] = layer = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition,
-                                              W_storage=W_storage)
-            for keys, path in ties:  # converting each alone would silently untie them
+        note = _shared_note(d)
+        if d.first not in layers:
+            layers[d.first] = layer = from_conv(module, D_mul=D_mul, d_init=d_init, composition=composition,
+                                                W_storage=W_storage)
+            for keys, path in ties[d.first]:  # converting each alone would silently untie them
                 for key in keys:
                     setattr(layer, key, getattr(layers[path], key))
                 note = "; ".join(filter(None, [note, f"{'/'.join(keys)} tied to {path!r} (a shared Parameter)"]))
-        layer = layers[first]
-        model = _set_submodule(model, name, layer)
-        report.append(ReportRow(name, "converted", repr(layer.config).replace("DOConvConfig", layer.config.kind),
-                                size, _count(layer), note, shared))
+        layer = layers[d.first]
+        model = _set_submodule(model, d.path, layer)
+        report.append(ReportRow(d.path, _kind(module), "converted", repr(layer.config).replace(
+            "DOConvConfig", layer.config.kind), size, _count(layer), layer.config.D_mul, note, d.shared_with))
     return model, report
+
+
+def _shared_note(decision, reason: str = "") -> str:
+    note = f"same module as {decision.first!r} (shared)" if decision.shared_with else ""
+    return "; ".join(text for text in (reason, note) if text)
 
 
 def _ties(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> list:
@@ -261,22 +206,20 @@ def _ties(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> lis
 def fold(model: nn.Module, *, inplace: bool = False):
     """Replace every ``DOConv2d`` by the plain convolution holding its composed kernel (``layer.fuse()``).
 
-    Same outputs, the parameter count of the never-converted model. Returns the model (a deep copy
-    unless ``inplace=True``); ``fold_report`` gives the rows as well.
+    Same outputs, the parameter count of the never-converted model. Returns ``(model, report)``: the model
+    is a deep copy unless ``inplace=True``; a ``DOConv2d`` used at several paths becomes one plain
+    convolution held at all of them (a report row per path).
     """
-    return fold_report(model, inplace=inplace)[0]
-
-
-def fold_report(model: nn.Module, *, inplace: bool = False):
-    """``fold`` and its report: ``(model, rows)``; a ``DOConv2d`` used at several paths becomes one
-    plain convolution held at all of them (a row per path)."""
-    model, report = _start(model, inplace, "folded")
-    convs = {}
-    for name, module, first in _paths(model, DOConv2d):
-        if first not in convs:
-            convs[first] = _carry_over(module, module.fuse())
-        conv = convs[first]
-        report.append(ReportRow(name, "folded", repr(module.config), _count(module), _count(conv),
-                                _shared_note(name, first), "" if name == first else first))
+    model = _start(model, inplace)
+    report, convs = ConversionReport(), {}
+    first = {}
+    for name, module in _paths(model, DOConv2d):
+        shared = first.setdefault(id(module), name)
+        if shared == name:
+            convs[name] = _carry_over(module, module.fuse())
+        conv = convs[shared]
+        report.append(ReportRow(name, "DOConv2d", "folded", type(conv).__name__, _count(module), _count(conv),
+                                module.config.D_mul, "" if shared == name else f"same module as {shared!r} (shared)",
+                                "" if shared == name else shared))
         model = _set_submodule(model, name, conv)
     return model, report

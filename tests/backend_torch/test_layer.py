@@ -655,7 +655,7 @@ def test_fx_symbolic_trace_says_what_to_do_and_a_leaf_tracer_works():
     traced = torch.fx.GraphModule(model, Leaf().trace(model))
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
-    torch.fx.symbolic_trace(doconv.torch.fold(model))  # folded: plain convs, traced as usual
+    torch.fx.symbolic_trace(doconv.torch.fold(model)[0])  # folded: plain convs, traced as usual
 
 
 def test_one_element_tuples_as_nn_conv2d_takes_them():

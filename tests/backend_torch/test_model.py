@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import doconv
-from doconv.torch import DOConv2d, convert, fold, fold_report, get_params
+from doconv.torch import DOConv2d, convert, fold, get_params
 
 
 def _perturb(model, seed=1):
@@ -32,16 +32,16 @@ def test_convert_keeps_outputs_and_fold_restores_the_model(zoo_model):
         before = zoo_model(x)
     converted, report = convert(zoo_model, D_mul=None)
     spatial = [n for n, m in zoo_model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
-    assert [r.name for r in report if r.action == "converted"] == spatial
-    assert all(r.reason.startswith("pointwise") for r in report if r.action == "skipped")
+    assert [r.path for r in report if r.action == "converted"] == spatial
+    assert all(r.reason.startswith("pointwise") for r in report if r.action == "kept")
     assert isinstance(zoo_model.get_submodule(spatial[0]), nn.Conv2d)  # not in place by default
-    assert "| module | action |" in str(report) and f"{len(spatial)} layer(s) converted" in str(report)
+    assert "| path | kind | action |" in str(report) and f"{len(spatial)} converted, " in str(report)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), before, rtol=0, atol=1e-6)
     _perturb(converted)
     with torch.no_grad():
         trained = converted(x)
-    folded = fold(converted)
+    folded, _ = fold(converted)
     assert not any(isinstance(m, DOConv2d) for m in folded.modules())
     assert _count(folded) == _count(zoo_model)
     with torch.no_grad():
@@ -63,11 +63,11 @@ def test_include_exclude_inplace_and_D_mul():
     assert out is model
     assert isinstance(model[0], nn.Conv2d) and isinstance(model[1][1], nn.Conv2d)
     assert isinstance(model[1][0], DOConv2d) and model[1][0].D_mul == 12
-    assert [(r.name, r.action, r.reason) for r in report if r.action == "skipped"] == \
-        [("0", "skipped", "not included"), ("1.1", "skipped", "excluded")]
-    assert [r.name for r in report if r.action == "converted"] == ["1.0"]
+    assert [(r.path, r.action, r.reason) for r in report if r.action != "converted"] == \
+        [("0", "kept", "not included"), ("1.1", "kept", "excluded")]
+    assert [r.path for r in report if r.action == "converted"] == ["1.0"]
     _, report = convert(model, include=lambda name, m: m.kernel_size == (5, 5))
-    assert [r.name for r in report if r.action == "converted"] == ["1.1"]
+    assert [r.path for r in report if r.action == "converted"] == ["1.1"]
     with pytest.raises(ValueError, match="D_mul must be >= M\\*N = 25"):
         convert(model, D_mul=12)
     with pytest.raises(TypeError, match="include"):
@@ -101,12 +101,12 @@ def test_random_d_init_changes_outputs_but_keeps_W():
     assert layer.D.abs().sum() > 0
 
 
-def test_fold_report_and_per_side_padding():
+def test_fold_returns_a_report_and_keeps_per_side_padding():
     model = nn.Sequential(DOConv2d(3, 4, 3, padding=((0, 2), (1, 0)), padding_mode="reflect"),
                           DOConv2d(4, 4, 3, stride=2, padding="same"))
     _perturb(model)
-    folded, report = fold_report(model)
-    assert [r.action for r in report] == ["folded", "folded"] and "2 layer(s) folded" in str(report)
+    folded, report = fold(model)
+    assert [r.action for r in report] == ["folded", "folded"] and "2 folded;" in str(report)
     x = torch.randn(1, 3, 9, 8)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
@@ -139,21 +139,21 @@ def test_convert_and_fold_keep_a_shared_conv_shared(inplace):
     assert isinstance(converted[0], DOConv2d) and converted[2] is converted[0]
     if not inplace:
         assert type(model[0]) is nn.Conv2d and model[2] is model[0]
-    assert [(r.name, r.action, r.shared_with) for r in report] == \
-        [("0", "converted", ""), ("2", "converted", "0"), ("4", "skipped", "")]
+    assert [(r.path, r.action, r.shared_with) for r in report] == \
+        [("0", "converted", ""), ("2", "converted", "0"), ("4", "kept", "")]
     assert "same module as '0'" in report[1].reason
     layer_size = sum(p.numel() for p in converted[0].parameters())
-    assert f"1 layer(s) converted, 1 skipped; parameters 84 -> {layer_size}; 1 more path(s)" in str(report)
+    assert f"1 converted, 1 kept; parameters of the changed layers 84 -> {layer_size}; 1 more path(s)" in str(report)
     with torch.no_grad():
         torch.testing.assert_close(converted(x), before, rtol=0, atol=1e-12)
     _perturb(converted, seed=5)  # D randomised, once: the two paths hold one layer
     expected = _core_shared_twice(converted, x)
     with torch.no_grad():
         np.testing.assert_allclose(converted(x).numpy(), expected, rtol=1e-10, atol=1e-10)
-    folded, rows = fold_report(converted, inplace=inplace)
+    folded, rows = fold(converted, inplace=inplace)
     assert type(folded[0]) is nn.Conv2d and folded[2] is folded[0]
-    assert [(r.name, r.action, r.shared_with) for r in rows] == [("0", "folded", ""), ("2", "folded", "0")]
-    assert "1 layer(s) folded, 0 skipped; parameters" in str(rows) and "1 more path(s)" in str(rows)
+    assert [(r.path, r.action, r.shared_with) for r in rows] == [("0", "folded", ""), ("2", "folded", "0")]
+    assert "1 folded; parameters" in str(rows) and "1 more path(s)" in str(rows)
     with torch.no_grad():
         np.testing.assert_allclose(folded(x).numpy(), expected, rtol=1e-10, atol=1e-10)
 
@@ -163,7 +163,7 @@ def test_fold_keeps_a_shared_DOConv2d_shared():
     model.append(model[0])
     _perturb(model, seed=6)
     x = torch.randn(1, 3, 6, 6)
-    folded = fold(model)
+    folded, _ = fold(model)
     assert type(folded[0]) is nn.Conv2d and folded[2] is folded[0]
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
@@ -172,11 +172,11 @@ def test_fold_keeps_a_shared_DOConv2d_shared():
 def test_shared_conv_selected_at_one_path_only_is_refused():
     model = _shared_twice(nn.Conv2d(3, 3, 3, padding=1))
     for kwargs in ({"exclude": "2"}, {"include": ["0", "4"]}, {"include": lambda name, m: name == "2"}):
-        with pytest.raises(ValueError, match=r"nn.Conv2d at '0' is also used at '2' \(one shared module\)"):
+        with pytest.raises(ValueError, match=r"layer at '0' is also used at '2' \(one shared layer\)"):
             convert(model, inplace=True, **kwargs)
     assert type(model[0]) is nn.Conv2d and model[2] is model[0]
     _, report = convert(model, exclude=["0", "2"])
-    assert [(r.name, r.reason) for r in report] == [("0", "excluded"), ("2", "excluded; same module as '0' (shared)"),
+    assert [(r.path, r.reason) for r in report] == [("0", "excluded"), ("2", "excluded; same module as '0' (shared)"),
                                                    ("4", "pointwise: DO-Conv has no D")]
 
 
@@ -196,7 +196,7 @@ def test_include_exclude_are_checked_up_front():
             convert(model, **{argument: value})
     # an iterator is read once, not used up by the first module
     _, report = convert(model, include=iter(["0", "1.1"]))
-    assert [r.name for r in report if r.action == "converted"] == ["0", "1.1"]
+    assert [r.path for r in report if r.action == "converted"] == ["0", "1.1"]
     # a pattern that matches no module path is a typo: refused, the model left alone
     with pytest.raises(ValueError, match=r"^exclude pattern\(s\) \['1\.l'\] match no module path.*'1\.0'"):
         convert(model, exclude=["1.1", "1.l"], inplace=True)
@@ -205,7 +205,7 @@ def test_include_exclude_are_checked_up_front():
         convert(model, include="layr1.*", exclude="x", inplace=True)
     assert all(type(m) is nn.Conv2d for m in (model[0], model[1][0], model[1][1]))
     _, report = convert(model, include="1", exclude="*")  # '1' is the nn.Sequential: matches a path
-    assert [r.action for r in report] == ["skipped"] * 3
+    assert [r.action for r in report] == ["kept"] * 3
 
 
 @pytest.mark.parametrize("model", [nn.Linear(2, 2), nn.Sequential(nn.Conv2d(2, 2, 1))], ids=["no-conv", "1x1"])
@@ -233,7 +233,7 @@ def test_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, folded):
     with torch.no_grad():
         expected = model(x).numpy()
     path = tmp_path / "model.onnx"
-    torch.onnx.export(fold(model) if folded else model, (x,), str(path), input_names=["x"], output_names=["y"])
+    torch.onnx.export(fold(model)[0] if folded else model, (x,), str(path), input_names=["x"], output_names=["y"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": x.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
@@ -243,7 +243,7 @@ def test_torch_export_of_folded_and_unfolded_models():
     model, x = _folded_example()
     with torch.no_grad():
         expected = model(x)
-    for candidate in (fold(model), model):
+    for candidate in (fold(model)[0], model):
         program = torch.export.export(candidate, (x,))
         torch.testing.assert_close(program.module()(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -272,8 +272,8 @@ def test_jit_script_says_to_fold_first():
     with pytest.raises(NotImplementedError, match=r"fold the model first"):
         torch.jit.script(model)
     with pytest.raises(NotImplementedError, match=r"FoldedConv2d \(padding=\(\(1, 0\), \(0, 1\)\)"):
-        torch.jit.script(fold(model))
-    scripted = torch.jit.script(fold(model[:3]))  # plain nn.Conv2d's script as usual
+        torch.jit.script(fold(model)[0])
+    scripted = torch.jit.script(fold(model[:3])[0])  # plain nn.Conv2d's script as usual
     x = torch.randn(2, 3, 10, 11)
     torch.testing.assert_close(scripted(x), model[:3](x), rtol=1e-5, atol=1e-5)
 
@@ -309,7 +309,7 @@ def test_convert_and_fold_keep_each_parameters_requires_grad():
     converted, _ = convert(model)
     assert {n: p.requires_grad for n, p in converted.named_parameters()} == {
         "0.W": False, "0.D": False, "0.bias": True, "1.W": True, "1.D": True, "1.bias": False}
-    assert {n: p.requires_grad for n, p in fold(converted).named_parameters()} == {
+    assert {n: p.requires_grad for n, p in fold(converted)[0].named_parameters()} == {
         n: p.requires_grad for n, p in model.named_parameters()}
 
 
@@ -330,7 +330,7 @@ def test_convert_and_fold_keep_hooks(inplace):
     seen.clear()
     converted(x).sum().backward()
     assert seen == [("forward", "DOConv2d"), ("backward", "DOConv2d")]
-    folded = fold(converted, inplace=inplace)
+    folded, _ = fold(converted, inplace=inplace)
     seen.clear()
     torch.testing.assert_close(folded(x), want)  # the pre-hook doubled the input
     assert seen == [("forward", "Conv2d")]
@@ -343,7 +343,7 @@ def test_convert_skips_weight_norm_and_spectral_norm_convs():
     """Their pre-hook recomputes weight on every call; converting would silently drop the normalisation."""
     model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.Conv2d(4, 4, 3))
     _, report = convert(model, inplace=True)  # (torch cannot deepcopy a weight_norm module)
-    assert [(r.name, r.action) for r in report] == [("0", "skipped"), ("1", "converted")]
+    assert [(r.path, r.action) for r in report] == [("0", "skipped"), ("1", "converted")]
     assert "weight_norm / spectral_norm" in report[0].reason
     _, report = convert(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3))))
     assert report[0].action == "skipped"

@@ -42,18 +42,20 @@ def test_check_D_mul_as_a_model_wide_option():
 def _candidates():
     shared = object()
     return [Candidate("stem", "a"), Candidate("layer1.0", shared), Candidate("layer1.1", "b", reason="1x1"),
-            Candidate("head", "c"), Candidate("layer2.0", shared)]
+            Candidate("head", "c"), Candidate("layer2.0", shared), Candidate("odd", "d", reason="subclass",
+                                                                             action="skipped")]
 
 
 def test_plan_applies_include_exclude_own_reasons_and_sharing():
     decisions = plan(_candidates(), exclude="head")
-    assert [(d.path, d.first, d.reason) for d in decisions] == [
-        ("stem", "stem", None), ("layer1.0", "layer1.0", None), ("layer1.1", "layer1.1", "1x1"),
-        ("head", "head", "excluded"), ("layer2.0", "layer1.0", None)]
+    assert [(d.path, d.first, d.reason, d.action, d.shared_with) for d in decisions] == [
+        ("stem", "stem", None, "converted", ""), ("layer1.0", "layer1.0", None, "converted", ""),
+        ("layer1.1", "layer1.1", "1x1", "kept", ""), ("head", "head", "excluded", "kept", ""),
+        ("layer2.0", "layer1.0", None, "converted", "layer1.0"), ("odd", "odd", "subclass", "skipped", "")]
     decisions = plan(_candidates(), include=["stem", "layer*"])
-    assert [d.reason for d in decisions] == [None, None, "1x1", "not included", None]
+    assert [d.reason for d in decisions] == [None, None, "1x1", "not included", None, "not included"]
     decisions = plan(_candidates(), include=lambda path, obj: path == "stem")
-    assert [d.reason for d in decisions] == [None, "not included", "not included", "not included", "not included"]
+    assert [d.action for d in decisions] == ["converted"] + ["kept"] * 5
 
 
 def test_plan_refuses_typos_and_half_selected_shared_layers():

@@ -26,7 +26,7 @@ def test_twin_starts_as_the_baseline(arch, stages, d_mul):
     config = ExperimentConfig(model=arch, depth=8, width=4, stages=stages, d_mul=d_mul)
     twin, report = make_twin(baseline, config, seed=0)
     converted = {name for name, m in twin.named_modules() if isinstance(m, DOConv2d)}
-    assert converted == {r.name for r in report if r.action == "converted"}
+    assert converted == {r.path for r in report if r.action == "converted"}
     assert converted and all(int(name[5]) in stages for name in converted)
     assert all(layer_config(twin.get_submodule(n)).D_mul == {"MN": 9, "(M+2)(N+2)": 25, "2M2N": 36}[d_mul]
                for n in converted)
