@@ -16,42 +16,19 @@ with W viewed as ``(g, C_out/g, C_in/g, S)`` and D = I_fill + D' as ``(g, M*N, C
 and W' itself; the official Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
 (For D_mul = M*N, ``W + W D'^T`` with W as gemm's accumulator is the same product; its backward is slower.)
 
-**Two graphs, one kernel cache** (``composition='kernel'``, M*N > 1). A symbol graph (the layer's own after
-``hybridize()``, or a hybridized parent's, which calls ``hybrid_forward`` once to build its single CachedOp) is
-built for the mode of the call that builds it:
-
-- built inside ``autograd.record()`` -- a *training graph* -- it composes W' itself (the gemm above, and its
-  backward, inside the CachedOp: the fastest training step we measured);
-- built outside -- an *inference graph* -- W' enters it as the input ``kernel_cache`` (a :class:`ComposedKernel`
-  parameter, ``grad_req='null'``, never saved), and no composition runs per call.
-
-Either graph is correct in either mode, only slower in the other: ``hybridize()`` again to rebuild for the
-next call's mode (e.g. after training, before deployment-style inference; or fold). The cache's ``data()``,
-which every CachedOp reads per call, does the rest:
-
-- inside ``autograd.record()``, if some graph of the layer reads the cache (an inference graph used to train), it
-  returns W' composed afresh, imperatively and recorded, so gradients reach W and D through it; a training graph
-  only ties the cache in (below) and gets the buffer untouched. Every cached copy is dropped;
-- outside, the cached W' of that context is returned, composed first if it is stale. It is cached only while
-  no gradient of W or D is pending (``_fresh_grad``: set by ``backward``, cleared by ``Trainer.step``), so a
-  ``backward`` -> inference -> ``step`` sequence never leaves a stale kernel behind;
-- every write Gluon makes to W, D or the cache -- ``set_data``, ``load_parameters``, ``initialize``, ``cast``,
-  ``reset_ctx``, and ``list_data``, through which every ``Trainer.step`` reaches the arrays it updates -- drops
-  it (:class:`WatchedParameter`). (``_fresh_grad`` alone missed a W' cached by an inference call made between
-  a recorded forward and its ``backward``: the step that followed went unseen.)
-
-Not seen: raw in-place writes to the arrays (``layer.W.data()[:] = v``, ``nd.*(out=...)``) and a
-``Trainer`` with ``update_on_kvstore=True`` never clears ``_fresh_grad`` (correct, but then never cached). Call
-:meth:`DOConv2D.invalidate_cache` after raw writes. Gluon warns about a parameter that is no graph input, so a
-graph ties the parameters it does not compute with in by one ``reshape_like`` each, which reads only their shape
-(:meth:`_tie`): W to the bias's length (C_out) and D to the input's channel axis (C_in) in an inference graph, the
-cache to the bias in a training graph (without bias: to W' instead). A layer remembers the kinds of graph built
-for it (``_graphs``) for its lifetime. Imperatively (no graph), the layer composes while recording and reads the
-cache otherwise.
+**Every call composes W' from W and D as they are** (``composition='kernel'``, M*N > 1): imperatively, or inside
+the graph of a hybridized block -- the layer's own CachedOp or a hybridized parent's, which calls
+``hybrid_forward`` once with symbols -- where the composition and its backward run in the CachedOp. No kernel is
+kept between calls, so no write to W or D can leave a stale one behind: a ``Trainer`` step, a kvstore pull,
+``set_data``, ``load_parameters``, ``cast``, ``reset_ctx`` and raw in-place writes to the arrays
+(``W.data()[:] = v``, ``nd.*(out=W.data())``, which no Gluon hook can see) alike. Inference that should not pay
+the composition per call reuses one W' per layer inside an explicit scope, :func:`doconv.mxnet.cached`;
+deployment folds (:func:`doconv.mxnet.fold`).
 
 Feature composition (Fig. 3-a, ``composition='feature'``) is a depthwise conv with D into C_in*D_mul channels
 followed by a grouped 1x1 conv with W. ``'auto'`` picks the cheaper by :func:`doconv.choose_composition` for
-the first NDArray input the layer sees (fixed from then on; ``'kernel'`` until then).
+the first NDArray input the layer sees (fixed from then on; ``'kernel'`` until then). A ``cached()`` scope
+reuses W' only for layers that convolve with it (kernel composition).
 
 Deferred shape inference (``in_channels=0``) works as for ``gluon.nn.Conv2D``: the layer alone infers C_in
 from its first input (:meth:`DOConv2D.infer_shape`); inside a hybridized parent, whose shape inference runs
@@ -66,12 +43,12 @@ layer's own ``hybridize()`` included), and a hybridized parent's first graph com
 from __future__ import annotations
 
 import numbers
-import re
 
 import numpy as np
 
 from doconv import DOConvConfig, choose_composition, params_for_kernel, standardize_pair
 
+from . import cache as _cache
 from ._mx import gluon, mx
 
 COMPOSITIONS = ("kernel", "feature", "auto")
@@ -138,110 +115,6 @@ class KernelInit(mx.init.Initializer):
         arr[:] = params_for_kernel(kernel.asnumpy(), config).W
 
 
-def _notifying(method):
-    base = getattr(gluon.Parameter, method)
-
-    def write(self, *args, **kwargs):
-        try:
-            return base(self, *args, **kwargs)
-        finally:
-            for listener in self.listeners:
-                listener()
-    write.__name__, write.__doc__ = method, base.__doc__
-    return write
-
-
-class WatchedParameter(gluon.Parameter):
-    """A ``gluon.Parameter`` that calls its ``listeners`` after every write Gluon makes to it.
-
-    ``list_data`` counts as one: it is how ``Trainer`` (its updaters, or a kvstore pull) reaches the arrays it
-    is about to overwrite. Forward passes read ``data()`` only, so an inference loop keeps its cache.
-    """
-
-    WRITES = ("set_data", "_load_init", "_init_impl", "cast", "reset_ctx", "list_data")
-
-    def __init__(self, name, **kwargs):
-        super().__init__(name, **kwargs)
-        self.listeners = []
-
-
-for _method in WatchedParameter.WRITES:
-    setattr(WatchedParameter, _method, _notifying(_method))
-
-
-class ComposedKernel(WatchedParameter):
-    """W' of a ``DOConv2D``, the graph's ``kernel_cache`` input: composed per call while recording, else cached.
-
-    The data of this parameter is a per-context buffer; ``data()`` refreshes it (see the module docstring).
-    Layers that share W and D (``params=``) share it too: ``layers`` lists them, and whichever composes
-    W' from kernel (an ``'auto'`` layer may have chosen feature composition, its sharers not) fills it.
-    """
-
-    def __init__(self, name, *, layer, shape):
-        super().__init__(name, shape=shape, init="zeros", allow_deferred_init=True, differentiable=False)
-        self.layers, self._fresh = [layer], set()
-        self.listeners.append(self.invalidate)
-
-    @property
-    def _layer(self):
-        return self.layers[0]
-
-    def _composer(self):
-        """A sharer that convolves with W' from here, or None while every one composes features (then
-        nothing reads the buffer and nothing composes). Sharers compose alike: they share W and D."""
-        return next((each for each in self.layers if each._kernel_mode()), None)
-
-    def invalidate(self):
-        self._fresh = set()
-
-    def _adopt(self):
-        """Follow W: initialise after it (``load_parameters`` initialises W, D and bias from a file that holds
-        no cache; a layer's own deferred initialisation finishes only its ``params``) and take its dtype
-        (``load_parameters(cast_dtype=True, dtype_source='saved')`` sets W's and D's to the file's, and
-        ``Block.cast`` reaches only ``params``, which this is no entry of)."""
-        W = self._layer.W
-        if np.dtype(self.dtype) != np.dtype(W.dtype):
-            self.cast(W.dtype)  # a write: drops the cached W'
-        if self._data is None and W._data is not None:
-            self.shape = W.shape[:2] + self._layer._args["kernel_size"]
-            if self._deferred_init:  # a layer's own deferred init finishes its params only, not this
-                self._finish_deferred_init()
-            else:
-                self.initialize(ctx=W.list_ctx())
-
-    def data(self, ctx=None):
-        self._adopt()
-        buffer = super().data(ctx)
-        layer = self._composer()
-        if layer is None:
-            return buffer
-        ctx = buffer.context
-        if mx.autograd.is_recording():
-            self._fresh = set()
-            if not any("cache" in each._graphs for each in self.layers):  # no graph reads W' from here
-                return buffer
-            return layer._compose_nd(ctx)
-        if ctx not in self._fresh:
-            W, D = layer.W.data(ctx), layer.D.data(ctx)
-            buffer[:] = layer._compose_nd(ctx)
-            if not (W._fresh_grad or D._fresh_grad):  # no Trainer.step pending
-                self._fresh.add(ctx)
-        return buffer
-
-    def list_data(self):
-        self._adopt()
-        return [self.data(ctx) for ctx in self.list_ctx()]
-
-    def _reduce(self):
-        """W' on the CPU (``export`` saves it; ``reset_ctx`` / ``cast`` move it), composed where W lives now:
-        ``reset_ctx`` moves W and D before this buffer."""
-        with mx.autograd.pause():
-            layer = self._composer()
-            if layer is None:
-                return super().data(self.list_ctx()[0]).copyto(mx.cpu())
-            return layer._compose_nd(layer.W.list_ctx()[0]).copyto(mx.cpu())
-
-
 def _shapes_agree(a, b) -> bool:
     """Gluon's rule for shared parameters: equal length, equal where both are known (0 = unknown)."""
     return a is None or b is None or len(a) == len(b) and all(i == j or 0 in (i, j) for i, j in zip(a, b))
@@ -287,83 +160,36 @@ class DOConv2D(gluon.HybridBlock):
                           padding=pad, dilation=cfg.dilation, groups=cfg.groups, bias=cfg.bias, D_mul=cfg.D_mul,
                           depthwise_separable=depthwise_separable)
         self._layout, self._composition, self._auto = layout, composition, None
-        self._loading = False  # load_parameters runs: collect_params leaves the kernel cache out
-        self._graphs = set()  # kinds of symbol graph built so far: 'compose' (recording), 'cache' (not)
         self._activation, self.d_init = activation, d_init
         self._check_in_channels(int(in_channels))
         cin = int(in_channels)
         with self.name_scope():
-            self.W = self._watched("W", shape=(cfg.out_channels, cin // cfg.groups, cfg.S),
-                                     init=weight_initializer, allow_deferred_init=True)
-            self.D = self._watched("D", shape=(cin, cfg.MN, cfg.S), init=DOConvDelta(d_init, cfg.MN, cfg.S),
-                                     allow_deferred_init=True) if cfg.has_D else None
+            self.W = self._param("W", shape=(cfg.out_channels, cin // cfg.groups, cfg.S), init=weight_initializer)
+            self.D = self._param("D", shape=(cin, cfg.MN, cfg.S), init=DOConvDelta(d_init, cfg.MN, cfg.S)) \
+                if cfg.has_D else None
             self.bias = self.params.get("bias", shape=(cfg.out_channels,), init=bias_initializer,
                                         allow_deferred_init=True) if use_bias else None
-            self.kernel_cache = None
-            if cfg.has_D and composition != "feature":
-                self.kernel_cache = self._shared_cache((cfg.out_channels, cin // cfg.groups) + cfg.kernel_size)
-                for param in (self.W, self.D):
-                    param.listeners.append(self.kernel_cache.invalidate)
             self.act = gluon.nn.Activation(activation, prefix=activation + "_") if activation is not None else None
 
-    def _watched(self, key, kind=WatchedParameter, **kwargs) -> WatchedParameter:
-        """``self.params.get(key)`` for our parameter classes: a layer built with ``params=other.params`` (Gluon's
-        sharing) takes the other layer's parameter of that name, if its shape agrees."""
+    def _param(self, key, shape, init) -> gluon.Parameter:
+        """``self.params.get(key)``, except that a layer built with ``params=other.params`` (Gluon's sharing) takes
+        the other layer's parameter whatever its initializer (each layer holds its own initializer object, which
+        ``ParameterDict.get`` would refuse as a mismatch), if its shape agrees."""
         name = self.params.prefix + key
         shared = self.params._get_impl(name)
         if shared is None:
-            param = kind(name, **kwargs)
+            param = gluon.Parameter(name, shape=shape, init=init, allow_deferred_init=True)
             self.params.update({name: param})
             return param
-        shape = kwargs.get("shape")
-        if not isinstance(shared, kind) or not _shapes_agree(shared.shape, shape):
-            raise ValueError(f"params: the shared parameter {name!r} ({type(shared).__name__}, shape "
-                             f"{shared.shape}) does not fit this layer (needs a {kind.__name__} of shape {shape})")
+        if not _shapes_agree(shared.shape, shape):
+            raise ValueError(f"params: the shared parameter {name!r} (shape {shared.shape}) does not fit this layer "
+                             f"(needs shape {shape})")
         return shared
 
-    def _shared_cache(self, shape) -> ComposedKernel:
-        """The kernel cache of the layers that share this one's W (``params=``), else a new one. It is no entry
-        of ``params`` -- so ``summary()`` counts W, D and bias only -- but of ``collect_params()`` (initialize,
-        graphs, export), and found through W."""
-        cache = getattr(self.W, "kernel_cache", None)
-        if cache is None:
-            cache = self.W.kernel_cache = ComposedKernel(self.params.prefix + "kernel", layer=self, shape=shape)
-            return cache
-        if not _shapes_agree(cache.shape, shape):
-            raise ValueError(f"params: the shared parameter {cache.name!r} (ComposedKernel, shape {cache.shape}) "
-                             f"does not fit this layer (needs a ComposedKernel of shape {shape})")
-        cache.layers.append(self)
-        return cache
-
-    def collect_params(self, select=None):
-        """Gluon's, with the kernel cache (see :meth:`_shared_cache`)."""
-        params = super().collect_params(select)
-        cache = self.kernel_cache
-        if cache is not None and not self._loading and (select is None or re.compile(select).match(cache.name)):
-            params.update({cache.name: cache})
-        return params
-
     def invalidate_cache(self):
-        """Drop the cached W' (needed only after raw in-place writes to W's or D's arrays; see the module doc)."""
-        if self.kernel_cache is not None:
-            self.kernel_cache.invalidate()
-
-    def _collect_params_with_prefix(self, prefix=""):
-        """What ``save_parameters`` / ``load_parameters`` see: W, D, bias -- never the kernel cache."""
-        params = super()._collect_params_with_prefix(prefix)
-        return {key: p for key, p in params.items() if p is not self.kernel_cache}
-
-    def load_parameters(self, filename, *args, **kwargs):
-        """As Gluon's; a bare layer's file (keys without '.') takes Gluon's legacy path through
-        ``collect_params``, which must not ask the file for the kernel cache."""
-        self._loading = True
-        try:
-            return super().load_parameters(filename, *args, **kwargs)
-        finally:
-            self._loading = False
-
-    def _kernel_mode(self) -> bool:
-        return self.kernel_cache is not None and (self._auto or "kernel") == "kernel"
+        """Drop the W' of the open :func:`doconv.mxnet.cached` scope (after a deliberate write to W or D inside
+        it); a no-op outside one, where every call composes afresh anyway."""
+        _cache.drop(self)
 
     def _compose_nd(self, ctx):
         """W' in the layer's dtype on ``ctx``, imperatively (recorded when autograd records)."""
@@ -406,8 +232,6 @@ class DOConv2D(gluon.HybridBlock):
         self.W.shape = cfg.W_shape
         if self.D is not None:
             self.D.shape = cfg.D_shape
-        if self.kernel_cache is not None:
-            self.kernel_cache.shape = cfg.kernel_shape
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x, *args):
@@ -476,50 +300,30 @@ class DOConv2D(gluon.HybridBlock):
         kernel = self.compose(F, W, D, "float32" if compute else None)
         return F.cast(kernel, self._dtype) if compute else kernel
 
-    def hybrid_forward(self, F, x, W, D=None, bias=None, kernel_cache=None):
-        mode = self._auto or ("kernel" if self._composition == "auto" else self._composition)
-        if not self.in_channels:  # a hybridized parent's first graph, C_in unknown: composes W' (as 'auto')
-            mode = "kernel"
-        if mode == "feature" and D is not None:
-            if kernel_cache is not None and F is mx.sym:  # 'auto' chose feature: the cache is unused
-                W = F.reshape_like(W, kernel_cache, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1)  # C_out
+    def _mode(self) -> str:
+        """How this call composes: ``'kernel'`` while C_in is unknown (a hybridized parent's first graph) and
+        for 1x1 layers (no D), else the layer's composition (``'auto'``: its choice, ``'kernel'`` before one)."""
+        if self.D is None or not self.in_channels:
+            return "kernel"
+        return self._auto or ("kernel" if self._composition == "auto" else self._composition)
+
+    def hybrid_forward(self, F, x, W, D=None, bias=None):
+        if self._mode() == "feature":
             compute = self._dtype not in ("float32", "float64")
             if compute:
                 W, D = F.cast(W, "float32"), F.cast(D, "float32")
             out = self._feature(F, x, W, D, bias, compute)
         else:
-            probing = F is mx.sym and not self.in_channels
-            if probing:
-                bias = self._shape_probe(F, x, W, D, bias, kernel_cache)
-            if kernel_cache is None or (F is mx.nd and mx.autograd.is_recording()):
+            if F is mx.sym and not self.in_channels:
+                bias = self._shape_probe(F, x, W, D, bias)
+            kernel = _cache.kernel(self, F, x)  # the open cached() scope's W', where this call may read it
+            if kernel is None:
                 kernel = self._kernel(F, W, D)
-            elif F is mx.nd:
-                kernel = kernel_cache
-            elif mx.autograd.is_recording():  # a training graph: composes W' itself, the cache is unused
-                self._graphs.add("compose")
-                kernel = self._kernel(F, W, D)
-                bias, kernel = self._tie(F, bias, kernel, kernel_cache)
-            else:  # an inference graph: W' from the cache; W and D are inputs only through shape ties
-                self._graphs.add("cache")
-                kernel = kernel_cache
-                if not probing:  # (the probe already reads W and D)
-                    bias, kernel = self._tie(F, bias, kernel, W)
-                    x = F.reshape_like(x, D, lhs_begin=self._layout.find("C"), lhs_end=self._layout.find("C") + 1,
-                                       rhs_begin=0, rhs_end=1)                           # C_in -> C_in
             if self._layout == "NHWC":  # MXNet's NHWC Convolution takes OHWI kernels
                 kernel = F.transpose(kernel, (0, 2, 3, 1))
             extra = (bias,) if bias is not None else ()
             out = F.Convolution(x, kernel, *extra, no_bias=bias is None, **self._conv_kwargs())
         return self.act(out) if self.act is not None else out
-
-    @staticmethod
-    def _tie(F, bias, other, param):
-        """Make ``param`` a graph input at the cost of one op: ``reshape_like`` of ``bias`` (or, without bias, of
-        ``other``'s first axis) to ``param``'s first axis -- of equal length, so nothing changes. ``param`` is
-        read for its shape only and gets a zero gradient. Returns ``(bias, other)``."""
-        if bias is not None:
-            return F.reshape_like(bias, param, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1), other
-        return bias, F.reshape_like(other, param, lhs_begin=0, lhs_end=1, rhs_begin=0, rhs_end=1)
 
     def _feature(self, F, x, W, D, bias, compute):
         """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
@@ -537,13 +341,14 @@ class DOConv2D(gluon.HybridBlock):
         return F.Convolution(feat, wk, *extra, no_bias=bias is None,
                              **self._conv_kwargs(kernel=(1, 1), stride=(1, 1), pad=(0, 0), dilate=(1, 1)))
 
-    def _shape_probe(self, F, x, W, D, bias, kernel_cache=None):
-        """Zeros of shape (C_out,) that tie the unknown C_in of W, D and the kernel cache to the input's (symbol
-        graphs only).
+    def _shape_probe(self, F, x, W, D, bias):
+        """Zeros of shape (C_out,) that tie the unknown C_in of W and D to the input's (symbol graphs only).
 
-        ``FullyConnected`` infers its weight's shape from its data, and ``reshape`` and ``cast`` infer
-        backwards, so one pixel of x times W (times D, times the cache) pins C_in/g and C_in. The probe runs
-        in float32 whatever the layer's dtype; ``zeros_like`` passes no gradient.
+        Gluon infers a hybridized parent's deferred shapes on its symbol graph, and ``linalg.gemm2`` does not
+        infer its operands' shapes from its output: without the probe, W and D would stay (C_out, 0, S) and
+        (0, MN, S). ``FullyConnected`` infers its weight's shape from its data, and ``reshape`` and ``cast``
+        infer backwards, so one pixel of x times W (and times D) pins C_in/g and C_in. The probe runs in
+        float32 whatever the layer's dtype; ``zeros_like`` passes no gradient.
         """
         a = self._args
         g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
@@ -559,8 +364,6 @@ class DOConv2D(gluon.HybridBlock):
         probes = [probe(first, W, cout * s)]
         if D is not None:
             probes.append(probe(F.reshape(pixel, (1, -1)), D, mn * s))
-        if kernel_cache is not None:  # a training graph reads only its first axis (the tie to the bias)
-            probes.append(probe(first, kernel_cache, cout * mn))
         zero = F.add_n(*[F.sum(F.zeros_like(p)) for p in probes])                    # (1,), exactly 0
         zero = F.cast(F.broadcast_to(F.reshape(zero, (1,)), shape=(cout,)), self._dtype)
         return zero if bias is None else F.broadcast_add(bias, zero)

@@ -333,11 +333,15 @@ def export_canonical(model: gluon.Block, path) -> None:
 def import_canonical(model: gluon.Block, path) -> None:
     """Load an interchange file into ``model`` (:func:`doconv.load_matching`, strict).
 
-    ValueError on a missing/extra layer or a config that differs from the model's layer. Configs are compared
-    resolved (:meth:`doconv.DOConvConfig.resolved`): a file whose layer pads ``'same'`` (PyTorch, Keras) loads
-    into the Gluon layer holding the equal explicit symmetric pads.
+    ValueError on a model without DOConv2D layers (convert it first), a missing/extra layer or a config that
+    differs from the model's layer. Configs are compared resolved (:meth:`doconv.DOConvConfig.resolved`): a file
+    whose layer pads ``'same'`` (PyTorch, Keras) loads into the Gluon layer holding the equal explicit symmetric
+    pads.
     """
     layers = doconv_layers(model)
+    if not layers:
+        raise ValueError(f"model has no DOConv2D layer to load an interchange file into ({type(model).__name__} "
+                         f"holds none): convert it first (doconv.mxnet.convert(model)), then import_canonical")
     stored = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=True,
                                   bare=isinstance(model, DOConv2D))
     for name, layer in layers.items():

@@ -1,20 +1,28 @@
-"""The composed-kernel cache: inference never runs on a stale W', whatever wrote W or D, hybridized or not."""
+"""Freshness: every call computes with D^T o W of W and D as they are now, whatever wrote them; the explicit
+``cached()`` scope composes W' once per layer, is dropped on exit, and never outlives itself in a graph, a
+parameter list or a file. Every check compares with ``doconv.forward`` of ``get_params`` (randomised D)."""
+
+import contextlib
+import itertools
 
 import numpy as np
 import pytest
 
 import doconv
-from doconv.mxnet import UNSUPPORTED_FEATURES, DOConv2D, get_params, layer_config, set_params
+from doconv.mxnet import DOConv2D, cached, convert, get_params, layer_config, set_params
 from doconv.mxnet._mx import gluon, mx
 
-GLUON_CASES = doconv.cases.select(UNSUPPORTED_FEATURES)
+GLUON_CASES = doconv.cases.select(doconv.mxnet.UNSUPPORTED_FEATURES)
+KERNEL_CASES = [c for c in GLUON_CASES if c.config.has_D]
+MODES = [False, True]
+MODE_IDS = ["imperative", "hybridized"]
 
 
-def two_layer_net(hybridize):
+def two_layer_net(hybridize, ctx=(0,), seed=0):
     net = gluon.nn.HybridSequential()
-    net.add(DOConv2D(6, 3, padding=1, in_channels=4), DOConv2D(5, 3, strides=2, groups=1, D_mul=12, in_channels=6))
-    net.initialize(mx.init.Xavier())
-    rng = np.random.default_rng(0)
+    net.add(DOConv2D(6, 3, padding=1, in_channels=4), DOConv2D(5, 3, strides=2, D_mul=12, in_channels=6))
+    net.initialize(mx.init.Xavier(), ctx=[mx.cpu(i) for i in ctx])
+    rng = np.random.default_rng(seed)
     for layer in net:  # randomise D, so that W' != W
         layer.D.set_data(mx.nd.array(rng.normal(0, 0.3, size=layer.D.shape)))
     if hybridize:
@@ -28,20 +36,18 @@ def core_output(net, x):
     return x
 
 
-def check(net, x, what):
-    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), core_output(net, x), "float32", what)
-
-
-def train_step(net, trainer, x):
-    with mx.autograd.record():
-        loss = net(mx.nd.array(x)).square().mean()
-    loss.backward()
-    return trainer
+def check(net, x, what, ctx=mx.cpu(0)):
+    """The net's output (in its current dtype) against the core's on the parameters read back now."""
+    dtype = np.dtype(net[0].W.dtype).name
+    x = x.astype(dtype)
+    out = net(mx.nd.array(x, ctx=ctx, dtype=dtype))
+    assert out.dtype == np.dtype(dtype), what
+    doconv.assert_close(out.asnumpy(), core_output(net, x), dtype, what)
 
 
 @pytest.fixture
 def counted(monkeypatch):
-    """How many times each layer composed W' (DOConv2D._compose_nd calls)."""
+    """The names of the layers that composed a scope's W' (``DOConv2D._compose_nd``), one entry per call."""
     calls = []
     original = DOConv2D._compose_nd
 
@@ -52,72 +58,209 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("hybridize", [True, False], ids=["hybridized", "imperative"])
-def test_inference_follows_every_weight_change(hybridize, counted, tmp_path):
+# ---- the write paths ------------------------------------------------------------------------------------
+
+def _params(net):
+    return [p for layer in net for p in (layer.W, layer.D)]
+
+
+def _step(net, x, **trainer_kwargs):
+    ctxs = net[0].W.list_ctx()
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.5, "momentum": 0.9}, **trainer_kwargs)
+    with mx.autograd.record():
+        losses = [net(part).square().mean() for part in gluon.utils.split_and_load(mx.nd.array(x), ctxs)]
+    mx.autograd.backward(losses)
+    trainer.step(len(x))
+
+
+def _kvstore_pull(net, x):
+    """Two contexts: with one, Gluon skips the string kvstore; here every step pulls the weights from it."""
+    _step(net, x, kvstore="local", update_on_kvstore=True)
+
+
+def _set_data(net, x):
+    for p in _params(net):
+        p.set_data(p.data() * 1.5 - 0.1)
+
+
+def _slice_assign(net, x):
+    for p in _params(net):
+        p.data()[:] = 3 * p.data()
+
+
+def _in_place(net, x):
+    for p in _params(net):
+        w = p.data()
+        w *= 2
+
+
+def _random_out(net, x):
+    for p in _params(net):
+        mx.nd.random.normal(0, 0.3, out=p.data())
+
+
+_SEEDS = itertools.count(100)
+
+
+def _load_parameters(net, x, path):
+    other = two_layer_net(hybridize=False, seed=next(_SEEDS))
+    other.save_parameters(path)
+    net.load_parameters(path, ctx=net[0].W.list_ctx())
+
+
+def _reset_ctx(net, x):
+    """Contexts made to disagree by a raw write to cpu(1), then ``reset_ctx``: every copy becomes the mean, so the
+    values the net computes with on cpu(0) change through ``reset_ctx`` alone."""
+    for p in _params(net):
+        p.data(mx.cpu(1))[:] = p.data(mx.cpu(1)) + 1
+    net.collect_params().reset_ctx([mx.cpu(0), mx.cpu(1)])
+
+
+def _cast(net, x):
+    """float32 <-> float64: a W' kept from before would have the other dtype (or float32 rounding)."""
+    net.cast("float64" if np.dtype(net[0].W.dtype) == np.float32 else "float32")
+
+
+WRITES = {  # name: (write(net, x[, path]), contexts the net lives on)
+    "Trainer.step": (_step, (0,)),
+    "kvstore pull": (_kvstore_pull, (0, 1)),
+    "set_data": (_set_data, (0,)),
+    "W.data()[:] = 3 * W.data()": (_slice_assign, (0,)),
+    "w = W.data(); w *= 2": (_in_place, (0,)),
+    "nd.random.normal(out=W.data())": (_random_out, (0,)),
+    "load_parameters": (_load_parameters, (0,)),
+    "reset_ctx": (_reset_ctx, (0, 1)),
+    "cast": (_cast, (0,)),
+}
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("path", list(WRITES))
+def test_every_write_path_is_seen(path, hybridize, counted, tmp_path):
+    write, ctx = WRITES[path]
+
+    def written(net):
+        before = [p.data().asnumpy() for p in _params(net)]
+        if write is _load_parameters:
+            write(net, x, str(tmp_path / "other.params"))
+        else:
+            write(net, x)
+        if write is not _cast:  # (cast changes the dtype, not the values)
+            assert any(np.abs(p.data().asnumpy() - b).max() > 1e-3 for p, b in zip(_params(net), before)), path
+
+    net = two_layer_net(hybridize, ctx)
+    layers = [layer.name for layer in net]
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    check(net, x, "default path")
+
+    counted.clear()
+    with cached(net):
+        for call in range(3):
+            check(net, x, f"inside a scope, call {call}")
+    assert counted == layers, "inside a scope each layer composes W' exactly once"
+    check(net, x, "default path after the scope")  # a kernel the scope left behind would serve this call ...
+
+    written(net)  # ... and go stale here
+    check(net, x, f"default path after {path}, a scope used before")
+    check(net, x, f"default path after {path}, second call")
+
+    counted.clear()
+    with cached(net):
+        for call in range(2):
+            check(net, x, f"in a new scope after {path}, call {call}")
+    assert counted == layers
+
+    with pytest.raises(Boom):
+        with cached(net):
+            check(net, x, "in a scope left by an exception")
+            raise Boom
+    check(net, x, "default path after the scope left by an exception")
+    written(net)
+    check(net, x, f"default path after a scope left by an exception and {path}")
+    counted.clear()
+    with cached(net):
+        check(net, x, f"in a scope after the exception and {path}")
+    assert counted == layers
+
+
+# ---- the scope ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_a_write_inside_the_scope_is_the_callers_promise_and_invalidate_cache_drops_the_kernel(hybridize, counted):
     net = two_layer_net(hybridize)
     x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
-    check(net, x, "first call")
+    with cached(net):
+        before = net(mx.nd.array(x)).asnumpy()
+        net[0].W.data()[:] = 2 * net[0].W.data()
+        np.testing.assert_array_equal(net(mx.nd.array(x)).asnumpy(), before)  # the promise was broken: stale
+        counted.clear()
+        net[0].invalidate_cache()
+        check(net, x, "after invalidate_cache()")
+        assert counted == [net[0].name]
+    net[0].invalidate_cache()  # a no-op outside a scope
+    check(net, x, "after the scope")
+
+
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_scopes_nest_and_the_outermost_exit_drops(hybridize, counted):
+    net = two_layer_net(hybridize)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    with cached(net):
+        check(net, x, "outer scope")
+        with cached(net[0]):
+            check(net, x, "inner scope")
+        check(net, x, "outer scope after the inner one")
+        assert counted == [layer.name for layer in net]  # the inner exit dropped nothing
+    _slice_assign(net, x)
+    check(net, x, "after the outermost exit and a raw write")
+
+
+def _graph_params(block):
+    """The names of the Parameters that feed the block's CachedOp."""
+    return [p.name for is_arg, p in block._cached_op_args if not is_arg]
+
+
+def _kernel_inputs(block):
+    return [name for name in _graph_params(block) if name.endswith("cached_kernel")]
+
+
+def test_a_graph_built_in_the_scope_is_not_reused_after_it_and_one_built_before_is_rebuilt(counted):
+    net = two_layer_net(hybridize=True)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    check(net, x, "graph built before the scope")
+    assert _kernel_inputs(net) == [] and {net[0].W.name, net[0].D.name} <= set(_graph_params(net))  # it composes
+
     counted.clear()
-    check(net, x, "cached")
-    assert counted == [], "inference recomposed W' although nothing changed"
+    with cached(net):
+        check(net, x, "first call in the scope")
+        assert net._cached_op is not None and _kernel_inputs(net) == [f"{layer.prefix}cached_kernel" for layer in net]
+        assert not {net[0].W.name, net[0].D.name} & set(_graph_params(net))  # no composition in the graph
+        check(net, x, "second call")
+    assert counted == [layer.name for layer in net]
+    assert net._cached_op is None  # dropped on exit
 
-    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.5, "momentum": 0.9})
-    train_step(net, trainer, x)
-    check(net, x, "after backward, before step")  # a step is pending: not cached
-    trainer.step(2)
-    check(net, x, "after Trainer.step")
-    for _ in range(2):
-        train_step(net, trainer, x).step(2)
-        check(net, x, "after another step")
-    # a validation call between the recorded forward and its backward caches W' before any gradient is
-    # pending; the step after that backward must still be seen
-    with mx.autograd.record():
-        loss = net(mx.nd.array(x)).square().mean()
-    check(net, x, "between a recorded forward and its backward")
-    loss.backward()
-    trainer.step(2)
-    check(net, x, "after the step that followed")
-
-    net[0].W.set_data(net[0].W.data() * 1.5)
-    check(net, x, "after W.set_data")
-    net[1].D.set_data(net[1].D.data() - 0.2)
-    check(net, x, "after D.set_data")
-
-    path = str(tmp_path / "net.params")
-    other = two_layer_net(hybridize=False)
-    other[0].D.set_data(other[0].D.data() + 0.4)
-    other.save_parameters(path)
-    net.load_parameters(path)
-    check(net, x, "after load_parameters")
-    other[1].save_parameters(path)
-    other[1].W.set_data(other[1].W.data() * 0)  # not saved
-    net[1].load_parameters(path)
-    check(net, x, "after a bare layer's load_parameters")
-
-    net.initialize(mx.init.Uniform(), force_reinit=True)
-    check(net, x, "after initialize(force_reinit=True)")
-
-    net[0].W.data()[:] = 0.3  # a raw in-place write: documented as unseen until invalidate_cache()
-    net[0].invalidate_cache()
-    check(net, x, "after a raw write and invalidate_cache()")
+    _random_out(net, x)
+    check(net, x, "after the scope and a raw write")
+    assert _kernel_inputs(net) == []
 
 
-def test_cache_is_per_context_and_never_saved(tmp_path):
-    ctxs = [mx.cpu(0), mx.cpu(1)]
-    layer = DOConv2D(3, 3, in_channels=2, prefix="conv_")
-    layer.initialize(ctx=ctxs)
-    layer.D.set_data(mx.nd.ones(layer.D.shape))
-    x = np.random.default_rng(2).normal(size=(1, 2, 5, 5)).astype("float32")
-    for ctx in ctxs:
-        got = layer(mx.nd.array(x, ctx=ctx)).asnumpy()
-        doconv.assert_close(got, doconv.forward(x, get_params(layer), layer_config(layer)), "float32", str(ctx))
-    layer.save_parameters(str(tmp_path / "layer.params"))
-    assert sorted(mx.nd.load(str(tmp_path / "layer.params"))) == ["D", "W", "bias"]
-    assert layer.kernel_cache.grad_req == "null"
+def test_a_hybridized_ancestor_outside_the_scope_keeps_composing():
+    """``cached(net[0])`` while ``net`` is hybridized: net's graph is none of the scope's, so it composes (fresh,
+    uncached) -- also when it is built inside the scope."""
+    net = two_layer_net(hybridize=True)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    with cached(net[0]):
+        check(net, x, "graph built inside a scope over a child")
+        assert _kernel_inputs(net) == []
+        _slice_assign(net, x)
+        check(net, x, "a write inside that scope reaches the ancestor's graph")
 
 
 def _graph_grads(net, layer, x, u):
-    """Output and {x, W, D, bias} gradients of ``layer`` run through the hybridized parent ``net``."""
     xn = mx.nd.array(x, dtype=x.dtype)
     xn.attach_grad()
     with mx.autograd.record():
@@ -129,105 +272,213 @@ def _graph_grads(net, layer, x, u):
     return y.asnumpy(), grads
 
 
-def _parent(layer):
-    net = gluon.nn.HybridSequential()
-    net.add(layer)
-    net.hybridize(static_alloc=True, static_shape=True)
-    return net
-
-
-KERNEL_CASES = [c for c in GLUON_CASES if c.config.has_D]
-
-
-@pytest.mark.parametrize("first", ["training", "inference", "both"],
-                         ids=["graph-built-recording", "graph-built-for-inference", "two-parents-both-kinds"])
+@pytest.mark.parametrize("first", ["inference", "recorded"])
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=[c.id for c in KERNEL_CASES])
-def test_hybridized_parent_graphs_match_the_core(case, first, counted, h):
-    """A parent's graph composes W' itself when built inside ``autograd.record()`` (a training graph) and reads
-    the kernel cache when built outside (an inference graph); each gives the core's output and gradients in
-    both modes, and so does a layer shared by parents of both kinds."""
+def test_recorded_calls_in_a_scope_compose_afresh_through_either_graph(case, first, h):
+    """A hybridized parent's graph built in a scope by an inference call (it reads W') or by a recorded call (it
+    composes): either gives the core's output, and the core's gradients of x, W, D and bias to a recorded call;
+    after the scope, inference follows ``set_data``."""
     layer, params = h.build(case, "float64", seed=5)
     x = case.input(5, np.float64)
     u = np.random.default_rng(6).normal(size=case.config.output_shape(x.shape))
     want_out, want_grads = h.reference(case, params, x, u)
-    net = _parent(layer)
-    if first in ("inference", "both"):
-        doconv.assert_close(net(h.nd(x, "float64")).asnumpy(), want_out, "float64", f"{case.id} inference")
-    if first == "both":  # a second parent, its graph built while recording
-        _graph_grads(_parent(layer), layer, x, u)
-    counted.clear()
-    out, grads = _graph_grads(net, layer, x, u)
-    assert (counted == []) == (first == "training"), "a training graph composes in-graph, an inference one not"
-    doconv.assert_close(out, want_out, "float64", f"{case.id} output")
-    for name, grad in grads.items():
-        doconv.assert_close(grad, want_grads[name], "float64", f"{case.id} d{name}")
-    assert layer._graphs == {"training": {"compose"}, "inference": {"cache"}, "both": {"cache", "compose"}}[first]
-
-    params.D = params.D + 0.25  # a weight change, then inference through the same graph
+    net = gluon.nn.HybridSequential()
+    net.add(layer)
+    net.hybridize(static_alloc=True, static_shape=True)
+    with cached(net):
+        for call in ([first] + [c for c in ("inference", "recorded") if c != first]) * 2:
+            if call == "inference":
+                doconv.assert_close(net(h.nd(x, "float64")).asnumpy(), want_out, "float64", f"{case.id} inference")
+                continue
+            out, grads = _graph_grads(net, layer, x, u)
+            doconv.assert_close(out, want_out, "float64", f"{case.id} recorded output")
+            for name, grad in grads.items():
+                doconv.assert_close(grad, want_grads[name], "float64", f"{case.id} d{name}")
+        assert bool(_kernel_inputs(net)) == (first == "inference")
+    params.D = params.D + 0.25
     set_params(layer, params)
     doconv.assert_close(net(h.nd(x, "float64")).asnumpy(), doconv.forward(x, params, case.config), "float64",
-                        f"{case.id} inference after D.set_data")
+                        f"{case.id} inference after the scope and D.set_data")
 
 
-@pytest.mark.parametrize("before, after", [([0], [1]), ([0, 1], [1]), ([0], [0, 1])])
-def test_reset_ctx_moves_the_layer(before, after):
-    layer = DOConv2D(3, 3, in_channels=2)
-    layer.initialize(ctx=[mx.cpu(i) for i in before])
-    layer.D.set_data(mx.nd.array(np.random.default_rng(3).normal(0, 0.3, size=layer.D.shape)))
-    x = np.random.default_rng(4).normal(size=(1, 2, 5, 5)).astype("float32")
-    layer(mx.nd.array(x, ctx=mx.cpu(before[0])))  # fills the cache on the old context
-    layer.collect_params().reset_ctx([mx.cpu(i) for i in after])
-    want = doconv.forward(x, get_params(layer), layer_config(layer))
-    for i in after:
-        doconv.assert_close(layer(mx.nd.array(x, ctx=mx.cpu(i))).asnumpy(), want, "float32", f"cpu({i})")
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_a_scope_composes_once_per_context(hybridize, counted):
+    net = two_layer_net(hybridize, ctx=(0, 1))
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    with cached(net):
+        for ctx in (mx.cpu(0), mx.cpu(1), mx.cpu(0), mx.cpu(1)):
+            check(net, x, str(ctx), ctx)
+    assert sorted(counted) == sorted(2 * [layer.name for layer in net])
 
 
-def _randomise(layer, seed):
-    rng = np.random.default_rng(seed)
-    for param in (layer.W, layer.D, layer.bias):
-        param.set_data(mx.nd.array(rng.normal(0, 0.5, size=param.shape), dtype=param.dtype))
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_the_first_call_of_a_deferred_net_may_be_inside_a_scope(hybridize, counted):
+    net = gluon.nn.HybridSequential()
+    net.add(DOConv2D(6, 3, padding=1, groups=2, d_init="random"), gluon.nn.Activation("relu"),
+            DOConv2D(5, (3, 1), padding=(1, 0), use_bias=False, D_mul=6, d_init="random"))
+    net.initialize(mx.init.Uniform(0.5))
+    if hybridize:
+        net.hybridize()
+    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype("float32")
+    with cached(net):
+        out = net(mx.nd.array(x)).asnumpy()
+        net(mx.nd.array(x))
+    assert [b.in_channels for b in (net[0], net[2])] == [4, 6]
+    want = doconv.forward(np.maximum(doconv.forward(x, get_params(net[0]), net[0].config), 0), get_params(net[2]),
+                          net[2].config)
+    doconv.assert_close(out, want, "float32", "deferred, first call in a scope")
+    assert counted == [net[0].name, net[2].name]
 
 
-@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
-def test_sharers_of_an_auto_layer_that_chose_feature_read_a_correct_kernel(hybridize):
-    """The shared cache is filled by whichever sharer convolves with it: an 'auto' layer that chose feature
-    composition (a small input) must not leave its kernel-composing sharers the unfilled buffer, nor may two
-    'auto' sharers that chose differently (different input sizes)."""
+def test_a_layer_shared_at_two_paths_and_a_params_sharer(counted):
+    a = DOConv2D(4, 3, padding=1, in_channels=4)
+    b = DOConv2D(4, 3, padding=1, in_channels=4, params=a.params)
+    net = gluon.nn.HybridSequential()
+    net.add(a, a, b)
+    net.initialize()
+    a.D.set_data(mx.nd.array(np.random.default_rng(0).normal(0, 0.3, size=a.D.shape)))
+    net.hybridize()
+    x = np.random.default_rng(1).normal(size=(1, 4, 5, 5)).astype("float32")
+    params = get_params(a)
+    want = x
+    for _ in range(3):
+        want = doconv.forward(want, params, a.config)
+    with cached(net):
+        doconv.assert_close(net(mx.nd.array(x)).asnumpy(), want, "float32", "in a scope")
+    assert sorted(counted) == sorted([a.name, b.name])  # once per layer, not per path
+
+
+def test_a_deep_copy_made_inside_a_scope_carries_no_kernel():
+    """(Gluon cannot deep-copy a hybridized net that has run: its CachedOp holds ctypes pointers.)"""
+    import copy
+    net = two_layer_net(hybridize=False)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    with cached(net):
+        check(net, x, "in the scope")
+        twin = copy.deepcopy(net)
+        check(twin, x, "the copy, in the scope")
+        _slice_assign(twin, x)
+        check(twin, x, "the copy after a raw write, in the scope (the copy is held by none)")
+    _in_place(twin, x)
+    check(twin, x, "the copy after the scope and another raw write")
+    check(net, x, "the original")
+
+
+@pytest.mark.filterwarnings("ignore:Cannot decide type for the following arguments:UserWarning")
+def test_export_inside_a_scope_writes_the_composing_graph(tmp_path):
+    net = two_layer_net(hybridize=True)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    prefix = str(tmp_path / "net")
+    with cached(net):
+        check(net, x, "in the scope")
+        net.export(prefix)
+    assert not any("cached_kernel" in name for name in mx.nd.load(prefix + "-0000.params"))
+    loaded = gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"], prefix + "-0000.params")
+    doconv.assert_close(loaded(mx.nd.array(x)).asnumpy(), core_output(net, x), "float32", "exported in a scope")
+
+
+def test_cached_refuses_what_is_no_block():
+    with pytest.raises(TypeError, match="net must be a gluon Block .* but got list"):
+        with cached([DOConv2D(4, 3)]):
+            pass
+
+
+# ---- what the layer exposes ---------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:.*is already initialized, ignoring:UserWarning")
+def test_a_converted_resnet_exposes_W_D_and_bias_only_in_and_out_of_a_scope(tmp_path, counted):
+    gluoncv = pytest.importorskip("gluoncv")
+    mx.random.seed(0)
+    net = gluoncv.model_zoo.get_model("resnet18_v1b")  # no pretrained weights: nothing downloaded
+    net.initialize(mx.init.Xavier(magnitude=2.0))
+    net.hybridize()
+    x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, 32, 32)))
+    net(x)
+    plain = {name for name in net.collect_params()}
+    convert(net)
+    rng = np.random.default_rng(1)
+    layers = [b for b in _blocks(net) if isinstance(b, DOConv2D)]
+    for layer in layers:
+        layer.D.set_data(mx.nd.array(rng.normal(0, 0.05, size=layer.D.shape)))
+    assert len(layers) == 17
+
+    def exposed():
+        params = net.collect_params()
+        want = {layer.prefix + key for layer in layers for key in ("W", "D")}  # (resnet's convs have no bias)
+        assert set(params) - plain == want, sorted((set(params) - plain) ^ want)
+        assert plain - set(params) == {layer.prefix + "weight" for layer in layers}  # BN, dense, 1x1 convs: kept
+        assert all(type(params[name]) is gluon.Parameter for name in want)
+        net.save_parameters(str(tmp_path / "net.params"))
+        saved = mx.nd.load(str(tmp_path / "net.params"))
+        assert len(saved) == len(params.keys()) and not any("cached" in key or "kernel" in key for key in saved)
+
+    default = net(x).asnumpy()
+    exposed()
+    with cached(net):
+        scoped = net(x).asnumpy()
+        net(x)
+        exposed()
+        trainer = gluon.Trainer(net.collect_params(), "sgd")
+        assert not any("cached" in p.name for p in trainer._params)
+    exposed()
+    assert sorted(counted) == sorted(layer.name for layer in layers)
+    doconv.assert_close(scoped, default, "float32", "resnet18_v1b in a scope vs default")
+
+
+def _blocks(block):
+    yield block
+    for child in block._children.values():
+        yield from _blocks(child)
+
+
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_sharers_of_an_auto_layer_that_chose_feature_are_fresh_in_and_out_of_a_scope(hybridize):
+    """An 'auto' layer that chose feature composition (a small input) shares W and D with layers that convolve
+    with W': every one of them gives the core's output, in a scope too, also after D.set_data."""
     a = DOConv2D(8, 3, in_channels=3, composition="auto", prefix="shared_")
     kernel = DOConv2D(8, 3, in_channels=3, params=a.params)
     auto = DOConv2D(8, 3, in_channels=3, composition="auto", params=a.params)
     a.initialize()
-    _randomise(a, 0)
+    rng = np.random.default_rng(0)
+    for param in (a.W, a.D, a.bias):
+        param.set_data(mx.nd.array(rng.normal(0, 0.5, size=param.shape)))
     small, large = (np.random.default_rng(s).normal(size=shape).astype("float32")
                     for s, shape in ((1, (1, 3, 3, 3)), (2, (2, 3, 16, 16))))
     for layer in (a, kernel, auto):
         if hybridize:
             layer.hybridize()
-    for step in ("first calls", "after D.set_data"):
+    for step in ("first calls", "after D.set_data", "in a scope"):
         params = get_params(a)
-        for layer, x in ((a, small), (kernel, large), (auto, large), (a, small)):
-            doconv.assert_close(layer(mx.nd.array(x)).asnumpy(), doconv.forward(x, params, a.config), "float32",
-                                f"{step}: {layer.name}")
+        with contextlib.ExitStack() as scopes:
+            if step == "in a scope":
+                for layer in (a, kernel, auto):
+                    scopes.enter_context(cached(layer))
+            for layer, x in ((a, small), (kernel, large), (auto, large), (a, small)):
+                doconv.assert_close(layer(mx.nd.array(x)).asnumpy(), doconv.forward(x, params, a.config), "float32",
+                                    f"{step}: {layer.name}")
         assert (a._auto, auto._auto) == ("feature", "kernel")
         a.D.set_data(a.D.data() + 0.3)
 
 
-@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
-def test_load_parameters_casting_to_the_saved_dtype_casts_the_cache_too(tmp_path, hybridize):
-    """``load_parameters(cast_dtype=True, dtype_source='saved')`` sets W's and D's dtype to the file's: W'
-    (the kernel cache) follows, also after a float32 W' was cached."""
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_load_parameters_casting_to_the_saved_dtype(tmp_path, hybridize):
+    """``load_parameters(cast_dtype=True, dtype_source='saved')`` sets W's and D's dtype to the file's: the next
+    call computes in it, also after a float32 call inside a scope."""
     saved = DOConv2D(4, 3, in_channels=2, prefix="layer_")
     saved.initialize()
     saved.cast("float64")
-    _randomise(saved, 3)
+    rng = np.random.default_rng(3)
+    for param in (saved.W, saved.D, saved.bias):
+        param.set_data(mx.nd.array(rng.normal(0, 0.5, size=param.shape), dtype="float64"))
     saved.save_parameters(str(tmp_path / "f64.params"))
     layer = DOConv2D(4, 3, in_channels=2, prefix="layer_")
     layer.initialize()
     if hybridize:
         layer.hybridize()
     x = np.random.default_rng(4).normal(size=(1, 2, 6, 5))
-    layer(mx.nd.array(x, dtype="float32"))  # caches a float32 W'
+    with cached(layer):
+        layer(mx.nd.array(x, dtype="float32"))
     layer.load_parameters(str(tmp_path / "f64.params"), cast_dtype=True, dtype_source="saved")
     out = layer(mx.nd.array(x, dtype="float64"))
-    assert out.dtype == np.float64 and layer.kernel_cache.data().dtype == np.float64
+    assert out.dtype == np.float64
     doconv.assert_close(out.asnumpy(), doconv.forward(x, get_params(saved), layer_config(saved)), "float64", "loaded")
