@@ -8,7 +8,8 @@ Every call composes the kernel from W and D as they are; ``cached(model)`` reuse
 from .cache import cached
 from .io import (doconv_layers, export_canonical, get_params, import_canonical, import_official, layer_config,
                  layer_from_config, set_params)
-from .layer import COMPOSITIONS, DOConv2d, FoldedConv2d, folded_conv
+from .folded import FoldedConv2d, folded_conv
+from .layer import COMPOSITIONS, DOConv2d
 from .model import convert, fold, from_conv
 from .parametrize import parametrize
 

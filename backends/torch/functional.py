@@ -291,3 +291,24 @@ def feature_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Opt
 def full_D(delta: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
     """D = I_fill + D' (the trainable delta), broadcast over the C_in slices."""
     return delta + identity
+
+
+def training_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
+                     config: DOConvConfig, composition: str) -> torch.Tensor:
+    """A call that records the composition for autograd (full ``D``), by ``composition`` 'kernel' or 'feature'.
+
+    The storage decides the route, the values are the same: a c-major W at stride 1 convolves with
+    :func:`transposed_forward`, anything else composes the OIHW kernel and convolves.
+    """
+    if composition == "feature":
+        return feature_forward(x, W, D, bias, config)
+    if c_major(W, config.groups):
+        pads = transposed_padding(config, x.shape[-2], x.shape[-1])
+        if pads is not None:
+            return transposed_forward(x, W, D, bias, config, pads)
+    return conv(x, compose_kernel(W, D, config), bias, config)
+
+
+def pair_of_one(value):
+    """``(v, v)`` for a one-element tuple or list: ``nn.Conv2d`` takes ``stride=(2,)``, its conv broadcasting it."""
+    return (value[0], value[0]) if isinstance(value, (tuple, list)) and len(value) == 1 else value

@@ -19,7 +19,7 @@ from doconv.layouts import D_to_delta, delta_to_D, from_official
 from .layer import DOConv2d
 
 
-def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "auto", **kwargs) -> DOConv2d:
+def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "kernel", **kwargs) -> DOConv2d:
     """A ready ``DOConv2d`` for ``config`` (``kwargs``: ``device``, ``d_init``)."""
     if not isinstance(config, DOConvConfig):
         raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
@@ -108,8 +108,9 @@ def _layers_to_load(model: nn.Module, what: str) -> Dict[str, DOConv2d]:
     return layers
 
 
-def import_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -> List[str]:
-    """Load a canonical file into ``model``: every ``DOConv2d`` must be in the file and vice versa.
+def import_canonical(model: nn.Module, path, *, strict: bool = True, allow_nonfinite: bool = False) -> List[str]:
+    """Load a canonical file into ``model``: every layer of the file must be a ``DOConv2d`` of the model and,
+    with ``strict=True``, every ``DOConv2d`` must be in the file.
 
     Matching is the core's :func:`doconv.load_matching` (``strict=True``): configs are compared
     resolved, so a file whose 'same' padding was written explicitly (Keras/Gluon, or ``padding=1``)
@@ -118,13 +119,13 @@ def import_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -
     names of the layers loaded.
     """
     layers = _layers_to_load(model, "a canonical file")
-    params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=True,
+    params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=strict,
                            bare=isinstance(model, DOConv2d), allow_nonfinite=allow_nonfinite)
-    for name, m in layers.items():  # every layer checked before any is written
-        _check_params(m, params[name], repr(name))
-    for name, m in layers.items():
-        _write_params(m, params[name])
-    return list(layers)
+    for name in params:  # every layer checked before any is written
+        _check_params(layers[name], params[name], repr(name))
+    for name in params:
+        _write_params(layers[name], params[name])
+    return list(params)
 
 
 #: Prefixes that wrappers put before a model's keys: DataParallel / DDP, torch.compile.

@@ -35,7 +35,8 @@ from doconv import DOConvConfig, choose_composition, identity_fill
 from doconv.config import kaiming_bound
 from doconv.contract import COMPOSITIONS, D_INITS, check_choice
 
-from . import functional as DF
+from . import checkpoint, functional as DF
+from .folded import folded_conv
 from .cache import KernelCache, needs_grad
 
 W_STORAGES = ("c-major", "contiguous")
@@ -43,11 +44,6 @@ W_STORAGES = ("c-major", "contiguous")
 #: Feature composition's depthwise conv with a channel multiplier of S runs far below the machine's
 #: MACC rate (bench/torch_results.md), so a near-tie in MACC is a clear loss in time.
 FAST_KERNEL_MARGIN = 0.05
-
-
-def _pair_of_one(value):
-    """``(v, v)`` for a one-element tuple or list: ``nn.Conv2d`` takes ``stride=(2,)``, its conv broadcasting it."""
-    return (value[0], value[0]) if isinstance(value, (tuple, list)) and len(value) == 1 else value
 
 
 class DOConv2d(nn.Module):
@@ -69,10 +65,9 @@ class DOConv2d(nn.Module):
       ``torch.optim.LBFGS``, ``torch.nn.utils.parameters_to_vector`` -- raises on a c-major W, as on
       any non-contiguous (e.g. channels_last) parameter: use ``'contiguous'`` there (same values,
       a slower training step at most shapes, BENCHMARKS.md), or :meth:`contiguous_W` on built layers;
-    - ``composition``: ``'kernel'`` (Fig. 3-b), ``'feature'`` (Fig. 3-a) or ``'auto'`` (the default),
-      the cheaper by :func:`doconv.choose_composition` for the input at hand. ``'auto'`` is the default
-      because it is never slower in our benchmarks: in inference it is kernel composition, and in
-      training it switches to feature composition only where that saves more than
+    - ``composition``: ``'kernel'`` (Fig. 3-b, the default in every backend), ``'feature'`` (Fig. 3-a)
+      or ``'auto'``, the cheaper by :func:`doconv.choose_composition` for the input at hand: kernel
+      composition in inference, and in training feature composition only where that saves more than
       :data:`FAST_KERNEL_MARGIN` of the multiply-adds (deep layers at very small batch, e.g. a
       512-channel 7x7 layer below about 134 input positions); see BENCHMARKS.md.
 
@@ -98,11 +93,11 @@ class DOConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "auto",
+                 D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "kernel",
                  W_storage: str = "c-major", depthwise_separable: bool = False):
         super().__init__()
         bias = False if bias is None else bias  # nn.Conv2d reads bias=None as no bias
-        stride, padding, dilation = (_pair_of_one(v) for v in (stride, padding, dilation))
+        stride, padding, dilation = (DF.pair_of_one(v) for v in (stride, padding, dilation))
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                                    bias, padding_mode, D_mul, depthwise_separable=depthwise_separable)
         self.d_init = check_choice(d_init, "d_init", D_INITS)
@@ -207,7 +202,7 @@ class DOConv2d(nn.Module):
 
     def _kernel(self, W: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
         scope = self._kernel_cache
-        if scope.usable() and not needs_grad(W, D):
+        if D is not None and scope.usable() and not needs_grad(W, D):  # (1x1: W' is W itself)
             return scope.kernel(W, D, lambda: self._compose(W, D))
         return self._compose(W, D)
 
@@ -276,41 +271,18 @@ class DOConv2d(nn.Module):
             return DF.conv(x, kernel, self.bias, self.config)
         W, D = self.W, self.D  # read once: a parametrization of W or D runs once per call, as on nn.Conv2d's weight
         self._check_input(x, W.dtype)
-        if D is None:
-            return DF.conv(x, self._compose(W, D), self.bias, self.config)
-        if self.composition != "feature" and (not needs_grad(W, D) or torch.jit.is_tracing()):
-            # inference, and every trace (its checks re-run it without grad): one kernel, one conv2d
+        # Inference, and every trace (its checks re-run it without grad): one kernel, one conv2d.
+        if D is None or self.composition != "feature" and (not needs_grad(W, D) or torch.jit.is_tracing()):
             return DF.conv(x, self._kernel(W, D), self.bias, self.config)
-        c_major = DF.c_major(W, self.config.groups)
-        if self._route(x, c_major) == "feature":
-            return DF.feature_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config)
-        if c_major:  # training at stride 1: conv_transpose2d of the reversed taps
-            pads = DF.transposed_padding(self.config, x.shape[-2], x.shape[-1])
-            if pads is not None:
-                return DF.transposed_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config, pads)
-        return DF.conv(x, self._compose(W, D), self.bias, self.config)
+        route = self._route(x, DF.c_major(W, self.config.groups))
+        return DF.training_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config, route)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """``nn.Module``'s, plus two checkpoints that carry other names for this layer's state:
-
-        - the official DO-Conv layer's (keys ``d_diag`` / ``D_diag`` beside ``W`` and ``D``) is refused:
-          for 1 < groups it pairs D with W differently, so loading its tensors by name computes another
-          kernel. :func:`doconv.torch.import_official` converts it.
-        - a plain convolution's (``weight``, no ``W``) loads as :func:`doconv.torch.convert` would have
-          converted it: W[..., :M*N] = the kernel, the other columns zero, D' = 0, so W' = the kernel.
-        """
-        if not self.deployed:
-            official = [prefix + k for k in ("d_diag", "D_diag") if prefix + k in state_dict]
-            if official:
-                error_msgs.append(
-                    f"{prefix.rstrip('.') or 'DOConv2d'}: the checkpoint holds the official DO-Conv layer's "
-                    f"{', '.join(map(repr, official))}; its D pairs channels differently for 1 < groups, so loading "
-                    f"its tensors by name computes another kernel. Load it with "
-                    f"doconv.torch.import_official(model, state_dict)")
-                return
-            if prefix + "weight" in state_dict and prefix + "W" not in state_dict:
-                self._plain_to_params(state_dict, prefix, error_msgs)
+        """``nn.Module``'s, after :func:`doconv.torch.checkpoint.translate` (official checkpoints refused,
+        a plain convolution's ``weight`` loaded as ``convert`` converts it); then the storage of W kept."""
+        if not self.deployed and not checkpoint.translate(state_dict, prefix, self.config, error_msgs):
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.I_fill is not None and self.W is not None and self.I_fill.device != self.W.device:
@@ -321,26 +293,6 @@ class DOConv2d(nn.Module):
             self.W.data = DF.to_c_major(self.W.data)
         elif getattr(self, "_c_major", None) is False and not self.W.is_contiguous():  # 'contiguous' storage
             self.W.data = self.W.data.contiguous()
-
-    def _plain_to_params(self, state_dict, prefix: str, error_msgs) -> None:
-        """Replace a plain convolution's ``weight`` in ``state_dict`` by the W and D' that compose to it."""
-        c = self.config
-        kernel = state_dict[prefix + "weight"]
-        if not isinstance(kernel, torch.Tensor) or tuple(kernel.shape) != c.kernel_shape:
-            shape = tuple(kernel.shape) if isinstance(kernel, torch.Tensor) else type(kernel).__name__
-            error_msgs.append(f"size mismatch for {prefix}weight: a plain convolution's kernel of shape {shape} "
-                              f"cannot load into {c!r}, whose composed kernel has shape {c.kernel_shape}")
-            return
-        if c.S < c.MN:
-            error_msgs.append(f"{prefix}weight: a plain convolution's kernel cannot load into a depthwise_separable "
-                              f"layer with D_mul={c.S} < M*N={c.MN} (its kernels have rank D_mul)")
-            return
-        W = kernel.new_zeros(c.W_shape)
-        W[..., :c.MN] = kernel.reshape(c.out_channels, c.in_per_group, c.MN)
-        del state_dict[prefix + "weight"]
-        state_dict[prefix + "W"] = W
-        if self.D is not None:
-            state_dict[prefix + "D"] = kernel.new_zeros(c.D_shape)
 
     def __prepare_scriptable__(self):
         raise NotImplementedError(
@@ -401,59 +353,10 @@ class DOConv2d(nn.Module):
         if c.padding_mode != "zeros":
             s += f", padding_mode={c.padding_mode!r}"
         s += f", D_mul={c.D_mul}" + (", depthwise_separable=True" if c.depthwise_separable else "")
-        if self.composition != "auto":
+        if self.composition != "kernel":
             s += f", composition={self.composition!r}"
         if not self.deployed and self.D is not None and self.config.groups == 1 and self.W_storage != "c-major":
             s += ", W_storage='contiguous'"
         if self.deployed:
             s += ", deployed=True"
         return s
-
-
-class FoldedConv2d(nn.Conv2d):
-    """A folded layer whose padding ``nn.Conv2d`` cannot express (per-side pads, 'same' with stride > 1).
-
-    An ``nn.Conv2d`` (same parameters, same ``state_dict`` keys) that pads per ``config.pads`` with its
-    padding mode first, then convolves without padding. ONNX and ``torch.export`` see F.pad + conv.
-    """
-
-    def __init__(self, config: DOConvConfig, device=None, dtype=None):
-        super().__init__(config.in_channels, config.out_channels, config.kernel_size, config.stride, 0,
-                         config.dilation, config.groups, config.bias, "zeros", device=device, dtype=dtype)
-        self.config = config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return DF.conv(x, self.weight, self.bias, self.config)
-
-    def __prepare_scriptable__(self):
-        raise NotImplementedError(
-            f"torch.jit.script cannot compile FoldedConv2d (padding={self.config.padding!r}, which nn.Conv2d "
-            "cannot express); use torch.jit.trace or torch.export instead")
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", per-side padding={self.config.padding!r}, " \
-                                      f"padding_mode={self.config.padding_mode!r}"
-
-
-def folded_conv(config: DOConvConfig, kernel: torch.Tensor, bias: Optional[torch.Tensor], *,
-                requires_grad: bool = True, bias_requires_grad: Optional[bool] = None) -> nn.Conv2d:
-    """The plain convolution for ``config`` holding ``kernel`` (OIHW) and ``bias``; its weight trains if
-    ``requires_grad``, its bias if ``bias_requires_grad`` (default: ``requires_grad``)."""
-    padding = config.padding
-    if padding == "same" and max(config.stride) > 1 or padding not in ("same", "valid") and any(
-            lo != hi for lo, hi in padding):
-        conv = FoldedConv2d(config, device=kernel.device, dtype=kernel.dtype)
-    else:
-        if padding not in ("same", "valid"):
-            padding = (padding[0][0], padding[1][0])
-        conv = nn.Conv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, padding,
-                         config.dilation, config.groups, config.bias, config.padding_mode,
-                         device=kernel.device, dtype=kernel.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(kernel)
-        if bias is not None:
-            conv.bias.copy_(bias)
-    conv.weight.requires_grad_(requires_grad)
-    if conv.bias is not None:
-        conv.bias.requires_grad_(requires_grad if bias_requires_grad is None else bias_requires_grad)
-    return conv

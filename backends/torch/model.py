@@ -17,7 +17,8 @@ from torch import nn
 from doconv import DOConvConfig, standardize_flag
 from doconv.contract import Candidate, ConversionReport, ReportRow, check_choice, check_D_mul, plan
 
-from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d, _pair_of_one
+from . import functional as DF
+from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
 
@@ -48,9 +49,9 @@ def _start(model, inplace: bool):
     return model if standardize_flag(inplace, "inplace") else copy.deepcopy(model)
 
 
-def _config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
+def config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
     padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-    stride, padding, dilation = (_pair_of_one(v) for v in (conv.stride, padding, conv.dilation))
+    stride, padding, dilation = (DF.pair_of_one(v) for v in (conv.stride, padding, conv.dilation))
     return DOConvConfig(conv.in_channels, conv.out_channels, conv.kernel_size, stride, padding, dilation,
                         conv.groups, conv.bias is not None, conv.padding_mode, D_mul)
 
@@ -79,13 +80,13 @@ def _rewrites_weight(conv: nn.Conv2d) -> bool:
 
 
 def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "identity",
-              composition: str = "auto", W_storage: str = "c-major") -> DOConv2d:
+              composition: str = "kernel", W_storage: str = "c-major") -> DOConv2d:
     """A ``DOConv2d`` with ``conv``'s configuration, device, dtype and weights (W[..., :MN] = kernel).
 
     With ``d_init='identity'`` it computes exactly what ``conv`` computes; ``'random'`` keeps the kernel
     in W but draws D ~ N(0, 2/MN), so the outputs change (Table 7's random-init protocol).
     """
-    c = _config_of(conv, D_mul)
+    c = config_of(conv, D_mul)
     layer = DOConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
                      c.bias, c.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype, D_mul=c.D_mul,
                      d_init=d_init, composition=composition, W_storage=W_storage)
@@ -124,7 +125,7 @@ def _kind(module: nn.Module) -> str:
 
 
 def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity", include: Selector = None,
-            exclude: Selector = None, inplace: bool = False, composition: str = "auto", W_storage: str = "c-major"):
+            exclude: Selector = None, inplace: bool = False, composition: str = "kernel", W_storage: str = "c-major"):
     """Replace every non-pointwise ``nn.Conv2d`` of ``model`` by a ``DOConv2d`` keeping its weights.
 
     ``include``/``exclude``: glob patterns over module paths (``'layer1.*'``), lists of them, or a callable
@@ -149,7 +150,7 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     for d in decisions:  # every layer's config and weight ties checked before anything changes
         if d.action == "converted" and not d.shared_with:
             try:
-                configs[d.path] = _config_of(modules[d.path], D_mul)
+                configs[d.path] = config_of(modules[d.path], D_mul)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"layer {d.path!r}: {error}") from error
             ties[d.path] = _ties(d.path, modules[d.path], configs[d.path], owners)

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 from doconv import identity_fill
 
 from . import functional as DF
-from .model import _config_of
+from .model import config_of
 
 
 class DOConvKernel(nn.Module):
@@ -45,7 +45,7 @@ def parametrize(conv: nn.Conv2d, *, D_mul: Optional[int] = None) -> nn.Conv2d:
     """Turn ``conv`` (in place) into a DO-Conv whose ``weight`` is composed; returns ``conv``."""
     if not isinstance(conv, nn.Conv2d):
         raise TypeError(f"conv must be a torch.nn.Conv2d, but got {type(conv).__name__}")
-    config = _config_of(conv, D_mul)
+    config = config_of(conv, D_mul)
     if not config.has_D:
         raise ValueError(f"conv has kernel_size={conv.kernel_size}: a 1x1 convolution has no D to parametrize")
     if torch_parametrize.is_parametrized(conv, "weight"):

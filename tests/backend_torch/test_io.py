@@ -266,3 +266,16 @@ def test_non_finite_weights_export_and_import_only_when_asked(tmp_path):
         import_canonical(target, tmp_path / "nan.safetensors")
     assert import_canonical(target, tmp_path / "nan.safetensors", allow_nonfinite=True) == ["self"]
     assert torch.isnan(target.W[0, 0, 0]) and torch.equal(target.D, layer.D)
+
+
+def test_import_canonical_not_strict_loads_the_layers_the_file_holds(tmp_path):
+    source = nn.Sequential(DOConv2d(3, 5, 3, padding=1, dtype=torch.float64))
+    set_params(source[0], get_case("k3").params(4))
+    export_canonical(source, tmp_path / "one.safetensors")
+    target = nn.Sequential(DOConv2d(3, 5, 3, padding=1, dtype=torch.float64), DOConv2d(5, 4, 3, dtype=torch.float64))
+    kept = get_params(target[1])
+    with pytest.raises(ValueError, match=r"model layers missing from the file \['1'\]"):
+        import_canonical(target, tmp_path / "one.safetensors")
+    assert import_canonical(target, tmp_path / "one.safetensors", strict=False) == ["0"]
+    np.testing.assert_array_equal(get_params(target[0]).D, get_params(source[0]).D)
+    np.testing.assert_array_equal(get_params(target[1]).W, kept.W)

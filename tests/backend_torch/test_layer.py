@@ -178,7 +178,7 @@ def test_training_at_stride_1_runs_conv_transpose2d(case_id, transposed, monkeyp
 def test_auto_margin_follows_the_storage(storage, batch, route, monkeypatch):
     # 512@7x7, P = N*49 positions: feature saves 81*C*(C-P) of kernel's 81*C^2 + 9*P*C^2 MACC, i.e. 0.5% at
     # batch 8 (under FAST_KERNEL_MARGIN) and 6.8% at batch 2 (over it); a contiguous W has no margin
-    layer = DOConv2d(512, 512, 3, padding=1, W_storage=storage)
+    layer = DOConv2d(512, 512, 3, padding=1, W_storage=storage, composition="auto")
     torch.nn.init.normal_(layer.D, std=0.1)
     x = torch.randn(batch, 512, 7, 7)
     features = []
@@ -262,8 +262,8 @@ def test_assigning_weight_is_a_clear_error():
     layer.switch_to_deploy()  # a deployed layer holds a real weight, replaceable as nn.Conv2d's
     layer.weight = nn.Parameter(torch.zeros(6, 4, 3, 3))
     assert layer(torch.randn(1, 4, 5, 5)).abs().max() == layer.bias.abs().max()
-    assert "composition='kernel'" in repr(DOConv2d(2, 2, 3, composition="kernel"))
-    assert "composition" not in repr(DOConv2d(2, 2, 3))  # 'auto' is the default
+    assert "composition='auto'" in repr(DOConv2d(2, 2, 3, composition="auto"))
+    assert "composition" not in repr(DOConv2d(2, 2, 3))  # 'kernel' is the default
 
 
 def test_identity_init_composes_to_W_and_has_conv_init_distribution():
