@@ -92,19 +92,18 @@ def export_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -
     """Write every ``DOConv2d`` of ``model`` to the core's canonical safetensors file, named by module path.
 
     NaN or +-inf in a parameter is a ValueError unless ``allow_nonfinite=True`` (:func:`doconv.save`)."""
-    layers = doconv_layers(model)
-    if not layers:
-        raise ValueError(f"model has no DOConv2d layer to export ({type(model).__name__})")
+    layers = _doconv_layers_of(model, "export")
     save(path, {name: (m.config, get_params(m)) for name, m in layers.items()}, allow_nonfinite=allow_nonfinite)
 
 
-def _layers_to_load(model: nn.Module, what: str) -> Dict[str, DOConv2d]:
+def _doconv_layers_of(model: nn.Module, what: str) -> Dict[str, DOConv2d]:
+    """The model's layers for ``what`` (export, import ...), or a TypeError / ValueError saying what is wrong."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     layers = doconv_layers(model)
     if not layers:
-        raise ValueError(f"model has no DOConv2d layer to load {what} into ({type(model).__name__}): convert it "
-                         f"first (doconv.torch.convert(model)), then import")
+        raise ValueError(f"model has no DOConv2d layer to {what} ({type(model).__name__}): convert it first "
+                         f"(doconv.torch.convert(model))")
     return layers
 
 
@@ -118,7 +117,7 @@ def import_canonical(model: nn.Module, path, *, strict: bool = True, allow_nonfi
     (checksums) or one holding NaN / +-inf (unless ``allow_nonfinite=True``) is a ValueError. Returns the
     names of the layers loaded.
     """
-    layers = _layers_to_load(model, "a canonical file")
+    layers = _doconv_layers_of(model, "import a canonical file into")
     params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=strict,
                            bare=isinstance(model, DOConv2d), allow_nonfinite=allow_nonfinite)
     for name in params:  # every layer checked before any is written
@@ -148,7 +147,7 @@ def import_official(model: nn.Module, state_dict: Mapping[str, np.ndarray], *, r
     paper-pairing D exists and a ValueError says so; ``refold=True`` then imports the composed kernel itself
     (W = W', D = I_fill): identical outputs, the D/W split reset.
     """
-    layers = _layers_to_load(model, "an official checkpoint")
+    layers = _doconv_layers_of(model, "import an official checkpoint into")
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, but got {type(state_dict).__name__}")
     tensors = {WRAPPER_PREFIX.sub("", k): v for k, v in state_dict.items()}
