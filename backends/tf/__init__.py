@@ -3,11 +3,14 @@
 - :class:`DOConv2D` -- a drop-in for ``keras.layers.Conv2D`` (registered as ``doconv>DOConv2D``,
   so ``.keras`` files load without ``custom_objects``);
 - :func:`convert` / :func:`fold` -- whole models to DO-Conv and back to plain convolutions;
+- :func:`cached` -- a scope in which each DO-Conv layer composes its kernel once for inference
+  (outside it every call composes from the variables as they are);
 - :func:`export_canonical` / :func:`import_canonical` / :func:`import_official` -- checkpoints;
 - :func:`layer_from_config`, :func:`layer_config`, :func:`get_params`, :func:`set_params` -- the
   backend contract shared with ``doconv.torch`` and ``doconv.mxnet`` (canonical NumPy layout).
 """
 
+from .cache import cached
 from .io import export_canonical, import_canonical, import_official
 from .layer import (KERAS_COMPOSE_EINSUM, W_FROM_CANONICAL, W_TO_CANONICAL, DOConv2D, get_params, keras_padding,
                     layer_config, layer_from_config, set_params)
@@ -20,6 +23,6 @@ UNSUPPORTED_FEATURES = frozenset({"explicit_padding", "asymmetric_padding", "pad
 
 __all__ = [
     "ConversionReport", "DOConv2D", "KERAS_COMPOSE_EINSUM", "ReportRow", "UNSUPPORTED_FEATURES", "W_FROM_CANONICAL",
-    "W_TO_CANONICAL", "convert", "export_canonical", "fold", "folded_layer", "get_params", "import_canonical",
+    "W_TO_CANONICAL", "cached", "convert", "export_canonical", "fold", "folded_layer", "get_params", "import_canonical",
     "import_official", "keras_padding", "layer_config", "layer_from_config", "set_params",
 ]

@@ -14,8 +14,7 @@ batch of per-input-channel matrix products (M*N x D_mul) @ (D_mul x filters/g): 
 matmul reads W as it is stored, with no transpose forward or backward (bench/tf_results.md). The
 official TensorFlow layer's ``kernel`` is (D_mul, C_in/g, filters) and its ``D`` is (M*N, D_mul, C_in),
 with another channel pairing: use :func:`doconv.tf.import_official` to load an official checkpoint.
-(Before 2026-11-25 W was (D_mul, C_in/g, filters): ``.keras`` files of DOConv2D models saved then do
-not load.) The canonical layout of the core is reached by transposes only (:func:`get_params` /
+The canonical layout of the core is reached by transposes only (:func:`get_params` /
 :func:`set_params`, :data:`W_TO_CANONICAL`). The fixed I_fill
 (paper Section 4) is a constant, never a variable: it is neither trained nor saved.
 """
@@ -32,6 +31,8 @@ from keras import activations, constraints, initializers, ops, regularizers
 
 import doconv
 from doconv.config import standardize_pair
+
+from . import cache
 
 #: The composition W' = D^T o W (paper Eq. 3) in this layer's variable layout. It is
 #: :data:`doconv.COMPOSE_EINSUM` (``"gcms,gjcs->gjcm"``) with every operand's axes reordered to
@@ -58,24 +59,6 @@ def _one_of(value, allowed, name):
     if not isinstance(value, str) or value.lower() not in allowed:
         raise ValueError(f"The `{name}` argument must be one of {allowed}. Received: {name}={value!r}")
     return value.lower()
-
-
-def _cache_allowed() -> bool:
-    """False when the current forward pass may be differentiated, or runs under a distribution strategy.
-
-    TensorFlow: no GradientTape is active (also while a ``tf.function`` is traced under one) and no
-    ``tf.distribute`` strategy is in scope (its replica-context variable writes cannot sit inside
-    a ``tf.cond`` branch); torch: grad mode is off. Other backends: never (compose on every call).
-    """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-        from tensorflow.python.eager import record  # the public tapes expose no "is recording" query
-        return not record.could_possibly_record() and not tf.distribute.has_strategy()
-    if backend == "torch":
-        import torch
-        return not torch.is_grad_enabled()
-    return False
 
 
 def _tf_gpu_visible() -> bool:
@@ -145,40 +128,8 @@ class _ChannelMajorInit(initializers.Initializer):
                           f"Received: kernel_initializer={self.initializer!r}")
 
 
-#: The methods through which a ``tf.Variable`` is written (Keras' optimizers, EMA, ``layer.W.value.assign``,
-#: ``tf.train.Checkpoint`` restores); each is hooked on the backend variables of W and D_delta.
-_TF_WRITERS = ("assign", "assign_add", "assign_sub", "scatter_update", "scatter_add", "scatter_sub", "scatter_min",
-               "scatter_max", "scatter_mul", "scatter_div", "batch_scatter_update", "scatter_nd_update",
-               "scatter_nd_add", "scatter_nd_sub", "scatter_nd_max", "scatter_nd_min", "_restore_from_tensors")
-
-
-class _KernelCache:
-    """The composed kernel for inference: not a Keras weight (not in ``layer.weights``, not saved in
-    ``.keras`` / weight files or checkpoints, not counted), but tracked for ``tf.saved_model.save``
-    (:meth:`DOConv2D._trackable_children`).
-
-    ``kernel`` holds W' (HWIO, compute dtype); ``stale`` (0 or 1) says it must be recomposed before use.
-    Both are created with initializers, so that inside Keras' stateless scope (a parent layer or model
-    built by tracing its ``call``) their creation is deferred as ``add_weight``'s is.
-    ``hooked``: the writers of the backend ``tf.Variable`` of W and D_delta are hooked (TensorFlow; done
-    at the first call, since a deferred variable has no ``tf.Variable`` yet at build time).
-    ``versions`` (torch backend only): the identity and in-place version counter of W's and D''s
-    ``torch.nn.Parameter`` when ``kernel`` was composed; every in-place write (``load_state_dict``,
-    ``param.copy_()``, an optimizer step) bumps the counter, so a mismatch means stale.
-    """
-
-    def __init__(self, shape, dtype):
-        agg = dict(aggregation="only_first_replica")  # unused under a strategy, but creatable in its scope
-        self.kernel = keras.Variable(initializers.Zeros(), shape=shape, dtype=dtype, trainable=False,
-                                     name="kernel_cache", **agg)
-        self.stale = keras.Variable(initializers.Ones(), shape=(), dtype="int32", trainable=False,
-                                    name="kernel_cache_stale", **agg)
-        self.hooked = False
-        self.versions = None
-
-
 @keras.saving.register_keras_serializable(package="doconv")
-class DOConv2D(keras.layers.Layer):
+class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
     """2-D DO-Conv (Cao et al.): ``keras.layers.Conv2D`` whose kernel is composed from D and W.
 
     The layer trains a depthwise kernel D (one (M*N) x D_mul matrix per input channel) and a
@@ -214,21 +165,18 @@ class DOConv2D(keras.layers.Layer):
             conv with D, then grouped 1x1 conv with W; Fig. 3-a) or ``'auto'`` (the cheaper by
             :func:`doconv.composition_cost`, decided when the input shape is static; else kernel).
 
-    Inference cache. A kernel-composition call with ``training=False`` (``predict``, ``evaluate``,
-    serving, ``model(x, training=False)``) outside a ``GradientTape`` and a ``tf.distribute`` strategy
-    reuses the last composed kernel, recomposing only after a weight change; every other call (training,
-    under a tape, feature composition, ``training=None``) composes afresh and marks the cache stale.
-    Every write of W or D_delta marks it stale too: through Keras (``assign``/``assign_add``/``assign_sub``,
-    so ``set_weights``, ``load_weights``, ``.keras`` loading, :func:`set_params`, the importers) and, on
-    TensorFlow, through the backend ``tf.Variable`` itself (Keras' optimizers, the EMA overwrite of
-    ``use_ema=True``, ``layer.W.value.assign(...)``, scatters, ``tf.train.Checkpoint`` restores). On the torch
-    backend any in-place write of the Parameters (``load_state_dict``, ``copy_()``, optimizers) is seen
-    through their version counters. Only writes past those methods (raw ops on the variable's handle,
-    a strategy's per-replica components outside a training call) go unseen: call :meth:`invalidate_cache`
-    then. A ``tf.function`` traced without a tape reads the cache; called later under a tape, its
-    gradients for W and D_delta are the composition's (:meth:`_differentiable`). The cache is not a
-    weight: it is neither in ``layer.weights`` nor in ``.keras``/weight/checkpoint files, nor counted by
-    ``count_params()``; ``tf.saved_model.save`` tracks it (:meth:`_trackable_children`).
+    Every call composes W' from the variables as they are at that call, whatever wrote them (an
+    optimizer, ``assign``, the backend variable itself, a checkpoint restore) and whatever values
+    ``stateless_call`` passes; there is no implicit cache. To reuse one composition over many inference
+    calls, open :func:`doconv.tf.cached` around them (eager calls without a gradient read it; see
+    :mod:`doconv.tf.cache`), or deploy the folded model (:meth:`fold`, :func:`doconv.tf.fold`).
+
+    Mixed precision (``dtype="mixed_float16"``/``"mixed_bfloat16"``): W and D_delta are float32
+    variables that Keras does not autocast; the composition D = D' + I_fill, W' = D^T o W runs in
+    float32 and only W' is cast to the compute dtype, as the folded ``Conv2D`` casts its float32 kernel
+    (and as ``doconv.torch`` composes under autocast). Rounding D, W and every product to 11 or 8
+    mantissa bits before summing would move the output by about the compute dtype's whole tolerance.
+    Feature composition casts the float32 D and W to the compute dtype for its two convolutions.
     """
 
     def __init__(self, filters, kernel_size, strides=(1, 1), padding="valid", data_format=None,
@@ -274,7 +222,6 @@ class DOConv2D(keras.layers.Layer):
         self.bias_constraint = constraints.get(bias_constraint)
         self.D_constraint = constraints.get(D_constraint)
         self.input_spec = keras.layers.InputSpec(ndim=4)
-        self._cache = None
 
     # ---- build ------------------------------------------------------------------------------
     @property
@@ -299,23 +246,19 @@ class DOConv2D(keras.layers.Layer):
         self.W = self.add_weight(name="W", shape=(c.in_per_group, c.S, c.out_channels),
                                  initializer=_ChannelMajorInit(self.kernel_initializer, c.kernel_size),
                                  regularizer=self.kernel_regularizer,
-                                 constraint=self.kernel_constraint)
+                                 constraint=self.kernel_constraint, autocast=False)
         self.D_delta = None
         if c.has_D:
             self.D_delta = self.add_weight(name="D_delta", shape=(c.MN, c.S, c.in_channels),
                                            initializer=_DeltaInit(self.d_init, c.MN, c.S),
-                                           regularizer=self.D_regularizer, constraint=self.D_constraint)
+                                           regularizer=self.D_regularizer, constraint=self.D_constraint,
+                                           autocast=False)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(c.out_channels,), initializer=self.bias_initializer,
                                         regularizer=self.bias_regularizer, constraint=self.bias_constraint)
         self._transpose_to_nhwc = (self.data_format == "channels_first" and keras.backend.backend() == "tensorflow"
                                    and not _tf_gpu_visible())
-        self._cache = _KernelCache((*c.kernel_size, c.in_per_group, c.out_channels), self.compute_dtype)
-        for variable in (self.W, self.D_delta):
-            if variable is not None:
-                self._invalidate_on_assign(variable)
-        self._hook_backend_writes()  # TensorFlow; a deferred variable (stateless scope) is hooked at its first call
 
     def compute_output_shape(self, input_shape):
         shape = list(input_shape)
@@ -343,7 +286,8 @@ class DOConv2D(keras.layers.Layer):
         return delta + ops.convert_to_tensor(fill, dtype=delta.dtype)
 
     def _weights(self):
-        """The tensors W' is composed from: (W,) or (W, D_delta), read now."""
+        """The tensors W' is composed from: (W,) or (W, D_delta), read now, in the variables' dtype
+        (they are not autocast: the composition runs at full precision under mixed precision)."""
         return tuple(ops.convert_to_tensor(v) for v in (self.W, self.D_delta) if v is not None)
 
     def _compose(self, *weights):
@@ -377,54 +321,6 @@ class DOConv2D(keras.layers.Layer):
                              f"or fold the layer first (layer.fold(), doconv.tf.fold(model)) to get a Conv2D whose "
                              f"kernel is a variable. Layer: {self.name!r}")
 
-    def invalidate_cache(self):
-        """Mark the inference kernel cache stale (after a write that bypasses ``tf.Variable``'s methods)."""
-        if self._cache is not None:
-            self._cache.stale.assign(1)
-
-    def _torch_versions(self):
-        """(identity, version counter) of the torch Parameters behind W and D_delta (torch backend)."""
-        return tuple((id(v._value), v._value._version) for v in (self.W, self.D_delta) if v is not None)
-
-    def _cached_kernel(self):
-        torch_backend = keras.backend.backend() == "torch"
-        if torch_backend and self._cache.versions != self._torch_versions():
-            self.invalidate_cache()  # written in place behind Keras' back (load_state_dict, copy_())
-
-        def refresh():
-            kernel = ops.cast(self._compose(), self._cache.kernel.dtype)
-            self._cache.kernel.assign(kernel)
-            self._cache.stale.assign(0)
-            if torch_backend:
-                self._cache.versions = self._torch_versions()
-            return kernel
-        kernel = ops.cond(ops.not_equal(self._cache.stale, 0), refresh,
-                          lambda: ops.convert_to_tensor(self._cache.kernel))
-        return kernel if torch_backend else self._differentiable(kernel)
-
-    def _differentiable(self, kernel):
-        """TensorFlow graphs: the cached ``kernel`` with the gradient of the composition w.r.t. W and D_delta.
-
-        Whether the cache may be used is decided when a ``tf.function`` is traced (no tape then), but the
-        function may later run under a ``GradientTape``: its value is the cache's, its gradient is
-        computed (only when asked for) through :meth:`_compose`, so W and D_delta get the gradients they
-        would get from a composing call (those of the folded ``Conv2D``'s kernel), not zeros. Eagerly
-        the result cannot be taped later (and no tape is recording now): returned as it is.
-        """
-        import tensorflow as tf
-        if tf.executing_eagerly():
-            return kernel
-
-        @tf.custom_gradient
-        def cached_composition(*weights):
-            def grad(upstream):
-                with tf.GradientTape() as tape:
-                    tape.watch(weights)
-                    composed = ops.cast(self._compose(*weights), upstream.dtype)
-                return tape.gradient(composed, weights, output_gradients=upstream)
-            return kernel, grad
-        return cached_composition(*self._weights())
-
     # ---- forward ----------------------------------------------------------------------------
     def _conv(self, inputs, kernel, *, depthwise=False, pointwise=False):
         """``ops.conv`` / ``ops.depthwise_conv`` with the layer's geometry (``pointwise``: a plain 1x1)."""
@@ -445,22 +341,26 @@ class DOConv2D(keras.layers.Layer):
         nchw = shape if self.data_format == "channels_first" else (shape[0], shape[3], shape[1], shape[2])
         return doconv.choose_composition(self.doconv_config, nchw)
 
+    def _to_compute_dtype(self, x):
+        return x if keras.backend.standardize_dtype(x.dtype) == self.compute_dtype else ops.cast(x, self.compute_dtype)
+
+    def _kernel_for_call(self):
+        """W' composed now in the variables' dtype, cast to the compute dtype."""
+        return self._to_compute_dtype(self._compose())
+
     def call(self, inputs, training=None):
         c = self.doconv_config
-        if not self._cache.hooked:
-            self._hook_backend_writes()
-        feature = self._resolve_composition(inputs) == "feature" and c.has_D
-        cached = not feature and training is False and _cache_allowed()
-        if not cached:  # any call that may precede a weight update (training, a tape, a strategy) ...
-            self._cache.stale.assign(1)  # ... marks the cache stale: backend writes are not all hooked
-        if feature:
+        # An open cached() scope's kernel, for the calls that may read it; a 1x1 kernel is W itself: nothing to keep.
+        held = cache.held_for_call(self, training) if c.has_D else None
+        if held is None and c.has_D and self._resolve_composition(inputs) == "feature":
             # Fig. 3-a: P' = D o P (depthwise conv into C_in*S channels, channel k*S + s), O = W * P'.
             depthwise = ops.transpose(ops.reshape(self._full_D(), (*c.kernel_size, c.S, c.in_channels)),
                                       (0, 1, 3, 2))
             pointwise = ops.reshape(self.W, (1, 1, c.in_per_group * c.S, c.out_channels))
-            outputs = self._conv(self._conv(inputs, depthwise, depthwise=True), pointwise, pointwise=True)
+            outputs = self._conv(self._conv(inputs, self._to_compute_dtype(depthwise), depthwise=True),
+                                 self._to_compute_dtype(pointwise), pointwise=True)
         else:
-            kernel = self._cached_kernel() if cached else self._compose()
+            kernel = self._kernel_for_call() if held is None else held.kernel_or(self._kernel_for_call)
             if c.groups == c.in_channels and c.groups > 1:  # depthwise: a native op on every backend
                 outputs = self._conv(inputs, ops.reshape(kernel, (*c.kernel_size, c.in_channels, c.out_per_group)),
                                      depthwise=True)
@@ -471,53 +371,10 @@ class DOConv2D(keras.layers.Layer):
             outputs = outputs + ops.reshape(self.bias, shape)
         return outputs if self.activation is None else self.activation(outputs)
 
-    # ---- weights ----------------------------------------------------------------------------
-    def _invalidate_after(self, obj, method: str) -> None:
-        """Wrap ``obj.method`` so that every call also marks the kernel cache stale."""
-        original = getattr(obj, method)
-
-        def call_and_invalidate(*args, **kwargs):
-            out = original(*args, **kwargs)
-            self.invalidate_cache()
-            return out
-        setattr(obj, method, call_and_invalidate)
-
-    def _invalidate_on_assign(self, variable):
-        """Make ``variable.assign`` (also reached by ``assign_add``/``assign_sub``, ``set_weights``,
-        weight loading) mark the kernel cache stale."""
-        self._invalidate_after(variable, "assign")
-
-    def _hook_backend_writes(self):
-        """TensorFlow: make every write of the backend ``tf.Variable`` of W and D_delta mark the cache stale.
-
-        Keras' optimizers (``model.fit``, ``apply_gradients``), the EMA overwrite at the end of ``fit``
-        (``use_ema=True``), ``layer.W.value.assign(...)`` and ``tf.train.Checkpoint`` restores write the
-        ``tf.Variable`` itself, not through the Keras variable's ``assign``: every method of :data:`_TF_WRITERS`
-        is wrapped on that object (so a checkpoint of the Keras variable or of the raw one is seen alike).
-        Under a ``tf.distribute`` strategy its per-replica components are written directly: unseen, which is
-        why every call that does not read the cache (training calls included) also marks it stale.
-        A variable whose creation was deferred (built in Keras' stateless scope) has no ``tf.Variable`` yet:
-        hooked at the layer's next call, before the cache is first filled. (torch: :attr:`_KernelCache.versions`.)
-        """
-        if keras.backend.backend() != "tensorflow":
-            self._cache.hooked = True
-            return
-        raws = [getattr(v, "_value", None) for v in (self.W, self.D_delta) if v is not None]
-        if any(raw is None for raw in raws):
-            return
-        for raw in raws:
-            for method in _TF_WRITERS:
-                if hasattr(raw, method):
-                    self._invalidate_after(raw, method)
-        self._cache.hooked = True
-
-    def _trackable_children(self, save_type="checkpoint", **kwargs):
-        """TensorFlow tracking: the cache variables are children for ``tf.saved_model.save`` (whose functions
-        read them) but not for checkpoints, so ``tf.train.Checkpoint`` files keep the weights only."""
-        children = super()._trackable_children(save_type, **kwargs)
-        if save_type == "savedmodel" and self._cache is not None:
-            children.update(kernel_cache=self._cache.kernel, kernel_cache_stale=self._cache.stale)
-        return children
+    def invalidate_cache(self):
+        """Drop the kernel held for this layer by the open :func:`doconv.tf.cached` scope (after a write
+        inside it); a no-op outside one, where every call composes anyway."""
+        cache.drop(self)
 
     def fold(self):
         """A plain ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) with the composed kernel, built."""

@@ -1,75 +1,543 @@
-"""The inference kernel cache: never stale, never in the way of gradients, tracked for SavedModel.
+"""Freshness by construction and the explicit ``doconv.tf.cached`` scope.
 
-Every comparison randomises D (D_delta) and checks against ``doconv.forward``, the core's VJP or the
-folded ``keras.layers.Conv2D``.
+Every call outside a scope composes W' from the variables as they are; a scope composes once per layer
+for eager calls without a gradient and drops the kernel when it closes. Each write path is checked
+against ``doconv.forward`` of the parameters read back (``get_params``), with D randomised, after every
+kind of call an implicit cache would have filled (eager, ``predict``, a traced ``tf.function``, a scope).
 """
+
+import collections
+import contextlib
+import copy
+import pickle
+import zipfile
 
 import numpy as np
 import pytest
-from doconv_tf_testing import check_forward_and_grads, from_layout, make_layer, to_layout
+from doconv_tf_testing import check_forward_and_grads, from_layout, make_layer, run_python, to_layout
 
 import doconv
 import doconv.tf as dtf
 import keras
 import tensorflow as tf
-from doconv import cases
+from doconv import cases, layouts
+
+X_SHAPE = (4, 6, 6, 3)
 
 
-def _randomise_D(layer, seed=0, scale=0.3):
+def _randomise(layer, seed, scale=0.3):
+    """W and D' drawn afresh (D = I_fill + noise, never the identity)."""
     rng = np.random.default_rng(seed)
-    layer.D_delta.assign(rng.normal(size=tuple(layer.D_delta.shape)).astype(layer.D_delta.dtype) * scale)
+    layer.W.assign(rng.normal(size=tuple(layer.W.shape)).astype("float32") * 0.5)
+    layer.D_delta.assign(rng.normal(size=tuple(layer.D_delta.shape)).astype("float32") * scale)
 
 
-def _close_to_fold(model, x, what):
-    """``model.predict`` (the cached kernel) equals the folded model's, and the composing call."""
-    want = dtf.fold(model).predict(x, verbose=0)
-    doconv.assert_close(model.predict(x, verbose=0), want, "float32", f"{what}: predict vs fold")
-    doconv.assert_close(model(x, training=False), want, "float32", f"{what}: eager training=False vs fold")
+def _model(seed=0):
+    """Two DO-Conv layers (DO-Conv, then DO-GConv with D_mul > MN) with random W and D, data to fit."""
+    model = keras.Sequential([keras.Input(X_SHAPE[1:]), dtf.DOConv2D(6, 3, padding="same", name="a"),
+                              dtf.DOConv2D(6, 3, groups=3, D_mul=12, padding="same", name="b")])
+    for i, layer in enumerate(_doconv_layers(model)):
+        _randomise(layer, seed + i)
+    rng = np.random.default_rng(seed + 10)
+    x = rng.normal(size=X_SHAPE).astype("float32")
+    y = rng.normal(size=(*X_SHAPE[:3], 6)).astype("float32")
+    return model, x, y
 
 
-def test_auto_feature_training_step_then_cached_kernel_inference():
-    """'auto' takes the feature path on small inputs: a training step there must stale the cached kernel."""
-    layer = dtf.DOConv2D(4, 3, D_mul=8, depthwise_separable=True, composition="auto")
+def _doconv_layers(model):
+    return [layer for layer in model._flatten_layers() if isinstance(layer, dtf.DOConv2D)]
+
+
+def _reference(model, x):
+    """The core's forward of every DO-Conv layer of the chain, from the parameters read back now."""
+    y = layouts.nhwc_to_nchw(np.asarray(x, np.float64))
+    for layer in _doconv_layers(model):
+        y = doconv.forward(y, dtf.get_params(layer).astype(np.float64), layer.doconv_config)
+    return layouts.nchw_to_nhwc(y)
+
+
+def _params(model):
+    return [(p.W.copy(), p.D.copy()) for p in map(dtf.get_params, _doconv_layers(model))]
+
+
+class Compositions:
+    """Counts ``DOConv2D._compose`` calls per layer name (a spy on the class)."""
+
+    def __init__(self, monkeypatch):
+        self.counts = collections.Counter()
+        original = dtf.DOConv2D._compose
+
+        def spy(layer, *weights):
+            self.counts[layer.name] += 1
+            return original(layer, *weights)
+        monkeypatch.setattr(dtf.DOConv2D, "_compose", spy)
+
+    def take(self):
+        counts, self.counts = dict(self.counts), collections.Counter()
+        return counts
+
+
+@pytest.fixture
+def compositions(monkeypatch):
+    return Compositions(monkeypatch)
+
+
+def _fill(model, x, infer):
+    """Every call an implicit cache would fill: eager, ``predict``, a traced function, a cached() scope."""
+    model(x, training=False)
+    model.predict(x, verbose=0)
+    infer(x)
+    with dtf.cached(model):
+        model(x, training=False)
+
+
+def _check_fresh(model, x, infer, compositions, what):
+    """Default eager, ``predict`` and a function traced earlier equal the core on the parameters as they
+    are; a cached() scope composes each layer once, equal to that; outside it every call composes."""
+    want = _reference(model, x)
+    doconv.assert_close(model(x, training=False), want, "float32", f"{what}: eager")
+    doconv.assert_close(model.predict(x, verbose=0), want, "float32", f"{what}: predict")
+    doconv.assert_close(infer(x), want, "float32", f"{what}: tf.function traced before the write")
+    compositions.take()
+    with dtf.cached(model):
+        first, second = model(x, training=False), model(x, training=False)
+        assert compositions.take() == {"a": 1, "b": 1}, f"{what}: one composition per layer in the scope"
+    doconv.assert_close(first, want, "float32", f"{what}: in the scope")
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(first))
+    model(x, training=False)
+    model(x)
+    assert compositions.take() == {"a": 2, "b": 2}, f"{what}: outside the scope every call composes"
+
+
+# ---- the write paths: each returns the write, prepared (compiled, checkpointed) beforehand -------------
+
+def _assign(model, data, tmp_path):
+    a, b = _doconv_layers(model)
+    return lambda: (a.W.assign(a.W * 1.5), b.D_delta.assign_add(tf.fill(b.D_delta.shape, 0.2)),
+                    a.D_delta.assign_sub(a.D_delta * 0.5))
+
+
+def _set_weights(model, data, tmp_path):
+    other, _, _ = _model(seed=5)
+    return lambda: model.set_weights(other.get_weights())
+
+
+def _set_params(model, data, tmp_path):
+    a, b = _doconv_layers(model)
+    other = [cases.Case(layer.name, layer.doconv_config.to_dict(), (1, layer.doconv_config.in_channels, 6, 6))
+             .params(7, "float32") for layer in (a, b)]
+    return lambda: [dtf.set_params(layer, p) for layer, p in zip((a, b), other)]
+
+
+def _backend_variable(model, data, tmp_path):
+    a, b = _doconv_layers(model)
+    return lambda: (a.W.value.assign(a.W.value * -1.0), b.D_delta.value.assign_add(tf.ones_like(b.D_delta.value)),
+                    a.D_delta.value.scatter_nd_update([[0, 0, 0]], [5.0]))
+
+
+def _raw_op(model, data, tmp_path):
+    a, _ = _doconv_layers(model)
+    return lambda: tf.raw_ops.AssignVariableOp(resource=a.D_delta.value.handle, value=a.D_delta.value + 0.4)
+
+
+def _assign_in_tf_function(model, data, tmp_path):
+    a, b = _doconv_layers(model)
+    return tf.function(lambda: (a.W.value.assign(a.W.value * 2.0), b.D_delta.assign(b.D_delta * -1.0)))
+
+
+def _apply_gradients(jit):
+    def prepare(model, data, tmp_path):
+        x, y = data
+        optimizer = keras.optimizers.Adam(0.05)
+
+        def step():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((model(x, training=True) - y) ** 2)
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return step if jit is None else tf.function(step, jit_compile=jit)
+    return prepare
+
+
+def _fit(**optimizer_kwargs):
+    def prepare(model, data, tmp_path):
+        model.compile(keras.optimizers.SGD(0.01, **optimizer_kwargs), "mse")
+        return lambda: model.fit(*data, epochs=2, batch_size=2, verbose=0)
+    return prepare
+
+
+def _restore(raw):
+    def prepare(model, data, tmp_path):
+        before = model.get_weights()
+        model.set_weights(_model(seed=6)[0].get_weights())
+        variables = [v.value for v in model.weights] if raw else model
+        checkpoint = tf.train.Checkpoint(model=variables)  # the Keras model, or its backend tf.Variables
+        path = checkpoint.save(str(tmp_path / "ckpt"))
+        model.set_weights(before)
+        return lambda: checkpoint.restore(path).assert_consumed()
+    return prepare
+
+
+def _load_weights(model, data, tmp_path):
+    other, _, _ = _model(seed=8)
+    other.save_weights(tmp_path / "other.weights.h5")
+    return lambda: model.load_weights(tmp_path / "other.weights.h5")
+
+
+WRITES = {
+    "assign": _assign, "set_weights": _set_weights, "set_params": _set_params,
+    "backend-variable": _backend_variable, "raw-AssignVariableOp": _raw_op,
+    "assign-in-tf.function": _assign_in_tf_function,
+    "apply_gradients": _apply_gradients(None), "apply_gradients-tf.function": _apply_gradients(False),
+    "apply_gradients-xla": _apply_gradients(True),
+    "fit": _fit(), "fit-use_ema": _fit(use_ema=True, ema_momentum=0.5),
+    "checkpoint-restore": _restore(raw=False), "checkpoint-restore-backend-variables": _restore(raw=True),
+    "load_weights": _load_weights,
+}
+
+
+@pytest.mark.parametrize("write", WRITES.values(), ids=WRITES.keys())
+def test_every_write_path_is_seen_by_the_next_call(write, compositions, tmp_path):
+    model, x, y = _model()
+    write = write(model, (x, y), tmp_path)
+    infer = tf.function(lambda x: model(x, training=False))
+    _fill(model, x, infer)
+    before = _params(model)
+    write()
+    moved = max(doconv.max_error(new, old) for pair in zip(_params(model), before) for new, old in zip(*pair))
+    assert moved > 1e-3, "the write must change W or D"
+    _check_fresh(model, x, infer, compositions, "after the write")
+
+
+def test_use_ema_overwrite_at_the_end_of_fit_equals_the_ema_weights(compositions):
+    """``use_ema=True`` writes the averages into W and D at the end of ``fit``: what the layer then serves."""
+    model, x, y = _model()
+    model.compile(keras.optimizers.SGD(0.01, use_ema=True, ema_momentum=0.5), "mse")
+    model.fit(x, y, epochs=1, batch_size=2, verbose=0)
+    ema = [v.numpy() for v in model.optimizer._model_variables_moving_average]
+    doconv.assert_close(np.concatenate([w.ravel() for w in model.get_weights()]),
+                        np.concatenate([w.ravel() for w in ema]), "float32", "weights are the averages")
+    _check_fresh(model, x, tf.function(lambda x: model(x, training=False)), compositions, "use_ema")
+
+
+def test_predict_between_fit_epochs(compositions):
+    """``predict`` after each ``fit`` epoch, and from a callback in the middle of ``fit``."""
+    model, x, y = _model()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    seen = []
+
+    class PredictEachEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            doconv.assert_close(model.predict(x, verbose=0), _reference(model, x), "float32", f"epoch {epoch}")
+            seen.append(epoch)
+
+    outputs = []
+    for _ in range(2):
+        model.fit(x, y, epochs=2, batch_size=2, verbose=0, callbacks=[PredictEachEpoch()])
+        outputs.append(model.predict(x, verbose=0))
+        doconv.assert_close(outputs[-1], _reference(model, x), "float32", "predict after fit")
+    assert seen == [0, 1, 0, 1] and doconv.max_error(outputs[1], outputs[0]) > 1e-3
+    _check_fresh(model, x, tf.function(lambda x: model(x, training=False)), compositions, "fit epochs")
+
+
+# ---- stateless_call -------------------------------------------------------------------------------------
+
+def _params_of(layer, values):
+    """Canonical parameters of ``layer``'s config holding ``values`` (W, D_delta, bias in layer layout)."""
+    twin = dtf.layer_from_config(layer.doconv_config)
+    twin.set_weights([np.asarray(v) for v in values])
+    return dtf.get_params(twin)
+
+
+@pytest.mark.parametrize("scoped", [False, True], ids=["outside-a-scope", "inside-a-scope"])
+def test_stateless_call_uses_the_values_passed(scoped, compositions):
+    model, x, _ = _model()
+    a, b = _doconv_layers(model)
+    old = _reference(model, x)
+    model.predict(x, verbose=0)
+    model(x, training=False)
+    rng = np.random.default_rng(3)
+    new = [tf.constant(np.asarray(v) * 2.0 + rng.normal(size=v.shape).astype("float32") * 0.1)
+           for v in model.trainable_variables]
+    scope = dtf.cached(model) if scoped else contextlib.nullcontext()
+    with scope:
+        model(x, training=False)  # in the scope: the held kernels of the variables
+        y, _ = a.stateless_call(new[:3], [], x, training=False)
+        want = doconv.forward(layouts.nhwc_to_nchw(x), _params_of(a, new[:3]), a.doconv_config)
+        doconv.assert_close(from_layout(y, "channels_last"), want, "float32", "layer.stateless_call")
+        y, _ = model.stateless_call(new, [], x, training=False)
+        want = doconv.forward(want, _params_of(b, new[3:]), b.doconv_config)
+        doconv.assert_close(from_layout(y, "channels_last"), want, "float32", "model.stateless_call")
+        doconv.assert_close(model(x, training=False), old, "float32", "the variables are unchanged")
+    doconv.assert_close(model(x, training=False), old, "float32", "after")
+    doconv.assert_close(model.predict(x, verbose=0), old, "float32", "predict after")
+
+
+TORCH_BACKEND_CHECK = """
+    import collections, contextlib
+    import numpy as np, keras, torch
+    assert keras.backend.backend() == "torch"
+    import doconv, doconv.tf as dtf
+    from doconv import layouts
+
+    counts = collections.Counter()
+    original = dtf.DOConv2D._compose
+    def spy(layer, *weights):
+        counts[layer.name] += 1
+        return original(layer, *weights)
+    dtf.DOConv2D._compose = spy
+    def take():
+        out = dict(counts); counts.clear(); return out
+
     rng = np.random.default_rng(0)
-    small, large = (rng.normal(size=s).astype("float32") for s in ((1, 4, 4, 3), (8, 6, 6, 3)))
-    layer(large)
-    _randomise_D(layer)
-    assert layer._resolve_composition(small) == "feature" and layer._resolve_composition(large) == "kernel"
-    layer(large, training=False)  # fills the cache
-    optimizer = keras.optimizers.SGD(0.5)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(layer(small, training=True) ** 2)
-    optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables))
-    want = doconv.forward(large.transpose(0, 3, 1, 2), dtf.get_params(layer), layer.doconv_config)
-    doconv.assert_close(from_layout(layer(large, training=False), "channels_last"), want, "float32", "after the step")
-    doconv.assert_close(layer(large, training=False), layer.fold()(large), "float32", "vs fold")
+    model = keras.Sequential([keras.Input((6, 6, 3)), dtf.DOConv2D(6, 3, padding="same", name="a"),
+                              dtf.DOConv2D(6, 3, groups=3, D_mul=12, padding="same", name="b")])
+    layers = model.layers
+    for layer in layers:
+        layer.W.assign(rng.normal(size=tuple(layer.W.shape)) * 0.5)
+        layer.D_delta.assign(rng.normal(size=tuple(layer.D_delta.shape)) * 0.3)
+    x = rng.normal(size=(4, 6, 6, 3)).astype("float32")
+
+    def reference(values=None):
+        y = layouts.nhwc_to_nchw(x.astype(np.float64))
+        for i, layer in enumerate(layers):
+            if values is None:
+                p = dtf.get_params(layer)
+            else:
+                twin = dtf.layer_from_config(layer.doconv_config)
+                twin.set_weights([np.asarray(v.detach().cpu()) for v in values[3 * i:3 * i + 3]])
+                p = dtf.get_params(twin)
+            y = doconv.forward(y, p.astype(np.float64), layer.doconv_config)
+        return layouts.nchw_to_nhwc(y)
+
+    def out(y):
+        return keras.ops.convert_to_numpy(y)
+
+    def check_fresh(what):
+        want = reference()
+        with torch.no_grad():
+            doconv.assert_close(out(model(x, training=False)), want, "float32", what + ": no_grad")
+        doconv.assert_close(out(model(x, training=False)), want, "float32", what + ": grad mode")
+        doconv.assert_close(model.predict(x, verbose=0), want, "float32", what + ": predict")
+        doconv.assert_close(compiled(x), want, "float32", what + ": compiled in a scope")
+        take()
+        with dtf.cached(model), torch.no_grad():
+            first, second = out(model(x, training=False)), out(model(x, training=False))
+            doconv.assert_close(model.predict(x, verbose=0), want, "float32", what + ": predict in the scope")
+            assert take() == {"a": 1, "b": 1}, what
+        doconv.assert_close(first, want, "float32", what + ": in the scope")
+        np.testing.assert_array_equal(second, first)
+        with torch.no_grad():
+            model(x, training=False)
+        assert take() == {"a": 1, "b": 1}, what + ": outside the scope every call composes"
+
+    def fill():
+        with torch.no_grad():
+            model(x, training=False)
+        model.predict(x, verbose=0)
+        with dtf.cached(model), torch.no_grad():
+            model(x, training=False)
+
+    # a function compiled (dynamo) inside a scope must not keep the scope's kernel
+    with dtf.cached(model), torch.no_grad():
+        model(x, training=False)
+        compiled_fn = torch.compile(lambda x: model(x, training=False), backend="eager")
+        compiled_fn(torch.tensor(x))
+    compiled = lambda x: out(compiled_fn(torch.tensor(x)))
+
+    # the write paths of torch Parameters, each after every call a cache would fill
+    W, D = layers[0].W.value, layers[1].D_delta.value
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = keras.optimizers.SGD(0.1)
+    def copy_under_no_grad():
+        with torch.no_grad():
+            D.copy_(D * 0.5 + 0.1)
+    def keras_step():
+        loss = ((model(x, training=True) - 1.0) ** 2).mean()
+        loss.backward()
+        grads = [v.value.grad for v in model.trainable_variables]
+        optimizer.apply(grads, model.trainable_variables)
+    writes = {
+        ".data in place (DINO teacher update)": lambda: W.data.mul_(0.5).add_(0.3 * torch.ones_like(W)),
+        ".data = ...": lambda: setattr(D, "data", D.data * -1.0),
+        "copy_ under no_grad": copy_under_no_grad,
+        "load_state_dict": lambda: model.load_state_dict(state),
+        "keras assign": lambda: layers[1].W.assign(layers[1].W * 2.0),
+        "keras optimizer step": keras_step,
+    }
+    for name, write in writes.items():
+        fill()
+        before = [out(v).copy() for v in model.trainable_variables]
+        write()
+        assert max(np.abs(out(v) - b).max() for v, b in zip(model.trainable_variables, before)) > 1e-3, name
+        check_fresh(name)
+
+    # calls that need a gradient compose afresh inside a scope, and get the composition's gradients
+    with dtf.cached(model):
+        with torch.no_grad():
+            model(x, training=False)
+        take()
+        y = model(x, training=False)
+        assert take() == {"a": 1, "b": 1} and y.requires_grad
+        y.sum().backward()
+        assert all(v.value.grad is not None and v.value.grad.abs().max() > 0 for v in model.trainable_variables)
+
+    # stateless_call: the values passed, inside and outside a scope, in grad mode and under no_grad
+    old = reference()
+    new = [torch.tensor(out(v) * 2.0 + 0.05) for v in model.trainable_variables]
+    for scoped in (False, True):
+        for grad in (False, True):
+            with (dtf.cached(model) if scoped else contextlib.nullcontext()), torch.set_grad_enabled(grad):
+                model(x, training=False)
+                y, _ = layers[0].stateless_call(new[:3], [], x, training=False)
+                first = layouts.nhwc_to_nchw(x.astype(np.float64))
+                twin = dtf.layer_from_config(layers[0].doconv_config)
+                twin.set_weights([np.asarray(v) for v in new[:3]])
+                want = layouts.nchw_to_nhwc(doconv.forward(first, dtf.get_params(twin), twin.doconv_config))
+                doconv.assert_close(out(y), want, "float32", f"layer.stateless_call scoped={scoped} grad={grad}")
+                y, _ = model.stateless_call(new, [], x, training=False)
+                doconv.assert_close(out(y), reference(new), "float32", f"model.stateless_call {scoped} {grad}")
+                doconv.assert_close(out(model(x, training=False)), old, "float32", "variables unchanged")
+    print("torch backend cache ok")
+"""
 
 
-def test_auto_fit_on_small_inputs_then_predict_on_large():
-    inputs = keras.Input((None, None, 3))
-    layer = dtf.DOConv2D(4, 3, D_mul=8, depthwise_separable=True, composition="auto")
-    model = keras.Model(inputs, layer(inputs))
-    _randomise_D(layer)
-    rng = np.random.default_rng(1)
-    small, target = rng.normal(size=(1, 4, 4, 3)).astype("float32"), rng.normal(size=(1, 2, 2, 4)).astype("float32")
-    large = rng.normal(size=(8, 6, 6, 3)).astype("float32")
-    before = model.predict(large, verbose=0)  # fills the cache (kernel path)
-    model.compile(keras.optimizers.SGD(0.1), "mse")
-    model.fit(small, target, epochs=3, batch_size=1, verbose=0)  # feature path
-    assert doconv.max_error(model.predict(large, verbose=0), before) > 1e-3
-    _close_to_fold(model, large, "auto fit")
+def test_torch_backend_writes_scope_and_stateless_call():
+    assert "torch backend cache ok" in run_python(TORCH_BACKEND_CHECK, env={"KERAS_BACKEND": "torch"})
+
+
+# ---- the scope: which calls read it, when it ends, what it leaves behind ----------------------------------
+
+def test_scope_holds_every_doconv_layer_nested_in_custom_layers(compositions):
+    class Block(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = dtf.DOConv2D(3, 3, padding="same", name="inner")
+
+        def call(self, x):
+            return x + self.conv(x)
+
+    inputs = keras.Input(X_SHAPE[1:])
+    block = Block()
+    model = keras.Model(inputs, dtf.DOConv2D(4, 3, name="outer")(block(inputs)))
+    for layer in _doconv_layers(model):
+        _randomise(layer, 1)
+    x = np.random.default_rng(0).normal(size=X_SHAPE).astype("float32")
+    want = np.asarray(dtf.fold(model)(x))
+    compositions.take()
+    with dtf.cached(model):
+        for _ in range(3):
+            doconv.assert_close(model(x, training=False), want, "float32", "model in the scope")
+        assert compositions.take() == {"inner": 1, "outer": 1}
+    with dtf.cached(block.conv):  # a DO-Conv layer itself
+        block.conv(x, training=False), block.conv(x, training=False)
+        model(x, training=False)
+        assert compositions.take() == {"inner": 1, "outer": 1}
+
+
+def test_scope_drops_its_kernels_on_exit_on_exception_and_when_the_outermost_nested_scope_ends(compositions):
+    model, x, _ = _model()
+    a, _ = _doconv_layers(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with dtf.cached(model):
+            model(x, training=False)
+            raise RuntimeError("inside")
+    a.W.assign(a.W * -2.0)
+    doconv.assert_close(model(x, training=False), _reference(model, x), "float32", "after an exception")
+    compositions.take()
+    with dtf.cached(model):
+        model(x, training=False)
+        with dtf.cached(model):
+            model(x, training=False)
+        model(x, training=False)  # the outer scope still holds the kernels
+        assert compositions.take() == {"a": 1, "b": 1}
+        with dtf.cached(a):
+            model(x, training=False)
+        assert compositions.take() == {}
+    a.D_delta.assign(a.D_delta + 0.5)
+    doconv.assert_close(model(x, training=False), _reference(model, x), "float32", "after nested scopes")
+    assert dtf.cache._HELD == {}
+
+
+def test_invalidate_cache_recomposes_inside_a_scope_and_is_a_no_op_outside(compositions):
+    model, x, _ = _model()
+    a, b = _doconv_layers(model)
+    a.invalidate_cache()
+    with dtf.cached(model):
+        model(x, training=False)
+        a.W.assign(a.W * 3.0)  # a write the promise rules out ...
+        stale = np.asarray(model(x, training=False))
+        assert doconv.max_error(stale, _reference(model, x)) > 1e-3
+        a.invalidate_cache()  # ... unless the kernel is dropped
+        compositions.take()
+        doconv.assert_close(model(x, training=False), _reference(model, x), "float32", "invalidate_cache")
+        assert compositions.take() == {"a": 1}
+
+
+def test_a_pointwise_layer_reads_W_itself_inside_a_scope(compositions):
+    """Without D (1x1 kernel) W' is W reshaped: the scope keeps nothing, so even a write inside it is seen."""
+    case = cases.case("k1x1-g2-s2")
+    layer, _ = make_layer(case)
+    x = to_layout(case.input(0, "float32"), "channels_last")
+    with dtf.cached(layer):
+        layer(x, training=False)
+        layer.W.value.assign(layer.W.value * -2.0)
+        want = doconv.forward(case.input(0), dtf.get_params(layer), case.config)
+        doconv.assert_close(from_layout(layer(x, training=False), "channels_last"), want, "float32", "1x1 in a scope")
+
+
+def test_calls_that_need_a_gradient_or_training_compose_inside_a_scope(compositions):
+    case = cases.case("g3-k3")
+    layer, params = make_layer(case, "float64")
+    x = to_layout(case.input(0, "float64"), "channels_last")
+    u = np.random.default_rng(7).normal(size=layer.compute_output_shape(x.shape))
+    with dtf.cached(layer):
+        layer(x, training=False)
+        compositions.take()
+        layer.W.assign(layer.W * 2.0)  # so that reading the held kernel would show
+        want = doconv.forward(case.input(0, "float64"), dtf.get_params(layer), case.config)
+        for training in (False, None, True):
+            with tf.GradientTape() as tape:
+                y = layer(x, training=training)
+                loss = tf.reduce_sum(y * u)
+            doconv.assert_close(from_layout(y, "channels_last"), want, "float64", f"tape, training={training}")
+            assert all(g is not None for g in tape.gradient(loss, [layer.W.value, layer.D_delta.value]))
+        doconv.assert_close(from_layout(layer(x, training=True), "channels_last"), want, "float64", "training=True")
+        assert compositions.take() == {layer.name: 4}
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["tf.function", "xla"])
+def test_nothing_traced_in_a_scope_keeps_its_kernel(jit_compile, compositions):
+    """``predict`` (its function is kept on the model), ``evaluate`` and a user's ``tf.function`` traced
+    while a scope is open compose in the graph: fresh inside the scope and after it."""
+    model, x, y = _model()
+    a, b = _doconv_layers(model)
+    model.compile(keras.optimizers.SGD(0.1), "mse", jit_compile=jit_compile)
+    infer = tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
+    with dtf.cached(model):
+        model(x, training=False)  # the scope holds both kernels
+        a.W.assign(a.W * -1.5)  # against the promise, so that a graph reading the held kernel would show
+        want = _reference(model, x)
+        doconv.assert_close(infer(x), want, "float32", "tf.function traced in the scope")
+        doconv.assert_close(model.predict(x, verbose=0), want, "float32", "predict in the scope")
+        loss = model.evaluate(x, y, verbose=0)
+        np.testing.assert_allclose(loss, np.mean((want - y) ** 2), rtol=1e-5)
+    b.D_delta.assign(b.D_delta * -1.0)
+    want = _reference(model, x)
+    doconv.assert_close(infer(x), want, "float32", "tf.function after the scope")
+    doconv.assert_close(model.predict(x, verbose=0), want, "float32", "predict after the scope")
 
 
 @pytest.mark.parametrize("jit_compile", [False, True], ids=["tf.function", "xla"])
 @pytest.mark.parametrize("case", [cases.case("k3-same"), cases.case("g3-k3-s2-same-2MN"), cases.case("dw-x2-k3"),
                                   cases.case("k1x1-g2-s2")], ids=str)
-def test_inference_function_traced_without_a_tape_then_differentiated(case, jit_compile):
-    """A ``tf.function`` traced with training=False and no tape reads the cache; run under a tape later,
-    its gradients for x, W, D and bias must be the composition's (the core's VJP), not zeros."""
+def test_inference_function_traced_in_a_scope_then_differentiated(case, jit_compile):
+    """A ``tf.function`` traced with training=False, no tape, inside a scope; run under a tape later, its
+    gradients for x, W, D and bias are the composition's (the core's VJP)."""
     def run(layer, x, u):
         infer = tf.function(lambda x: layer(x, training=False), jit_compile=jit_compile)
-        infer(tf.constant(x))  # traced (and the cache filled) without a tape
-        assert int(layer._cache.stale.numpy()) == 0
+        with dtf.cached(layer):
+            layer(x, training=False)
+            infer(tf.constant(x))
         x = tf.constant(x)
         variables = {k: v for k, v in {"W": layer.W, "D": layer.D_delta, "bias": layer.bias}.items() if v is not None}
         with tf.GradientTape() as tape:
@@ -82,7 +550,7 @@ def test_inference_function_traced_without_a_tape_then_differentiated(case, jit_
 
 
 def test_inference_function_under_a_tape_trains_like_the_folded_conv2d():
-    """The repro: the same pre-traced inference function in a training loop, then inference again."""
+    """The same pre-traced inference function in a training loop, then inference again."""
     case = cases.case("k3-same")
     layer, _ = make_layer(case)  # D randomised
     x = to_layout(case.input(0, "float32"), "channels_last")
@@ -106,66 +574,91 @@ def test_inference_function_under_a_tape_trains_like_the_folded_conv2d():
         doconv.assert_close(infer(x), layer.fold()(x), "float32", "inference after the step")
 
 
-def _ema_model():
-    inputs = keras.Input((6, 6, 3))
-    layer = dtf.DOConv2D(4, 3)
+def test_auto_feature_training_step_then_inference():
+    """'auto' takes the feature path on small inputs; a scope's calls use the kernel path."""
+    layer = dtf.DOConv2D(4, 3, D_mul=8, depthwise_separable=True, composition="auto")
+    rng = np.random.default_rng(0)
+    small, large = (rng.normal(size=s).astype("float32") for s in ((1, 4, 4, 3), (8, 6, 6, 3)))
+    layer(large)
+    layer.D_delta.assign(rng.normal(size=tuple(layer.D_delta.shape)).astype("float32") * 0.3)
+    assert layer._resolve_composition(small) == "feature" and layer._resolve_composition(large) == "kernel"
+    layer(large, training=False)
+    optimizer = keras.optimizers.SGD(0.5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(small, training=True) ** 2)
+    optimizer.apply_gradients(zip(tape.gradient(loss, layer.trainable_variables), layer.trainable_variables))
+    for x in (small, large):
+        want = doconv.forward(x.transpose(0, 3, 1, 2), dtf.get_params(layer), layer.doconv_config)
+        doconv.assert_close(from_layout(layer(x, training=False), "channels_last"), want, "float32", "after the step")
+        with dtf.cached(layer):
+            doconv.assert_close(from_layout(layer(x, training=False), "channels_last"), want, "float32", "scope")
+
+
+def test_auto_fit_on_small_inputs_then_predict_on_large():
+    inputs = keras.Input((None, None, 3))
+    layer = dtf.DOConv2D(4, 3, D_mul=8, depthwise_separable=True, composition="auto")
     model = keras.Model(inputs, layer(inputs))
-    _randomise_D(layer)
-    return model
+    layer.D_delta.assign(np.random.default_rng(0).normal(size=tuple(layer.D_delta.shape)).astype("float32") * 0.3)
+    rng = np.random.default_rng(1)
+    small, target = rng.normal(size=(1, 4, 4, 3)).astype("float32"), rng.normal(size=(1, 2, 2, 4)).astype("float32")
+    large = rng.normal(size=(8, 6, 6, 3)).astype("float32")
+    before = model.predict(large, verbose=0)
+    with dtf.cached(model):
+        model(large, training=False)
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.fit(small, target, epochs=3, batch_size=1, verbose=0)  # feature path
+    assert doconv.max_error(model.predict(large, verbose=0), before) > 1e-3
+    want = dtf.fold(model).predict(large, verbose=0)
+    doconv.assert_close(model.predict(large, verbose=0), want, "float32", "predict vs fold")
+    doconv.assert_close(model(large, training=False), want, "float32", "eager vs fold")
 
 
-@pytest.mark.parametrize("swap", [False, True], ids=["finalize", "SwapEMAWeights"])
-def test_ema_weights_written_at_the_end_of_fit_refresh_the_cache(swap):
-    rng = np.random.default_rng(2)
-    x, y = rng.normal(size=(16, 6, 6, 3)).astype("float32"), rng.normal(size=(16, 4, 4, 4)).astype("float32")
-    model = _ema_model()
-    model.compile(keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5), "mse")
-    callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if swap else []
-    model.fit(x, y, epochs=2, batch_size=8, validation_data=(x, y), verbose=0, callbacks=callbacks)
-    _close_to_fold(model, x, "EMA")
+# ---- nothing of a scope is saved, copied or counted ------------------------------------------------------
 
-
-def test_backend_variable_writes_refresh_the_cache():
-    """Writes of the tf.Variable itself (optimizers, EMA, user code) are seen, eagerly and in graphs."""
-    case = cases.case("g3-k3")
-    layer, _ = make_layer(case)
-    x = to_layout(case.input(0, "float32"), "channels_last")
-    infer = tf.function(lambda x: layer(x, training=False))
-    writes = [lambda: layer.W.value.assign(layer.W.value * 2.0),
-              lambda: layer.D_delta.value.assign_add(tf.ones_like(layer.D_delta.value)),
-              lambda: layer.W.value.assign_sub(tf.ones_like(layer.W.value) * 0.1),
-              lambda: layer.D_delta.value.scatter_nd_update([[0, 0, 0]], [5.0]),
-              lambda: tf.function(lambda: layer.W.value.assign(layer.W.value * -1.0))()]
-    for i, write in enumerate(writes):
-        for run in (infer, lambda x: layer(x, training=False)):
-            run(x)  # fills the cache
-            write()
-            want = doconv.forward(case.input(0), dtf.get_params(layer), case.config)
-            doconv.assert_close(from_layout(run(x), "channels_last"), want, "float32", f"write {i}")
-
-
-def test_saved_model_of_an_unfolded_model(tmp_path):
-    """``tf.saved_model.save`` needs the cache variables tracked; checkpoints and weights stay as they were."""
-    inputs = keras.Input((6, 6, 3))
-    layer = dtf.DOConv2D(4, 3, padding="same")
-    model = keras.Model(inputs, layer(inputs))
-    _randomise_D(layer)
-    x = np.random.default_rng(3).normal(size=(2, 6, 6, 3)).astype("float32")
-    want = dtf.fold(model).predict(x, verbose=0)
-    doconv.assert_close(model.predict(x, verbose=0), want, "float32", "predict")
-    tf.saved_model.save(model, str(tmp_path / "saved"))
-    loaded = tf.saved_model.load(str(tmp_path / "saved"))
-    doconv.assert_close(list(loaded.signatures["serving_default"](tf.constant(x)).values())[0], want, "float32",
-                        "SavedModel serving_default")
-    model.export(str(tmp_path / "exported"), verbose=False)
+def test_nothing_of_the_scope_in_weights_files_saved_models_or_copies(tmp_path, compositions):
+    model, x, _ = _model()
+    a, b = _doconv_layers(model)
+    n_weights, n_params = len(model.weights), model.count_params()
+    with dtf.cached(model):
+        model(x, training=False)
+        a.W.assign(a.W * -1.0)  # against the promise: the held kernel now differs from W, D
+        want = _reference(model, x)
+        assert doconv.max_error(model(x, training=False), want) > 1e-3
+        assert [w.name for w in a.weights] == ["W", "D_delta", "bias"] and len(model.weights) == n_weights
+        assert model.count_params() == n_params
+        model.save(tmp_path / "model.keras")
+        tf.saved_model.save(model, str(tmp_path / "saved"))
+        model.export(str(tmp_path / "exported"), verbose=False)
+        ckpt = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+        twins = {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model))}
+        compositions.take()
+        for name, twin in twins.items():
+            doconv.assert_close(twin(x, training=False), want, "float32", name)
+            twin(x, training=False)
+        assert compositions.take() == {"a": 4, "b": 4}, "copies are not held by the scope"
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    import h5py
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        arrays = []
+        weights.visititems(lambda name, obj: arrays.append(name) if isinstance(obj, h5py.Dataset) else None)
+    assert len(arrays) == n_weights, arrays
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    doconv.assert_close(loaded(x, training=False), want, "float32", ".keras")
+    saved = tf.saved_model.load(str(tmp_path / "saved"))
+    stored = [name for name, _ in tf.train.list_variables(str(tmp_path / "saved" / "variables" / "variables"))
+              if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert len(stored) == n_weights, stored
+    doconv.assert_close(list(saved.signatures["serving_default"](tf.constant(x)).values())[0], want, "float32",
+                        "tf.saved_model.save")
     exported = tf.saved_model.load(str(tmp_path / "exported"))
+    assert len(exported.variables) == n_weights
     doconv.assert_close(exported.serve(x), want, "float32", "model.export")
-    assert [w.name for w in layer.weights] == ["W", "D_delta", "bias"]
-    assert model.count_params() == 3 * 9 * 4 + 81 * 3 + 4
-    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
-    assert not [name for name, _ in tf.train.list_variables(path) if "cache" in name]
-    inputs = keras.Input((6, 6, 3))
-    restored = keras.Model(inputs, dtf.DOConv2D(4, 3, padding="same")(inputs))
-    restored.predict(x, verbose=0)  # fills its cache with its own weights
-    tf.train.Checkpoint(model=restored).read(path).assert_consumed()
-    doconv.assert_close(restored.predict(x, verbose=0), want, "float32", "checkpoint restore")
+    assert len(tf.train.list_variables(ckpt)) == n_weights + 1  # + the save counter
+    assert not [name for name, _ in tf.train.list_variables(ckpt) if "cache" in name or "kernel" in name]
+
+
+def test_cached_refuses_what_is_not_a_layer():
+    with pytest.raises(TypeError, match="model must be a keras.layers.Layer.*got model of type list"):
+        with dtf.cached([1, 2]):
+            pass
