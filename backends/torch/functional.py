@@ -196,10 +196,15 @@ ComposeCMajorFwd = _with_forward_ad(ComposeCMajor, "transposed")
 
 def _apply(function, *args) -> torch.Tensor:
     """``function.apply(*args)``, through its forward-AD variant when forward-mode AD may be asked for (a
-    torch.func transform is active or a dual level is open)."""
+    torch.func transform is active or a dual level is open); its bare ``forward`` when no derivative can be
+    asked for at all (inference), which skips the autograd.Function machinery, most of a small layer's cost."""
     forward_ad = torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-    return ({ComposeKernel: ComposeKernelFwd, ComposeCMajor: ComposeCMajorFwd}[function] if forward_ad
-            else function).apply(*args)
+    if forward_ad:
+        return {ComposeKernel: ComposeKernelFwd, ComposeCMajor: ComposeCMajorFwd}[function].apply(*args)
+    W, D = args[:2]
+    if not (torch.is_grad_enabled() and (W.requires_grad or D.requires_grad)):
+        return function.forward(*args)
+    return function.apply(*args)
 
 
 def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:

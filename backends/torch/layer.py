@@ -117,6 +117,7 @@ class DOConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(c.out_channels, **factory)) if c.bias else None
         self._kernel_cache = KernelCache()  # used only inside doconv.torch.cached(...)
         self._auto = {}     # (input shape, margin) -> composition, for composition="auto"
+        self._valid_shapes = set()  # input shapes checked by config.output_shape
         self.reset_parameters()
 
     # ---- nn.Conv2d-compatible attributes -----------------------------------------------------
@@ -233,6 +234,7 @@ class DOConv2d(nn.Module):
         super().__setstate__(state)
         self.__dict__.pop("_cache", None)  # the implicit cache of older pickles: never read
         self.__dict__.setdefault("_kernel_cache", KernelCache())
+        self.__dict__.setdefault("_valid_shapes", set())
 
     # ---- forward ------------------------------------------------------------------------------
     def _check_input(self, x, dtype: torch.dtype) -> None:
@@ -244,7 +246,11 @@ class DOConv2d(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
         if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
-            self.config.output_shape(x.shape, unbatched=True)  # ValueError naming rank / channels / sizes / pads
+            if x.shape not in self._valid_shapes:  # checked once per input shape: most of a call's Python time
+                self.config.output_shape(x.shape, unbatched=True)  # ValueError naming rank / channels / sizes
+                if len(self._valid_shapes) >= 64:
+                    self._valid_shapes.clear()
+                self._valid_shapes.add(x.shape)
         elif x.dim() not in (3, 4):
             raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got input shape {tuple(x.shape)}")
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
