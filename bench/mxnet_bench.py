@@ -100,9 +100,9 @@ def resnet_arms(tmp):
         net = build()
         net.load_parameters(path)
         if arm != "plain copy":
-            convert(net)
+            net, _ = convert(net, inplace=True)
             _randomise_D(net, 1)
-        nets[arm] = fold(net) if arm == "DO folded" else net
+        nets[arm] = fold(net)[0] if arm == "DO folded" else net
     for net in nets.values():
         net.hybridize(static_alloc=True, static_shape=True)
     return nets
@@ -135,7 +135,7 @@ def stack(kind, channels):
     if kind != "plain":
         _randomise_D(net, 3)
     if kind == "DO folded":
-        net = fold(net)
+        net, _ = fold(net)
     net.hybridize(static_alloc=True, static_shape=True)
     return net
 

@@ -83,7 +83,7 @@ class GluonFramework(Framework):
             trainer.step(1)
 
     def fold(self, layer):
-        folded = self.backend.fold(layer.obj)
+        folded, _ = self.backend.fold(layer.obj)
         plain = [folded[i] for i in range(len(folded))]
         if len(plain) != 1 or type(plain[0]) is not self.mx.gluon.nn.Conv2D:
             raise TypeError(f"fold gave {[type(b).__name__ for b in plain]}, expected one plain gluon.nn.Conv2D")

@@ -1,4 +1,4 @@
-"""``cached(net)``: the one way a ``DOConv2D`` reuses a composed kernel, explicit and scoped.
+"""``cached(model)``: the one way a ``DOConv2D`` reuses a composed kernel, explicit and scoped.
 
 Outside this context every call composes W' = D^T o W from W and D as they are. No implicit cache can be
 correct in Gluon: NDArrays carry no version counter, so raw in-place writes (``W.data()[:] = v``,
@@ -15,12 +15,12 @@ outermost scope (normally or by an exception) drops every W'. The W' is no Gluon
 ``collect_params()``, no ``save_parameters`` file and no Trainer.
 
 Hybridized graphs. A CachedOp takes its inputs from Parameters only, and a graph built outside the scope
-composes W' inside itself. So the scope clears the cached graph of every hybridized block of ``net`` that holds
+composes W' inside itself. So the scope clears the cached graph of every hybridized block of ``model`` that holds
 a DO-Conv layer, on entry and on exit: the first call inside the scope (outside ``autograd.record()``; one
 inside builds a composing graph) builds a graph whose convolutions read the scope's W', fed by a handle that
 lives only in that CachedOp's argument list, and the first call after the scope builds a composing graph again.
 Each scope therefore costs one graph build at each end. Pass the outermost hybridized block: a hybridized
-ancestor of ``net`` keeps its own graph, which composes (correct, uncached). ``export()`` inside the scope
+ancestor of ``model`` keeps its own graph, which composes (correct, uncached). ``export()`` inside the scope
 writes the composing graph with W and D, the files it writes outside. For deployment, fold
 (:func:`doconv.mxnet.fold`): a plain convolution needs no promise.
 """
@@ -133,8 +133,8 @@ def _export(block, *args, **kwargs):
         block._cached_op_args = scoped
 
 
-def _held(net):
-    """The DO-Conv layers of ``net`` that compose (have D) and its hybrid blocks holding one, each once."""
+def _held(model):
+    """The DO-Conv layers of ``model`` that compose (have D) and its hybrid blocks holding one, each once."""
     from .layer import DOConv2D
 
     layers, graphs, found = [], [], {}  # found: id(block) -> whether its subtree holds a composing layer
@@ -150,18 +150,30 @@ def _held(net):
                 graphs.append(block)
             found[id(block)] = held
         return found[id(block)]
-    walk(net)
+    walk(model)
     return layers, graphs
 
 
+def check_model(model) -> None:
+    """The TypeError of every model-level function of doconv.mxnet for a ``model`` that is no Gluon block."""
+    if not isinstance(model, gluon.Block):
+        raise TypeError(f"model must be a mxnet.gluon.Block (a net, a block or a DOConv2D), but got "
+                        f"{type(model).__name__}")
+
+
+def unscoped(block) -> None:
+    """Remove what an open scope set on ``block`` itself (a copy of a held block is held by no scope)."""
+    for method in ("_build_cache", "export"):
+        vars(block).pop(method, None)
+
+
 @contextlib.contextmanager
-def cached(net):
-    """Within the block, every ``DOConv2D`` of ``net`` (a net, any block, or a layer itself) composes W' at
+def cached(model):
+    """Within the block, every ``DOConv2D`` of ``model`` (a net, any block, or a layer itself) composes W' at
     most once per context for calls outside ``autograd.record()`` and reuses it; the caller promises not to
     write W or D meanwhile. Hybridized graphs are rebuilt on entry and exit. See the module doc."""
-    if not isinstance(net, gluon.Block):
-        raise TypeError(f"net must be a gluon Block (a net, a block or a DOConv2D), but got {type(net).__name__}")
-    layers, graphs = _held(net)
+    check_model(model)
+    layers, graphs = _held(model)
     for layer in layers:
         _LAYERS.setdefault(id(layer), _Layer(layer)).depth += 1
     for block in graphs:
@@ -171,15 +183,14 @@ def cached(net):
             block._clear_cached_op()  # a graph built before the scope composes: rebuild it to read W'
             block._build_cache, block.export = _build_cache.__get__(block), _export.__get__(block)
     try:
-        yield net
+        yield model
     finally:
         for block in graphs:
             held = _GRAPHS[id(block)]
             held[1] -= 1
             if not held[1]:
                 del _GRAPHS[id(block)]
-                for method in ("_build_cache", "export"):
-                    vars(block).pop(method, None)
+                unscoped(block)
                 block._clear_cached_op()  # a graph built inside the scope reads W': never reuse it after
         for layer in layers:
             held = _LAYERS[id(layer)]

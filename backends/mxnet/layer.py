@@ -3,8 +3,11 @@
 Parameters (their names in ``save_parameters`` files, ``collect_params`` and ``hybrid_forward``)::
 
     W     (C_out, C_in/g, D_mul)   the paper's W, canonical layout (trainable)
-    D     (C_in, M*N, D_mul)       the delta D' = D - I_fill, zeros at identity init (trainable; absent for 1x1)
+    D     (C_in, M*N, D_mul)       the trainable delta D' = D - I_fill, zeros at identity init (absent for 1x1)
     bias  (C_out,)                 as gluon.nn.Conv2D (absent with use_bias=False)
+
+``weight`` (C_out, C_in/g, M, N) is W' = D^T o W, composed at each read and read-only; no Parameter
+(:class:`ComposedWeight`).
 
 The fixed I_fill (M*N identities tiled along D_mul, :func:`doconv.identity_fill`) is no parameter: the graph
 builds it from ``eye`` (or, for D_mul = M*N, never materialises it at all), so it is neither saved nor trained.
@@ -46,12 +49,12 @@ import numbers
 
 import numpy as np
 
-from doconv import DOConvConfig, choose_composition, params_for_kernel, standardize_pair
+from doconv import DOConvConfig, choose_composition, standardize_pair
+from doconv.contract import COMPOSITIONS, D_INITS, LayerSpec, check_choice
 
 from . import cache as _cache
 from ._mx import gluon, mx
 
-COMPOSITIONS = ("kernel", "feature", "auto")
 LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -83,36 +86,54 @@ class DOConvDelta(mx.init.Initializer):
         arr[:] = D - identity_fill(self.MN, self.S)
 
 
-def _dumps(init):
-    """``init`` as ``Initializer.dumps`` writes it (``Parameter.var`` stores the initializer's kwargs as JSON)."""
-    if init is None or isinstance(init, str):
-        return init
-    try:
-        return init.dumps()
-    except (TypeError, ValueError):  # kwargs JSON cannot hold: the name only (the object itself still draws)
-        return type(init).__name__.lower()
+#: What to do instead of writing W' (``DOConv2D.weight``).
+READ_ONLY = ("set W and D (doconv.mxnet.set_params, load_parameters), or fold first (doconv.mxnet.fold) to get a "
+             "gluon.nn.Conv2D whose weight can be set")
 
 
-@mx.init.register
-class KernelInit(mx.init.Initializer):
-    """Initialiser of W that draws W' as a ``gluon.nn.Conv2D`` draws its weight (what ``convert`` gives W).
+class ComposedWeight:
+    """``DOConv2D.weight``: W' = D^T o W, (C_out, C_in/g, M, N), read as a ``gluon.nn.Conv2D``'s weight
+    Parameter is read (``data(ctx)``, ``list_data()``, ``list_ctx()``, ``shape``, ``dtype``, ``name``) and
+    composed from W and D at each read (recorded under ``autograd.record()``, so gradients reach W and D).
 
-    ``init`` (the conv weight's own initializer, or None for the one passed to ``initialize()``) fills a
-    (C_out, C_in/g, M, N) kernel under the conv weight's ``name`` -- its shape, so its fan, and its name --
-    and W holds that kernel as :func:`doconv.params_for_kernel` does: W' = the kernel at D' = 0.
+    It is no Parameter, so that no ``collect_params``, parameter file or Trainer ever holds it: idioms that
+    select parameters by name (``collect_params('.*weight')``) find a DOConv2D's W, D and bias instead.
+    ``set_data`` refuses: W' is no storage of its own.
     """
 
-    def __init__(self, init=None, name="weight", kernel_size=(3, 3), groups=1):
-        super().__init__(init=_dumps(init), name=name, kernel_size=list(kernel_size), groups=groups)
-        self.conv_init, self.conv_name, self.kernel_size, self.groups = init, name, tuple(kernel_size), groups
+    def __init__(self, layer: "DOConv2D"):
+        self._layer = layer
 
-    def _init_weight(self, desc, arr):
-        outer = getattr(desc, "global_init", None) or mx.init.Uniform()
-        cout, per_group, s = arr.shape
-        config = DOConvConfig(per_group * self.groups, cout, self.kernel_size, groups=self.groups, D_mul=s)
-        kernel = mx.nd.zeros(config.kernel_shape, dtype=arr.dtype)
-        mx.init.create(outer)(mx.init.InitDesc(self.conv_name, {"__init__": self.conv_init or outer}), kernel)
-        arr[:] = params_for_kernel(kernel.asnumpy(), config).W
+    @property
+    def name(self) -> str:
+        return self._layer.prefix + "weight"
+
+    @property
+    def shape(self) -> tuple:
+        """As a deferred Conv2D weight's: C_in/g is 0 until C_in is known."""
+        spec = self._layer.spec
+        return (spec.out_channels, self._layer.in_channels // spec.groups) + spec.kernel_size
+
+    @property
+    def dtype(self):
+        return self._layer.W.dtype
+
+    def list_ctx(self) -> list:
+        return self._layer.W.list_ctx()
+
+    def data(self, ctx=None):
+        """W' on ``ctx`` (Parameter.data's rule for None: W's one context, else the current one)."""
+        return self._layer._compose_nd(self._layer.W.data(ctx).context)
+
+    def list_data(self) -> list:
+        return [self._layer._compose_nd(ctx) for ctx in self.list_ctx()]
+
+    def set_data(self, data):
+        raise ValueError(f"{self.name} is the composed kernel W' = D^T o W of a DOConv2D, not a Parameter: "
+                         f"{READ_ONLY}")
+
+    def __repr__(self) -> str:
+        return f"ComposedWeight({self.name}, shape={self.shape}, dtype={self.dtype})"
 
 
 def _shapes_agree(a, b) -> bool:
@@ -133,6 +154,17 @@ class DOConv2D(gluon.HybridBlock):
 
     ``layout='NHWC'`` is accepted where MXNet's own Convolution runs it (GPU): on CPU, MXNet cannot, and the
     first call says so with a ValueError. ``padding`` is Gluon's symmetric zero padding (int or pair).
+
+    Shape (NCHW): input (N, C_in, H, W), output (N, C_out, H_out, W_out) as ``gluon.nn.Conv2D``;
+    ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, M*N, D_mul) holding D' = D - I_fill, ``bias`` (C_out,), and
+    ``weight`` (C_out, C_in/g, M, N), the composed W' (read-only).
+
+    Example::
+
+        layer = DOConv2D(64, 3, padding=1, in_channels=32)
+        layer.initialize()
+        y = layer(mx.nd.ones((8, 32, 56, 56)))      # (8, 64, 56, 56); equal to a Conv2D with W' at init
+        kernel = layer.weight.data()                # W', (64, 32, 3, 3)
     """
 
     def __init__(self, channels, kernel_size, strides=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
@@ -140,34 +172,28 @@ class DOConv2D(gluon.HybridBlock):
                  in_channels=0, *, D_mul=None, d_init="identity", composition="kernel",
                  depthwise_separable=False, **kwargs):
         super().__init__(**kwargs)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, but got layout={layout!r}")
-        if composition not in COMPOSITIONS:
-            raise ValueError(f"composition must be one of {COMPOSITIONS}, but got composition={composition!r}")
-        if d_init not in ("identity", "random"):
-            raise ValueError(f"d_init must be one of ('identity', 'random'), but got d_init={d_init!r}")
+        check_choice(layout, "layout", LAYOUTS)
+        check_choice(composition, "composition", COMPOSITIONS)
+        check_choice(d_init, "d_init", D_INITS)
         if not isinstance(in_channels, numbers.Integral) or isinstance(in_channels, bool) or in_channels < 0:
             raise ValueError(f"in_channels must be a positive int, or 0 to infer it from the first input, "
                              f"but got in_channels={in_channels!r}")
         pad = gluon_padding(padding)
-        # Validate everything now (the core names argument and value); groups stands in for unknown C_in
-        # (1 when groups itself is bad, so that the core's error names groups, not in_channels).
-        stand_in = groups if isinstance(groups, numbers.Integral) and not isinstance(groups, bool) and groups > 0 else 1
-        cfg = DOConvConfig(int(in_channels) or stand_in, channels, kernel_size, stride=strides, padding=pad,
-                           dilation=dilation, groups=groups, bias=use_bias, D_mul=D_mul,
-                           depthwise_separable=depthwise_separable)
-        self._args = dict(out_channels=cfg.out_channels, kernel_size=cfg.kernel_size, stride=cfg.stride,
-                          padding=pad, dilation=cfg.dilation, groups=cfg.groups, bias=cfg.bias, D_mul=cfg.D_mul,
-                          depthwise_separable=depthwise_separable)
+        # Every check that needs no C_in runs now, the rest when C_in is known (given, or at the first input).
+        spec = self._spec = LayerSpec(channels, kernel_size, stride=strides, padding=pad, dilation=dilation,
+                                      groups=groups, bias=use_bias, D_mul=D_mul,
+                                      depthwise_separable=depthwise_separable)
+        self._padding = pad  # Gluon's (h, w); the spec holds it per side
         self._layout, self._composition, self._auto = layout, composition, None
         self._activation, self.d_init = activation, d_init
-        self._check_in_channels(int(in_channels))
         cin = int(in_channels)
+        if cin:
+            spec.bind(cin)  # ValueError names in_channels and groups
+        mn, s = self._mn, spec.D_mul
         with self.name_scope():
-            self.W = self._param("W", shape=(cfg.out_channels, cin // cfg.groups, cfg.S), init=weight_initializer)
-            self.D = self._param("D", shape=(cin, cfg.MN, cfg.S), init=DOConvDelta(d_init, cfg.MN, cfg.S)) \
-                if cfg.has_D else None
-            self.bias = self.params.get("bias", shape=(cfg.out_channels,), init=bias_initializer,
+            self.W = self._param("W", shape=(spec.out_channels, cin // spec.groups, s), init=weight_initializer)
+            self.D = self._param("D", shape=(cin, mn, s), init=DOConvDelta(d_init, mn, s)) if mn > 1 else None
+            self.bias = self.params.get("bias", shape=(spec.out_channels,), init=bias_initializer,
                                         allow_deferred_init=True) if use_bias else None
             self.act = gluon.nn.Activation(activation, prefix=activation + "_") if activation is not None else None
 
@@ -193,24 +219,42 @@ class DOConv2D(gluon.HybridBlock):
 
     def _compose_nd(self, ctx):
         """W' in the layer's dtype on ``ctx``, imperatively (recorded when autograd records)."""
-        return self._kernel(mx.nd, self.W.data(ctx), self.D.data(ctx))
+        return self._kernel(mx.nd, self.W.data(ctx), None if self.D is None else self.D.data(ctx))
+
+    @property
+    def weight(self) -> "ComposedWeight":
+        """The composed kernel W' = D^T o W (C_out, C_in/g, M, N), read as ``gluon.nn.Conv2D.weight`` is:
+        ``layer.weight.data(ctx)``. Read-only, and no Parameter (see :class:`ComposedWeight`)."""
+        return ComposedWeight(self)
+
+    def __setattr__(self, name, value):
+        if name == "weight":  # before Block.__setattr__, which would register a Parameter under that name
+            raise AttributeError(f"{self.name}.weight is the composed kernel W' = D^T o W, computed from W and D "
+                                 f"at each read: {READ_ONLY}")
+        super().__setattr__(name, value)
 
     # ---- configuration -----------------------------------------------------------------
-    def _check_in_channels(self, in_channels):
-        if in_channels:
-            DOConvConfig(in_channels, **self._args)  # ValueError names in_channels and groups
-
     @property
     def in_channels(self) -> int:
         """C_in, 0 while it is still to be inferred from the first input."""
-        return self.W.shape[1] * self._args["groups"]
+        return self.W.shape[1] * self._spec.groups
+
+    @property
+    def spec(self) -> LayerSpec:
+        """The layer's arguments but C_in (:class:`doconv.contract.LayerSpec`), known from construction."""
+        return self._spec
 
     @property
     def config(self) -> DOConvConfig:
         """The layer's :class:`doconv.DOConvConfig` (needs C_in: known or inferred)."""
         if not self.in_channels:
             raise ValueError(f"{self.name}: in_channels is not known yet (in_channels=0 and no input seen)")
-        return DOConvConfig(self.in_channels, **self._args)
+        return self._spec.bind(self.in_channels)
+
+    @property
+    def padding(self) -> tuple:
+        """Gluon's symmetric ``(h, w)`` zero padding."""
+        return self._padding
 
     @property
     def layout(self) -> str:
@@ -227,8 +271,7 @@ class DOConv2D(gluon.HybridBlock):
     def infer_shape(self, x, *args):
         """Deferred initialisation of this layer alone: C_in from the input's channel axis."""
         cin = int(x.shape[self._layout.find("C")])
-        self._check_in_channels(cin)
-        cfg = DOConvConfig(cin, **self._args)
+        cfg = self._spec.bind(cin)
         self.W.shape = cfg.W_shape
         if self.D is not None:
             self.D.shape = cfg.D_shape
@@ -248,21 +291,21 @@ class DOConv2D(gluon.HybridBlock):
             if not self.in_channels and self._composition != "kernel":  # a graph built next may need C_in
                 self.infer_shape(x)                                           # (feature composition)
             if self._composition == "auto" and self._auto is None:
-                cfg = DOConvConfig(channels, **self._args)
+                cfg = self._spec.bind(channels)
                 shape = x.shape if self._layout == "NCHW" else (x.shape[0], x.shape[3], *x.shape[1:3])
                 self._auto = choose_composition(cfg, shape)
                 self._clear_cached_op()
         return super().forward(x, *args)
 
     def _conv_kwargs(self, kernel=None, stride=None, pad=None, dilate=None, num_filter=None, num_group=None):
-        a = self._args
-        return dict(kernel=kernel or a["kernel_size"], stride=stride or a["stride"], pad=pad or a["padding"],
-                    dilate=dilate or a["dilation"], num_filter=num_filter or a["out_channels"],
-                    num_group=num_group or a["groups"], layout=self._layout)
+        a = self._spec
+        return dict(kernel=kernel or a.kernel_size, stride=stride or a.stride, pad=pad or self._padding,
+                    dilate=dilate or a.dilation, num_filter=num_filter or a.out_channels,
+                    num_group=num_group or a.groups, layout=self._layout)
 
     def _identity_fill(self, F, dtype):
         """I_fill (1, MN, S) from eye/tile/zeros (see :func:`doconv.identity_fill`)."""
-        mn, s = self._mn, self._args["D_mul"]
+        mn, s = self._mn, self._spec.D_mul
         if s < mn:
             eye = F.eye(mn, s, dtype=dtype)
         else:
@@ -273,20 +316,20 @@ class DOConv2D(gluon.HybridBlock):
 
     @property
     def _mn(self) -> int:
-        m, n = self._args["kernel_size"]
+        m, n = self._spec.kernel_size
         return m * n
 
     def compose(self, F, W, D, dtype=None):
         """W' = D^T o W in OIHW (Eq. 3), one ``linalg.gemm2``; ``D`` is the stored delta D'."""
-        a = self._args
-        g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
+        a = self._spec
+        g, cout, s, mn = a.groups, a.out_channels, a.D_mul, self._mn
         if D is None:  # 1x1: no D, W' is W
-            return F.reshape(W, (0, 0) + a["kernel_size"])
+            return F.reshape(W, (0, 0) + a.kernel_size)
         wg = F.reshape(W, (g, cout // g, -1, s))                              # (g, C_out/g, C_in/g, S)
         eye = self._identity_fill(F, dtype or self._dtype)                    # (1, MN, S)
         full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (g, -1, mn, s)), 1, 2)  # D, as (g, MN, C_in/g, S)
         kernel = F.linalg.gemm2(wg, full, transpose_b=True, axis=1)         # (g, C_out/g, C_in/g, MN)
-        return F.reshape(kernel, (cout, -1) + a["kernel_size"])            # (C_out, C_in/g, M, N)
+        return F.reshape(kernel, (cout, -1) + a.kernel_size)            # (C_out, C_in/g, M, N)
 
     @property
     def _dtype(self):
@@ -327,11 +370,11 @@ class DOConv2D(gluon.HybridBlock):
 
     def _feature(self, F, x, W, D, bias, compute):
         """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
-        cin, a = self.in_channels, self._args  # known: hybrid_forward composes W' while it is not
-        s, (m, n) = a["D_mul"], a["kernel_size"]
+        cin, a = self.in_channels, self._spec  # known: hybrid_forward composes W' while it is not
+        s, (m, n) = a.D_mul, a.kernel_size
         full = F.broadcast_add(D, self._identity_fill(F, "float32" if compute else self._dtype))
         dk = F.reshape(F.swapaxes(full, 1, 2), (cin * s, 1, m, n))
-        wk = F.reshape(W, (a["out_channels"], -1, 1, 1))
+        wk = F.reshape(W, (a.out_channels, -1, 1, 1))
         if compute:
             dk, wk = F.cast(dk, self._dtype), F.cast(wk, self._dtype)
         if self._layout == "NHWC":
@@ -350,8 +393,8 @@ class DOConv2D(gluon.HybridBlock):
         infer backwards, so one pixel of x times W (and times D) pins C_in/g and C_in. The probe runs in
         float32 whatever the layer's dtype; ``zeros_like`` passes no gradient.
         """
-        a = self._args
-        g, cout, s, mn = a["groups"], a["out_channels"], a["D_mul"], self._mn
+        a = self._spec
+        g, cout, s, mn = a.groups, a.out_channels, a.D_mul, self._mn
         channel = self._layout.find("C")
         end = tuple(None if axis == channel else 1 for axis in range(4))
         pixel = F.slice(x, begin=(0, 0, 0, 0), end=end)                               # one pixel, all C_in
@@ -369,15 +412,16 @@ class DOConv2D(gluon.HybridBlock):
         return zero if bias is None else F.broadcast_add(bias, zero)
 
     def __repr__(self):
-        a = self._args
-        shown = [f"{self.in_channels or None} -> {a['out_channels']}", f"kernel_size={a['kernel_size']}",
-                 f"stride={a['stride']}"]
-        for key, default in (("padding", (0, 0)), ("dilation", (1, 1)), ("groups", 1)):
-            if a[key] != default:
-                shown.append(f"{key}={a[key]}")
-        if a["D_mul"] != self._mn:
-            shown.append(f"D_mul={a['D_mul']}")
-        if not a["bias"]:
+        a = self._spec
+        shown = [f"{self.in_channels or None} -> {a.out_channels}", f"kernel_size={a.kernel_size}",
+                 f"stride={a.stride}"]
+        for key, value, default in (("padding", self._padding, (0, 0)), ("dilation", a.dilation, (1, 1)),
+                                    ("groups", a.groups, 1)):
+            if value != default:
+                shown.append(f"{key}={value}")
+        if a.D_mul != self._mn:
+            shown.append(f"D_mul={a.D_mul}")
+        if not a.bias:
             shown.append("bias=False")
         if self._composition != "kernel":
             shown.append(f"composition={self._composition!r}")

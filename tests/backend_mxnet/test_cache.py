@@ -378,7 +378,7 @@ def test_export_inside_a_scope_writes_the_composing_graph(tmp_path):
 
 
 def test_cached_refuses_what_is_no_block():
-    with pytest.raises(TypeError, match="net must be a gluon Block .* but got list"):
+    with pytest.raises(TypeError, match=r"model must be a mxnet.gluon.Block .*, but got list"):
         with cached([DOConv2D(4, 3)]):
             pass
 
@@ -395,7 +395,7 @@ def test_a_converted_resnet_exposes_W_D_and_bias_only_in_and_out_of_a_scope(tmp_
     x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, 32, 32)))
     net(x)
     plain = {name for name in net.collect_params()}
-    convert(net)
+    net, _ = convert(net)
     rng = np.random.default_rng(1)
     layers = [b for b in _blocks(net) if isinstance(b, DOConv2D)]
     for layer in layers:

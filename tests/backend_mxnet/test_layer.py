@@ -257,7 +257,7 @@ def test_export_and_symbolblock_imports(tmp_prefix, folded, h):
     x = h.nd(np.random.default_rng(1).normal(size=(2, 4, 6, 6)))
     want = net(x).asnumpy()
     if folded:
-        net = fold(net)
+        net, _ = fold(net)
         assert all(type(b) is gluon.nn.Conv2D for b in net)
         net.hybridize()
         net(x)
@@ -366,3 +366,68 @@ def test_summary_counts_W_D_and_bias_only(capsys):
     params = get_params(a)
     doconv.assert_close(net(mx.nd.array(x)).asnumpy(), doconv.forward(doconv.forward(x, params, a.config), params,
                                                                       a.config), "float32", "shared twice")
+
+
+# ---- weight: W', read-only -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [doconv.cases.case(i) for i in ("k3-same", "g3-k3-s2-Dmul+3", "k1x1")],
+                         ids=["k3-same", "g3-k3-s2-Dmul+3", "k1x1"])
+def test_weight_is_the_kernel_composed_now(case, h):
+    """``layer.weight.data()`` is doconv.compose of the parameters as they are at the read (randomised D),
+    also after a raw in-place write; its shape, dtype and name are a Conv2D weight's."""
+    layer, params = h.build(case, "float64", seed=5)
+    c = case.config
+    weight = layer.weight
+    assert weight.shape == c.kernel_shape and np.dtype(weight.dtype) == np.float64
+    assert weight.name == layer.prefix + "weight" and weight.list_ctx() == [mx.cpu()]
+    doconv.assert_close(weight.data().asnumpy(), doconv.compose(params, c), "float64", case.id)
+    layer.W.data()[:] = layer.W.data() * 2 + 0.5  # a write no Gluon hook sees
+    if layer.D is not None:
+        layer.D.data()[:] += mx.nd.array(np.random.default_rng(6).normal(0, 0.2, size=layer.D.shape), dtype="float64")
+    now = get_params(layer)
+    doconv.assert_close(weight.data(mx.cpu()).asnumpy(), doconv.compose(now, c), "float64", f"{case.id} after a write")
+    assert doconv.max_error(doconv.compose(now, c), doconv.compose(params, c)) > 1e-3
+    [only] = weight.list_data()
+    doconv.assert_close(only.asnumpy(), doconv.compose(now, c), "float64", case.id)
+
+
+def test_weight_is_no_parameter_and_cannot_be_written(h):
+    layer, _ = h.build(doconv.cases.case("k3-same"), "float32", seed=1)
+    assert sorted(k[len(layer.prefix):] for k in layer.collect_params()) == ["D", "W", "bias"]
+    assert not any(p is layer.weight for p in layer.collect_params().values())
+    with pytest.raises(ValueError, match=r"weight is the composed kernel W' = D\^T o W of a DOConv2D, not a "
+                                         r"Parameter: set W and D .*or fold first \(doconv.mxnet.fold\)"):
+        layer.weight.set_data(mx.nd.zeros(layer.weight.shape))
+    with pytest.raises(AttributeError, match=r"weight is the composed kernel .*fold first"):
+        layer.weight = gluon.Parameter("weight", shape=layer.weight.shape)
+    assert sorted(k[len(layer.prefix):] for k in layer.collect_params()) == ["D", "W", "bias"]
+    deferred = DOConv2D(6, 3, groups=2)
+    assert deferred.weight.shape == (6, 0, 3, 3)
+
+
+def test_the_conv_weight_idioms_read_W_prime_in_a_converted_net(h):
+    """``net.<path>.weight.data()`` in a converted net, on two contexts, and differentiably: gradients of a
+    function of W' reach W and D exactly as the core's vjp of compose says."""
+    from doconv.mxnet import convert
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(6, 3, padding=1, in_channels=4, groups=2))
+    net.initialize(mx.init.Xavier(), ctx=[mx.cpu(0), mx.cpu(1)])
+    net, _ = convert(net)
+    layer = net[0]
+    layer.D.set_data(mx.nd.array(np.random.default_rng(2).normal(0, 0.3, size=layer.D.shape)))
+    want = doconv.compose(get_params(layer), layer.config)
+    for ctx, data in zip([mx.cpu(0), mx.cpu(1)], layer.weight.list_data()):
+        assert data.context == ctx
+        doconv.assert_close(data.asnumpy(), want, "float32", str(ctx))
+    with mx.autograd.record():
+        loss = (layer.weight.data(mx.cpu(1)) * 3).sum()
+    loss.backward()
+    g = layer.W.grad(mx.cpu(1)).asnumpy()
+    assert np.abs(g).max() > 0
+    eps, W = 1e-2, get_params(layer)
+    bumped = get_params(layer)
+    bumped.W = bumped.W.astype("float64")
+    bumped.W[0, 0, 0] += eps
+    W.W = W.W.astype("float64")
+    numeric = 3 * (doconv.compose(bumped, layer.config) - doconv.compose(W, layer.config)).sum() / eps
+    np.testing.assert_allclose(g[0, 0, 0], numeric, rtol=1e-3)

@@ -1,4 +1,4 @@
-"""Import of the official GluonCV DO-Conv layer's parameters: exact outputs for every expressible case.
+"""Import of the official GluonCV DO-Conv parameters (one layer, or a whole net by block path): exact outputs.
 
 The official layer (yangyanli/DO-Conv, do_conv_gluoncv.py) keeps the conv's own ``weight`` (C_out, C_in/g, M, N)
 as W with D_mul = M*N and trains a delta ``D`` (MN, MN, C_in). Its arithmetic, re-implemented here from that
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import doconv
-from doconv.mxnet import UNSUPPORTED_FEATURES, import_official, layer_from_config
-from doconv.mxnet._mx import mx
+from doconv.mxnet import UNSUPPORTED_FEATURES, convert, import_official, layer_from_config
+from doconv.mxnet._mx import gluon, mx
 
 CASES = [c for c in doconv.cases.select(UNSUPPORTED_FEATURES) if c.config.D_mul == c.config.MN]
 
@@ -36,7 +36,8 @@ def test_official_gluon_parameters_give_the_official_outputs(case, prefixed):
     if c.bias:
         arrays["bias"] = rng.normal(size=c.out_channels)
     layer = layer_from_config(c, dtype="float64")
-    import_official(layer, {("doconv2d0_" + k if prefixed else k): v for k, v in arrays.items()})
+    assert import_official(layer, {("doconv2d0_" + k if prefixed else k): v for k, v in arrays.items()}) == \
+        [doconv.ROOT_NAME]
     kernel = official_gluon_kernel(arrays["weight"], arrays["D"], c) if c.has_D else arrays["weight"]
     x = case.input(21, np.float64)
     want = doconv.conv2d(x, kernel, arrays.get("bias"), stride=c.stride, padding=c.padding, dilation=c.dilation,
@@ -55,3 +56,88 @@ def test_official_import_errors_name_the_problem():
     wide = layer_from_config(doconv.DOConvConfig(4, 6, 3, padding=1, D_mul=12))
     with pytest.raises(ValueError, match="only D_mul = M\\*N"):
         import_official(wide, {"weight": np.zeros(c.kernel_shape)})
+
+
+def _official_net_arrays(rng):
+    """A whole official net's parameters as save_parameters names them: two official DO-Conv layers around a
+    BatchNorm, under block paths."""
+    convs = {"0": doconv.DOConvConfig(3, 6, 3, padding=1), "2.conv": doconv.DOConvConfig(6, 4, 3, groups=2)}
+    arrays = {}
+    for path, c in convs.items():
+        arrays[f"{path}.weight"] = rng.normal(size=c.kernel_shape)
+        arrays[f"{path}.D"] = rng.normal(0, 0.3, size=(c.MN, c.MN, c.in_channels))
+        arrays[f"{path}.bias"] = rng.normal(size=c.out_channels)
+    for key in ("gamma", "beta", "running_mean"):
+        arrays[f"1.{key}"] = rng.normal(size=6)
+    arrays["1.running_var"] = rng.uniform(0.5, 2, size=6)
+    return convs, arrays
+
+
+class _Wrapped(gluon.HybridBlock):
+    def __init__(self, conv):
+        super().__init__()
+        with self.name_scope():
+            self.conv = conv
+
+    def hybrid_forward(self, F, x):
+        return self.conv(x)
+
+
+def _converted_net():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(6, 3, padding=1, in_channels=3), gluon.nn.BatchNorm(in_channels=6),
+            _Wrapped(gluon.nn.Conv2D(4, 3, groups=2, in_channels=6)))
+    net.initialize()
+    return convert(net)[0]
+
+
+def test_a_whole_official_net_imports_by_block_path():
+    rng = np.random.default_rng(4)
+    convs, arrays = _official_net_arrays(rng)
+    net = _converted_net()
+    names = import_official(net, {k: mx.nd.array(v) for k, v in arrays.items()})
+    assert names == ["0", "2.conv"]
+    x = rng.normal(size=(2, 3, 7, 7))
+    want = x
+    for path in ("0", "1", "2.conv"):
+        if path == "1":
+            a = {k: arrays[f"1.{k}"][None, :, None, None] for k in ("gamma", "beta", "running_mean", "running_var")}
+            want = (want - a["running_mean"]) / np.sqrt(a["running_var"] + 1e-5) * a["gamma"] + a["beta"]
+            continue
+        c = convs[path]
+        kernel = official_gluon_kernel(arrays[f"{path}.weight"], arrays[f"{path}.D"], c)
+        want = doconv.conv2d(want, kernel, arrays[f"{path}.bias"], stride=c.stride, padding=c.padding, groups=c.groups)
+    got = net(mx.nd.array(x)).asnumpy()  # inference: BatchNorm uses the running statistics
+    doconv.assert_close(got, want, "float32", "a whole official net")
+
+
+@pytest.mark.parametrize("flaw, match", [
+    ("extra", r"keys that name no parameter \['3.weight'\], parameters without a key \[\]"),
+    ("missing-bn", r"keys that name no parameter \[\], parameters without a key \['1.beta'\]"),
+    ("missing-layer", r"arrays has no entry for layer '2.conv' \(no key starts with '2.conv.'\)"),
+    ("bad-shape", r"arrays\['1.gamma'\] has shape \(5,\), but the parameter .*gamma' has shape \(6,\)"),
+    ("bad-D", r"layer '0': .*'D' has shape \(9, 9, 2\), expected \(9, 9, 3\)"),
+])
+def test_a_whole_official_net_that_does_not_match_changes_nothing(flaw, match):
+    _, arrays = _official_net_arrays(np.random.default_rng(5))
+    if flaw == "extra":
+        arrays["3.weight"] = np.zeros(3)
+    elif flaw == "missing-bn":
+        del arrays["1.beta"]
+    elif flaw == "missing-layer":
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("2.conv.")}
+    elif flaw == "bad-shape":
+        arrays["1.gamma"] = np.zeros(5)
+    else:
+        arrays["0.D"] = np.zeros((9, 9, 2))
+    net = _converted_net()
+    before = {k: p.data().asnumpy() for k, p in net.collect_params().items()}
+    with pytest.raises(ValueError, match=match):
+        import_official(net, arrays)
+    for k, p in net.collect_params().items():
+        np.testing.assert_array_equal(p.data().asnumpy(), before[k], err_msg=k)
+
+
+def test_import_official_refuses_what_is_no_mapping():
+    with pytest.raises(TypeError, match="arrays must be a mapping of names to arrays, but got list"):
+        import_official(_converted_net(), [np.zeros(3)])
