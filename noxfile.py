@@ -36,9 +36,9 @@ def tests(session):
 
 @nox.session(name="tests-mxnet", python=PYTHON, tags=["tests"])
 def tests_mxnet(session):
-    """Core and MXNet/GluonCV tests in the MXNet environment (numpy<1.24, no torch)."""
+    """Core, shared-API and MXNet/GluonCV tests in the MXNet environment (numpy<1.24, no torch)."""
     install(session, MXNET, ".[mxnet,test]")
-    session.run("pytest", "tests/core", "tests/backend_mxnet", *session.posargs)
+    session.run("pytest", "tests/core", "tests/api", "tests/backend_mxnet", *session.posargs)
 
 
 @nox.session(name="install-check", python=PYTHON, tags=["tests"])

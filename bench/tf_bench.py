@@ -52,7 +52,7 @@ def variants(channels, size, jit):
     keras.utils.set_random_seed(0)
     base = stack(keras.layers.Conv2D, channels, size)
     do, _ = dtf.convert(base)
-    folded = dtf.fold(do)
+    folded, _ = dtf.fold(do)
     x1 = tf.constant(np.random.default_rng(0).normal(size=(1, size, size, channels)).astype("float32"))
     x8 = tf.constant(np.random.default_rng(1).normal(size=(8, size, size, channels)).astype("float32"))
 
@@ -112,7 +112,7 @@ def eager_section(repeats):
     default, _ = dtf.convert(plain, d_init="random")  # D not the identity: the timing does not depend on it
     scoped = keras.models.clone_model(default)
     scoped.set_weights(default.get_weights())
-    folded = dtf.fold(default)
+    folded, _ = dtf.fold(default)
     print("\n### Eager inference: 4 x (conv 3x3, BN, ReLU), 64 channels, 32x32\n")
     print("| batch | variant | median ms | ratio to plain (median of paired) |")
     print("|---|---|---|---|")

@@ -92,7 +92,7 @@ class KerasFramework(Framework):
             optimizer.apply_gradients(zip(grads, variables.values()))
 
     def fold(self, layer):
-        folded = self.backend.fold(layer.obj)
+        folded, _ = self.backend.fold(layer.obj)
         convs = [l for l in folded.layers if isinstance(l, self.keras.layers.Conv2D)
                  or isinstance(l, self.keras.layers.DepthwiseConv2D)]
         if len(convs) != 1 or type(convs[0]).__module__.startswith("doconv"):

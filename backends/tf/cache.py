@@ -6,7 +6,7 @@ with values that never reach the variables, and the backend variable can be writ
 method (``layer.W.value.assign``, raw ops, ``load_state_dict`` on the torch backend). As
 ``torch.nn.utils.parametrize.cached()`` does, the reuse is a promise the caller makes for a scope::
 
-    with doconv.tf.cached(model):          # no writes to W or D_delta until the block ends
+    with doconv.tf.cached(model):          # no writes to W or D until the block ends
         for x in batches:
             y = model(x, training=False)   # each layer composes W' once, on its first such call
 
@@ -102,7 +102,7 @@ def drop(layer) -> None:
 @contextlib.contextmanager
 def cached(model):
     """Within the block, every DO-Conv layer of ``model`` (a model, a layer containing some, or a
-    ``DOConv2D``) composes its kernel once and reuses it; the caller promises not to write W or D_delta
+    ``DOConv2D``) composes its kernel once and reuses it; the caller promises not to write W or D
     meanwhile. Leaving the outermost scope (also by an exception) drops the kernels.
 
     Only eager calls that need no gradient read the kept kernel: ``training`` not true, no recording
@@ -110,8 +110,7 @@ def cached(model):
     ``model.predict``/``evaluate`` on TensorFlow), ``torch.compile`` or ``torch.jit`` trace, not in
     ``stateless_call`` or a symbolic call. Every other call composes afresh. The module doc says why."""
     if not isinstance(model, keras.layers.Layer):
-        raise TypeError(f"model must be a keras.layers.Layer or keras.Model, but got model of type "
-                        f"{type(model).__name__}")
+        raise TypeError(f"model must be a keras Model or Layer, but got {type(model).__name__}")
     layers = [layer for layer in model._flatten_layers(include_self=True, recursive=True)
               if isinstance(layer, ComposesKernel)]
     held = []

@@ -1,58 +1,128 @@
-"""Checkpoints: the core's canonical interchange file, and the official TensorFlow layer's variables.
+"""Layers from core configs, the core's canonical interchange file, and the official TensorFlow layer's variables.
 
-- :func:`export_canonical` / :func:`import_canonical`: every :class:`DOConv2D` of a model, named
-  by its Keras layer name, in the canonical layout and the paper's pairing (:mod:`doconv.interchange`),
-  so a file written by the PyTorch or Gluon backend loads here and the other way round.
-- :func:`import_official`: the official TF layer's ``kernel`` (D_mul, C_in/g, filters) and delta
-  ``D`` (M*N, D_mul, C_in), converted by :func:`doconv.layouts.from_official` to the paper's
-  pairing with the exact same composed kernel (``refold=True`` where no such D exists).
+- :func:`layer_from_config` / :func:`keras_padding`: a built :class:`DOConv2D` for a core config (the
+  backend contract shared with ``doconv.torch`` and ``doconv.mxnet``);
+
+- :func:`export_canonical` / :func:`import_canonical`: every :class:`DOConv2D` of a model, named by its
+  path (:func:`doconv.tf.model.named_layers`: the Keras layer name in Sequential and functional models),
+  in the canonical layout and the paper's pairing (:mod:`doconv.interchange`), so a file written by the
+  PyTorch or Gluon backend loads here and the other way round.
+- :func:`import_official`: the official TF layer's ``kernel`` (D_mul, C_in/g, filters) and delta ``D``
+  (M*N, D_mul, C_in), converted by :func:`doconv.layouts.from_official` to the paper's pairing with the
+  exact same composed kernel (``refold=True`` where no such D exists).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import List, Mapping
+
+import numpy as np
 
 import doconv
 from doconv import layouts
 
 from .layer import DOConv2D, get_params, layer_config, set_params
-from .model import _walk
+from .model import doconv_layers
 
 
-def _do_layers(model) -> dict:
-    if isinstance(model, DOConv2D):
-        return {model.name: model}
-    out = {}
-    for layer in _walk(model):
-        if isinstance(layer, DOConv2D):
-            if layer.name in out:
-                raise ValueError(f"two DOConv2D layers are named {layer.name!r}; canonical files key layers by name")
-            out[layer.name] = layer
-    return out
+def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", composition="kernel",
+                      data_format="channels_last", **kwargs) -> DOConv2D:
+    """A built :class:`DOConv2D` for a core config (padding must be expressible in Keras)."""
+    if not isinstance(config, doconv.DOConvConfig):
+        raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
+    layer = DOConv2D(config.out_channels, config.kernel_size, config.stride, keras_padding(config),
+                     data_format, config.dilation, config.groups, use_bias=config.bias, D_mul=config.D_mul,
+                     depthwise_separable=config.depthwise_separable, composition=composition, dtype=dtype,
+                     **kwargs)
+    shape = (None, None, None, config.in_channels) if layer.data_format == "channels_last" else \
+        (None, config.in_channels, None, None)
+    layer.build(shape)
+    return layer
 
 
-def export_canonical(model, path) -> None:
-    """Write every :class:`DOConv2D` of ``model`` (or a single layer) to a canonical safetensors file."""
-    layers = _do_layers(model)
-    if not layers:
-        raise ValueError(f"model {model.name!r} holds no DOConv2D layer to export")
-    doconv.save(path, {name: (layer_config(layer), get_params(layer)) for name, layer in layers.items()})
+def keras_padding(config: doconv.DOConvConfig) -> str:
+    """``'same'``/``'valid'`` for a core config, or ValueError when Keras cannot express its padding.
 
-
-def import_canonical(model, path, *, strict=True) -> list:
-    """Load a canonical file into the model's :class:`DOConv2D` layers (matched by name).
-
-    Matching is the core's :func:`doconv.load_matching`: ValueError when the file names a layer the
-    model lacks, when a config differs (compared by :meth:`doconv.DOConvConfig.resolved`, so a
-    file's explicit pads load into the Keras ``'same'``/``'valid'`` they equal), or (``strict=True``)
-    when a DOConv2D layer of the model is absent from the file. Returns the names loaded.
+    Explicit pads map to ``'valid'``/``'same'`` when :meth:`doconv.DOConvConfig.resolved` says they are
+    the same layer: zero pads, or TensorFlow's SAME pads at stride 1 (which do not depend on the input size).
     """
-    layers = _do_layers(model)
+    if config.padding_mode != "zeros":
+        raise ValueError(f"Keras convolutions pad with zeros only, but got padding_mode={config.padding_mode!r}")
+    if isinstance(config.padding, str):
+        return config.padding
+    for name in ("valid", "same"):  # the core's resolved() is the one rule for "the same padding"
+        if config.resolved() == dataclasses.replace(config, padding=name).resolved():
+            return name
+    raise ValueError(f"Keras padding is 'valid' or 'same' only; padding={config.padding} of {config!r} "
+                     f"is neither")
+
+
+def _layers(model, what: str) -> dict:
+    layers = doconv_layers(model)  # TypeError for what is no Keras layer
+    if not layers:
+        raise ValueError(f"model has no DOConv2D layer to {what} ({type(model).__name__} {model.name!r} holds "
+                         f"none): convert it first (doconv.tf.convert(model))")
+    return layers
+
+
+def export_canonical(model, path, *, allow_nonfinite: bool = False) -> None:
+    """Write every :class:`DOConv2D` of ``model`` (or a single layer) to a canonical safetensors file, named by
+    path. NaN or +-inf in a parameter is a ValueError unless ``allow_nonfinite=True`` (:func:`doconv.save`)."""
+    layers = _layers(model, "export")
+    doconv.save(path, {name: (layer_config(layer), get_params(layer)) for name, layer in layers.items()},
+                allow_nonfinite=allow_nonfinite)
+
+
+def import_canonical(model, path, *, strict: bool = True, allow_nonfinite: bool = False) -> List[str]:
+    """Load a canonical file into the model's :class:`DOConv2D` layers (matched by path); returns their names.
+
+    Matching is the core's :func:`doconv.load_matching`: ValueError when the file names a layer the model
+    lacks, when a config differs (compared by :meth:`doconv.DOConvConfig.resolved`, so a file's explicit
+    pads load into the Keras ``'same'``/``'valid'`` they equal), when (``strict=True``) a DOConv2D of the
+    model is absent from the file, or when the file holds NaN / +-inf (unless ``allow_nonfinite=True``).
+    Nothing is written unless every layer matches.
+    """
+    layers = _layers(model, "import a canonical file into")
     params = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()}, strict=strict,
-                                  bare=isinstance(model, DOConv2D))
+                                  bare=isinstance(model, DOConv2D), allow_nonfinite=allow_nonfinite)
+    for name, layer_params in params.items():  # every layer checked before any is written
+        layer_params.check(layer_config(layers[name]), where=f"layer {name!r}")
     for name, layer_params in params.items():
         set_params(layers[name], layer_params)
-    return sorted(params)
+    return list(params)
 
 
-def import_official(layer, arrays, *, refold=False) -> None:
-    """Load the official TF DO-Conv layer's arrays (``kernel``, ``D``, optional ``bias``) into ``layer``."""
-    set_params(layer, layouts.from_official(arrays, layer_config(layer), "tf", refold=refold))
+def import_official(model, arrays: Mapping[str, np.ndarray], *, refold: bool = False) -> List[str]:
+    """Load the official TF DO-Conv layer's arrays into ``model``; returns the paths of the layers loaded.
+
+    ``model`` a bare :class:`DOConv2D`: ``arrays`` are one layer's (``kernel``, ``D``, optional ``bias``). A
+    model: keys are prefixed by each layer's path (``'conv1.kernel'``, ``'block.conv.D'``; ``/`` also
+    separates, as in Keras variable paths), and every DOConv2D of the model must have its arrays. Every
+    layer is converted (:func:`doconv.layouts.from_official`) before any is written.
+    """
+    layers = _layers(model, "import an official checkpoint into")
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"arrays must be a mapping of names to arrays, but got {type(arrays).__name__}")
+    if isinstance(model, DOConv2D):
+        own = {model.name: dict(arrays)}
+    else:
+        keys = {key.replace("/", "."): key for key in arrays}
+        own = {}
+        for name in layers:
+            mine = {k[len(name) + 1:]: arrays[key] for k, key in keys.items()
+                    if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+            if not mine:
+                raise ValueError(f"arrays has no entry for layer {name!r} (no key starts with {name + '.'!r}); "
+                                 f"its first keys are {sorted(arrays)[:4]}")
+            own[name] = mine
+    params = {}
+    for name, layer in layers.items():
+        try:
+            params[name] = layouts.from_official({k: np.asarray(v) for k, v in own[name].items()},
+                                                 layer_config(layer), "tf", refold=refold)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+    for name, layer_params in params.items():
+        set_params(layers[name], layer_params)
+    return list(params)

@@ -6,7 +6,7 @@ eagerly, in ``tf.function`` and with XLA) and on ``KERAS_BACKEND=torch``.
 Variables, in this fixed order (Keras weight files are positional, ``store["0"]``, ``store["1"]``...)::
 
     W        (C_in/g, D_mul, filters)   the conventional kernel over the D_mul axis, input-channel major
-    D_delta  (M*N, D_mul, C_in)         the trainable delta D' = D - I_fill (absent for 1x1 kernels)
+    D        (M*N, D_mul, C_in)         the trainable delta D' = D - I_fill (absent for 1x1 kernels)
     bias     (filters,)                 if use_bias
 
 W is stored input-channel major ("filters last", as Keras kernels) because the composition is a
@@ -21,7 +21,6 @@ The canonical layout of the core is reached by transposes only (:func:`get_param
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 import numpy as np
@@ -31,8 +30,11 @@ from keras import activations, constraints, initializers, ops, regularizers
 
 import doconv
 from doconv.config import standardize_pair
+from doconv.contract import COMPOSITIONS, D_INITS, LayerSpec, check_choice
 
 from . import cache
+from .folded import plain_layer
+from .initializers import ChannelMajorInitializer, DeltaInitializer
 
 #: The composition W' = D^T o W (paper Eq. 3) in this layer's variable layout. It is
 #: :data:`doconv.COMPOSE_EINSUM` (``"gcms,gjcs->gjcm"``) with every operand's axes reordered to
@@ -43,10 +45,6 @@ KERAS_COMPOSE_EINSUM = "msgc,csgj->mcgj"
 
 #: Axis permutations of W between the layer variable (C_in/g, S, C_out) and canonical (C_out, C_in/g, S).
 W_TO_CANONICAL, W_FROM_CANONICAL = (2, 0, 1), (1, 2, 0)
-
-COMPOSITIONS = ("kernel", "feature", "auto")
-D_INITS = ("identity", "random")
-
 
 def _positive_int(value, name):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
@@ -74,60 +72,6 @@ def _batched_matmul(a, b):
     return ops.einsum("...ms,...sj->...mj", a, b)
 
 
-class _DeltaInit(initializers.Initializer):
-    """Initial D' = D - I_fill: zeros for ``'identity'`` (paper default), He-normal D for ``'random'``."""
-
-    def __init__(self, d_init, MN, S, seed=None):
-        self.d_init, self.MN, self.S = d_init, MN, S
-        self.normal = initializers.RandomNormal(stddev=float(np.sqrt(2.0 / MN)), seed=seed)
-
-    def __call__(self, shape, dtype=None):
-        if self.d_init == "identity":
-            return ops.zeros(shape, dtype=dtype)
-        fill = ops.convert_to_tensor(doconv.identity_fill(self.MN, self.S)[:, :, None], dtype=dtype)
-        return self.normal(shape, dtype=dtype) - fill
-
-
-class _ChannelMajorInit(initializers.Initializer):
-    """``initializer`` called with W's Conv2D-like shape (S, C_in/g, filters), stored as (C_in/g, S, filters).
-
-    Its result is cast to the variable's dtype (a plain callable may return float64 NumPy, as
-    ``Conv2D`` accepts). A Conv2D-shaped kernel (M, N, C_in/g, filters), e.g. from
-    ``keras.initializers.Constant(conv.kernel)``, is accepted when D_mul = M*N: reshaped to
-    (M*N, C_in/g, filters), so that at identity D init W' is that kernel (``W[i*N + j] = kernel[i, j]``).
-    Any other shape is a ValueError naming ``kernel_initializer`` and the shapes it may return.
-    """
-
-    def __init__(self, initializer, kernel_size):
-        self.initializer, self.kernel_size = initializer, tuple(kernel_size)
-
-    def __call__(self, shape, dtype=None):
-        cin, S, filters = shape
-        want, conv_shape = (S, cin, filters), (*self.kernel_size, cin, filters)
-        conv_maps = S == int(np.prod(self.kernel_size))  # a Conv2D-shaped kernel is W itself (D_mul = M*N)
-        call_shape = want
-        array = isinstance(self.initializer, initializers.Constant) and np.ndim(self.initializer.value) > 0
-        if array:  # Constant broadcasts its value to the shape it is asked for: ask for the value's own shape
-            if np.shape(self.initializer.value) not in ((want, conv_shape) if conv_maps else (want,)):
-                raise self._shape_error(np.shape(self.initializer.value), want, conv_shape, conv_maps)
-            call_shape = np.shape(self.initializer.value)
-        value = self.initializer(call_shape, dtype=dtype)
-        value = ops.convert_to_tensor(value) if dtype is None else ops.cast(value, dtype)
-        got = tuple(value.shape)
-        if conv_maps and got == conv_shape:
-            value = ops.reshape(value, want)
-        elif got != want:
-            raise self._shape_error(got, want, conv_shape, conv_maps)
-        return ops.transpose(value, (1, 0, 2))
-
-    def _shape_error(self, got, want, conv_shape, conv_maps):
-        conv = (f" or Conv2D's kernel shape {conv_shape}" if conv_maps else
-                f" (a Conv2D kernel of shape {conv_shape} maps onto W only when D_mul = M*N)")
-        return ValueError(f"Invalid `kernel_initializer` for DOConv2D: it must produce W of shape "
-                          f"(D_mul, C_in/groups, filters) = {want}{conv}, but it produced shape {tuple(got)}. "
-                          f"Received: kernel_initializer={self.initializer!r}")
-
-
 @keras.saving.register_keras_serializable(package="doconv")
 class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
     """2-D DO-Conv (Cao et al.): ``keras.layers.Conv2D`` whose kernel is composed from D and W.
@@ -148,34 +92,46 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
         kernel_initializer: initialises W, called with shape (D_mul, C_in/g, filters) (then
             stored input-channel major). Its fans are D_mul * C_in/g and D_mul * filters, Conv2D's
             when D_mul = M*N: at identity init W' = W, distributed exactly as a fresh Conv2D kernel.
-            Its result is cast to the variable's dtype; with D_mul = M*N it may also be a Conv2D kernel
-            (M, N, C_in/g, filters) (e.g. ``keras.initializers.Constant(conv.kernel)``), reshaped to
-            W (so W' is that kernel at identity init); any other shape is a ValueError.
-        kernel_regularizer, kernel_constraint: apply to **W only**. The official layer also
-            applies them to D; here D has its own ``D_regularizer``/``D_constraint`` (default None)
-            because the trained variable is the delta D' = D - I_fill: an L2 penalty (or an
-            optimizer's weight decay, which reaches every trainable variable) pulls D towards the
-            identity, as the paper intends (Section 4), not towards zero.
+            With D_mul = M*N it may also return a Conv2D kernel (M, N, C_in/g, filters) (e.g.
+            ``keras.initializers.Constant(conv.kernel)``), so that W' is that kernel at identity init.
+        kernel_regularizer, kernel_constraint: apply to **W only**; D has its own ``D_regularizer`` /
+            ``D_constraint`` (default None). The trained variable is the delta D' = D - I_fill, so an
+            L2 penalty (or an optimizer's weight decay) pulls D towards the identity (Section 4).
         D_mul: depth multiplier S of D, default M*N; must be >= M*N (1 or None for 1x1 kernels)
             unless ``depthwise_separable=True`` (a rank-S kernel per input channel, on purpose).
         d_init: ``'identity'`` (D = I_fill, the paper's default) or ``'random'`` (He-normal D).
-        lora_rank, lora_alpha: ``keras.layers.Conv2D``'s LoRA arguments; only None is accepted (a
-            clear ValueError otherwise): LoRA on the composed kernel would bypass W and D.
         composition: ``'kernel'`` (compose W', then one conv; Fig. 3-b), ``'feature'`` (depthwise
             conv with D, then grouped 1x1 conv with W; Fig. 3-a) or ``'auto'`` (the cheaper by
             :func:`doconv.composition_cost`, decided when the input shape is static; else kernel).
+        lora_rank, lora_alpha: ``Conv2D``'s LoRA arguments; only None is accepted: a low-rank delta
+            on the composed kernel would bypass W and D.
+
+    Variables and shapes (g = groups, S = D_mul, M x N = kernel_size)::
+
+        W       (C_in/g, S, filters)   the conventional kernel, input-channel major (layer.W)
+        D       (M*N, S, C_in)         the trainable delta D' = D - I_fill; None for 1x1 kernels
+        bias    (filters,)             if use_bias
+        kernel  (M, N, C_in/g, filters)  W' composed on every read: a tensor, read-only
+
+    Input ``(batch, H, W, C_in)`` (``channels_first``: ``(batch, C_in, H, W)``); output
+    ``(batch, H_out, W_out, filters)`` with ``Conv2D``'s H_out, W_out. :func:`doconv.tf.get_params`
+    gives the canonical layout (full D), as in every backend.
+
+    Example::
+
+        layer = doconv.tf.DOConv2D(64, 3, padding="same", activation="relu")
+        y = layer(x)                                # x: (8, 32, 32, 16) -> y: (8, 32, 32, 64)
+        plain = layer.fold()                        # a keras.layers.Conv2D with kernel W'
 
     Every call composes W' from the variables as they are at that call, whatever wrote them (an
-    optimizer, ``assign``, the backend variable itself, a checkpoint restore) and whatever values
-    ``stateless_call`` passes; there is no implicit cache. To reuse one composition over many inference
-    calls, open :func:`doconv.tf.cached` around them (eager calls without a gradient read it; see
-    :mod:`doconv.tf.cache`), or deploy the folded model (:meth:`fold`, :func:`doconv.tf.fold`).
+    optimizer, ``assign``, the backend variable itself, a checkpoint restore, ``stateless_call``'s
+    values). To reuse one composition over many inference calls, open :func:`doconv.tf.cached`
+    around them, or deploy the folded model (:func:`doconv.tf.fold`).
 
-    Mixed precision (``dtype="mixed_float16"``/``"mixed_bfloat16"``): W and D_delta are float32
-    variables that Keras does not autocast; the composition D = D' + I_fill, W' = D^T o W runs in
-    float32 and only W' is cast to the compute dtype, as the folded ``Conv2D`` casts its float32 kernel
-    (and as ``doconv.torch`` composes under autocast). Rounding D, W and every product to 11 or 8
-    mantissa bits before summing would move the output by about the compute dtype's whole tolerance.
+    Mixed precision (``"mixed_float16"``/``"mixed_bfloat16"``): W and D are float32 variables that
+    Keras does not autocast; D = D' + I_fill and W' = D^T o W are computed in float32 and only W' is
+    cast to the compute dtype, as the folded ``Conv2D`` casts its float32 kernel: rounding D, W and
+    every product to 11 or 8 mantissa bits first would cost about the compute dtype's whole tolerance.
     Feature composition casts the float32 D and W to the compute dtype for its two convolutions.
     """
 
@@ -205,11 +161,11 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
         self.padding = _one_of(padding, ("valid", "same"), "padding")
         self.data_format = _one_of(data_format or keras.config.image_data_format(),
                                    ("channels_last", "channels_first"), "data_format")
-        self.d_init = _one_of(d_init, D_INITS, "d_init")
-        self.composition = _one_of(composition, COMPOSITIONS, "composition")
-        # D_mul needs only the kernel size: validate it now with the core's message (C_in is a stand-in).
-        self.D_mul = doconv.DOConvConfig(self.groups, self.filters, self.kernel_size, groups=self.groups,
-                                         D_mul=D_mul, depthwise_separable=depthwise_separable).D_mul
+        self.d_init = check_choice(d_init, "d_init", D_INITS)
+        self.composition = check_choice(composition, "composition", COMPOSITIONS)
+        self._spec = LayerSpec(self.filters, self.kernel_size, self.strides, self.padding, self.dilation_rate,
+                               self.groups, bool(use_bias), D_mul=D_mul, depthwise_separable=depthwise_separable)
+        self.D_mul = self._spec.D_mul
         self.depthwise_separable = depthwise_separable
         self.activation = activations.get(activation)
         self.use_bias = bool(use_bias)
@@ -238,21 +194,18 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
                              f"Received groups={self.groups}, but the input has {channels} channels "
                              f"(full input shape is {tuple(input_shape)}).")
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={self._channel_axis: channels})
-        self.doconv_config = doconv.DOConvConfig(channels, self.filters, self.kernel_size, self.strides, self.padding,
-                                          self.dilation_rate, self.groups, self.use_bias, D_mul=self.D_mul,
-                                          depthwise_separable=self.depthwise_separable)
+        self.doconv_config = self._spec.bind(channels)
         self.compute_output_shape(input_shape)  # raises on inputs smaller than the dilated kernel
         c = self.doconv_config
         self.W = self.add_weight(name="W", shape=(c.in_per_group, c.S, c.out_channels),
-                                 initializer=_ChannelMajorInit(self.kernel_initializer, c.kernel_size),
+                                 initializer=ChannelMajorInitializer(self.kernel_initializer, c.kernel_size),
                                  regularizer=self.kernel_regularizer,
                                  constraint=self.kernel_constraint, autocast=False)
-        self.D_delta = None
+        self.D = None
         if c.has_D:
-            self.D_delta = self.add_weight(name="D_delta", shape=(c.MN, c.S, c.in_channels),
-                                           initializer=_DeltaInit(self.d_init, c.MN, c.S),
-                                           regularizer=self.D_regularizer, constraint=self.D_constraint,
-                                           autocast=False)
+            self.D = self.add_weight(name="D", shape=(c.MN, c.S, c.in_channels),
+                                     initializer=DeltaInitializer(self.d_init, c.MN, c.S),
+                                     regularizer=self.D_regularizer, constraint=self.D_constraint, autocast=False)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_weight(name="bias", shape=(c.out_channels,), initializer=self.bias_initializer,
@@ -282,18 +235,18 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
     def _full_D(self, delta=None):
         """D = D' + I_fill in the layer layout (MN, S, C_in), I_fill constant; ``delta``: D' (default: the layer's)."""
         fill = doconv.identity_fill(self.doconv_config.MN, self.doconv_config.S)[:, :, None]
-        delta = ops.convert_to_tensor(self.D_delta if delta is None else delta)
+        delta = ops.convert_to_tensor(self.D if delta is None else delta)
         return delta + ops.convert_to_tensor(fill, dtype=delta.dtype)
 
     def _weights(self):
-        """The tensors W' is composed from: (W,) or (W, D_delta), read now, in the variables' dtype
+        """The tensors W' is composed from: (W,) or (W, D), read now, in the variables' dtype
         (they are not autocast: the composition runs at full precision under mixed precision)."""
-        return tuple(ops.convert_to_tensor(v) for v in (self.W, self.D_delta) if v is not None)
+        return tuple(ops.convert_to_tensor(v) for v in (self.W, self.D) if v is not None)
 
     def _compose(self, *weights):
         """W' = D^T o W as an HWIO kernel (M, N, C_in/g, filters), differentiable in W and D'.
 
-        ``weights``: the tensors W (and D_delta) to compose from, by default the variables' values."""
+        ``weights``: the tensors W (and D) to compose from, by default the variables' values."""
         c = self.doconv_config
         W, *delta = weights or self._weights()
         if not c.has_D:
@@ -317,7 +270,7 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
     @kernel.setter
     def kernel(self, value):
         raise AttributeError(f"DOConv2D.kernel is the composed kernel W' = D^T o W, computed from the variables W and "
-                             f"D_delta: it cannot be set. Assign layer.W / layer.D_delta (or doconv.tf.set_params), "
+                             f"D: it cannot be set. Assign layer.W / layer.D (or doconv.tf.set_params), "
                              f"or fold the layer first (layer.fold(), doconv.tf.fold(model)) to get a Conv2D whose "
                              f"kernel is a variable. Layer: {self.name!r}")
 
@@ -377,9 +330,9 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
         cache.drop(self)
 
     def fold(self):
-        """A plain ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) with the composed kernel, built."""
-        from .model import folded_layer
-        return folded_layer(self)
+        """The plain built ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) holding the composed kernel W'
+        (:func:`doconv.tf.folded.plain_layer`; channels_first on TensorFlow: between two ``Permute``)."""
+        return plain_layer(self, layer_config(self), get_params(self))
 
     # ---- serialisation ----------------------------------------------------------------------
     def get_config(self):
@@ -428,7 +381,7 @@ def get_params(layer) -> doconv.DOConvParams:
     W = _numpy(layer.W).transpose(W_TO_CANONICAL)
     D = None
     if c.has_D:
-        delta = _numpy(layer.D_delta).transpose(2, 0, 1)
+        delta = _numpy(layer.D).transpose(2, 0, 1)
         D = doconv.layouts.delta_to_D(delta, c)
     bias = None if layer.bias is None else _numpy(layer.bias)
     return doconv.DOConvParams(np.ascontiguousarray(W), None if D is None else np.ascontiguousarray(D), bias)
@@ -442,38 +395,6 @@ def set_params(layer, params: doconv.DOConvParams) -> None:
     params.check(c, where=f"layer {layer.name!r}")
     layer.W.assign(np.asarray(params.W).transpose(W_FROM_CANONICAL))
     if c.has_D:
-        layer.D_delta.assign(doconv.layouts.D_to_delta(params.D, c).transpose(1, 2, 0))
+        layer.D.assign(doconv.layouts.D_to_delta(params.D, c).transpose(1, 2, 0))
     if c.bias:
         layer.bias.assign(np.asarray(params.bias))
-
-
-def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", composition="kernel",
-                      data_format="channels_last", **kwargs) -> DOConv2D:
-    """A built :class:`DOConv2D` for a core config (padding must be expressible in Keras)."""
-    if not isinstance(config, doconv.DOConvConfig):
-        raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
-    layer = DOConv2D(config.out_channels, config.kernel_size, config.stride, keras_padding(config),
-                     data_format, config.dilation, config.groups, use_bias=config.bias, D_mul=config.D_mul,
-                     depthwise_separable=config.depthwise_separable, composition=composition, dtype=dtype,
-                     **kwargs)
-    shape = (None, None, None, config.in_channels) if layer.data_format == "channels_last" else \
-        (None, config.in_channels, None, None)
-    layer.build(shape)
-    return layer
-
-
-def keras_padding(config: doconv.DOConvConfig) -> str:
-    """``'same'``/``'valid'`` for a core config, or ValueError when Keras cannot express its padding.
-
-    Explicit pads map to ``'valid'``/``'same'`` when :meth:`doconv.DOConvConfig.resolved` says they are
-    the same layer: zero pads, or TensorFlow's SAME pads at stride 1 (which do not depend on the input size).
-    """
-    if config.padding_mode != "zeros":
-        raise ValueError(f"Keras convolutions pad with zeros only, but got padding_mode={config.padding_mode!r}")
-    if isinstance(config.padding, str):
-        return config.padding
-    for name in ("valid", "same"):  # the core's resolved() is the one rule for "the same padding"
-        if config.resolved() == dataclasses.replace(config, padding=name).resolved():
-            return name
-    raise ValueError(f"Keras padding is 'valid' or 'same' only; padding={config.padding} of {config!r} "
-                     f"is neither")

@@ -1,310 +1,443 @@
 """Whole Keras models: ``convert`` conventional convolutions to DO-Conv, ``fold`` them back.
 
-Both return a *new* model (Sequential or functional, nested ones included, via
-``keras.models.clone_model``); the input model is left untouched and shares no variable with it.
+Both return ``(new_model, report)``; the input model is left untouched and shares no variable with the
+result. Keras cannot replace a layer of a Sequential or functional model in place (its graph holds the
+layer), so those are rebuilt with ``keras.models.clone_model``. Other layers and subclassed models are
+copied from their config (Keras' ``get_config`` / ``from_config``, as ``clone_model`` copies every layer)
+and changed through the attributes that hold their layers (``self.conv``, lists, tuples and dicts of
+layers); ``inplace=True`` changes such a model itself.
 
-- :func:`convert`: every non-pointwise ``Conv2D`` becomes a :class:`DOConv2D` and every
-  ``DepthwiseConv2D`` a DO-DConv (``groups = C_in``), carrying the original kernel exactly
-  (:func:`doconv.params_for_kernel`: W = kernel, D = I_fill; paper Section 4), so outputs are
-  identical at identity init. The report lists every convolution and what happened to it.
-- :func:`fold`: every :class:`DOConv2D` becomes the plain ``Conv2D`` / ``DepthwiseConv2D`` holding
-  its composed kernel W' (paper Section 3, "Training and inference"): the baseline's parameter count
-  and inference cost, savable as ``.keras`` and exportable with ``model.export()``.
+- :func:`convert`: every ``Conv2D`` (not 1x1) becomes a :class:`DOConv2D`, every ``DepthwiseConv2D`` a
+  DO-DConv (``groups = C_in``) and every ``SeparableConv2D`` a DO-DConv followed by its pointwise 1x1
+  ``Conv2D`` (its depthwise part is DO-DConv's case, paper Section 3), each carrying the original kernel
+  exactly (:func:`doconv.params_for_kernel`: W = kernel, D = I_fill; Section 4), so outputs are identical
+  at identity init. The report (:class:`doconv.contract.ConversionReport`) has a row for every
+  convolution-like layer: converted, kept (1x1, transposed, 1-D and 3-D convolutions, include/exclude)
+  or skipped (subclasses, whose ``call`` may differ).
+- :func:`fold`: every :class:`DOConv2D` becomes the plain ``Conv2D`` / ``DepthwiseConv2D`` holding its
+  composed kernel W' (Section 3, "Training and inference"): the baseline's parameter count and inference
+  cost, savable as ``.keras`` and exportable with ``model.export()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, List, Optional
-
 import keras
-import numpy as np
+from keras.src.models.functional import Functional  # keras.Model(inputs, outputs) makes one; no public name
 
 import doconv
-from doconv import layouts, selection
+from doconv import layouts
+from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport, ReportRow, check_choice,
+                             check_D_mul, plan)
 
+from .folded import SPLICE, build_shape, spliceable
 from .layer import DOConv2D, get_params, layer_config, set_params
 
-
-@dataclasses.dataclass
-class ReportRow:
-    """One convolution of the model and what :func:`convert` did with it."""
-
-    name: str
-    source: str
-    action: str          # "DO-Conv", "DO-DConv", "DO-GConv", or "kept: <reason>"
-    kernel_size: tuple
-    strides: tuple
-    channels: str        # "C_in -> C_out"
-    groups: int
-    D_mul: Optional[int]
-    params_before: int
-    params_after: int
+L = keras.layers
+#: What ``convert`` reports: every convolution-like layer of Keras, and DO-Conv's own.
+CONV_LIKE = (L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose,
+             L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D, DOConv2D)
+#: The layers ``convert`` replaces (exactly these types: a subclass's ``call`` may differ).
+CONVERTIBLE = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
+#: Convolution-like layers kept by design, and why.
+KEPT = ((DOConv2D, "already DO-Conv"),
+        ((L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose),
+         "transposed convolution: DO-Conv over-parameterizes forward convolutions"),
+        ((L.Conv1D, L.DepthwiseConv1D, L.SeparableConv1D), "1-D convolution: doconv.tf has 2-D layers"),
+        (L.Conv3D, "3-D convolution: doconv.tf has 2-D layers"))
 
 
-class ConversionReport(list):
-    """The rows of a conversion; ``print(report)`` shows them as a table."""
-
-    COLUMNS = ("name", "source", "action", "kernel_size", "strides", "channels", "groups", "D_mul",
-               "params_before", "params_after")
-
-    @property
-    def converted(self) -> List[ReportRow]:
-        return [row for row in self if not row.action.startswith("kept")]
-
-    def __str__(self) -> str:
-        cells = [self.COLUMNS] + [tuple(str(getattr(r, c)) for c in self.COLUMNS) for r in self]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(self.COLUMNS))]
-        line = lambda row: "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |"  # noqa: E731
-        out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
-        before = sum(r.params_before for r in self)
-        after = sum(r.params_after for r in self)
-        out.append(f"{len(self.converted)} of {len(self)} convolutions converted; "
-                   f"their parameters {before:,} -> {after:,}")
-        return "\n".join(out)
+def check_model(model, what: str = "model"):
+    """``model`` if it is a built Keras layer or model, else TypeError / ValueError naming it."""
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"{what} must be a keras Model or Layer, but got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"{what} {model.name!r} is not built: build it (or call it once) first")
+    return model
 
 
-# ---- helpers -----------------------------------------------------------------------------
-
-def _walk(model):
-    for layer in model.layers:
-        yield layer
-        if isinstance(layer, keras.Model):
-            yield from _walk(layer)
+def is_graph_model(layer) -> bool:
+    """A Sequential or functional model: its layers are nodes of a graph, not attributes."""
+    return isinstance(layer, (keras.Sequential, Functional))
 
 
-def _by_name(model) -> dict:
-    out = {}
-    for layer in _walk(model):
-        if not layer.weights or isinstance(layer, keras.Model):
-            continue  # only layers whose weights are carried over (input layers get new names)
-        if layer.name in out:
-            raise ValueError(f"model {model.name!r} holds two layers named {layer.name!r} (in nested models); "
-                             f"rename one so that weights can be carried over by name")
-        out[layer.name] = layer
+_KERAS_ATTRIBUTES = set()
+
+
+def _own_attribute(name: str) -> bool:
+    """Whether attribute ``name`` is a user's rather than Keras' or TensorFlow's own bookkeeping (``_layers``,
+    the checkpoint dependencies ``_self_*``, ...)."""
+    if not _KERAS_ATTRIBUTES:
+        probes = keras.layers.Layer(name="doconv_probe"), keras.Model(name="doconv_probe")  # named: no auto-name taken
+        _KERAS_ATTRIBUTES.update(*(vars(probe) for probe in probes))
+    return name not in _KERAS_ATTRIBUTES and not name.startswith("_self_")
+
+
+def _join(prefix: str, name) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _retrack(parent, old, new) -> None:
+    """``new`` in ``old``'s place among ``parent``'s tracked layers (same order, so the same weight order)."""
+    tracker = parent._tracker
+    if tracker.is_in_store("layers", old):
+        if tracker.is_in_store("layers", new):  # a layer held twice: the first slot already replaced it
+            tracker.untrack(old)
+        else:
+            tracker.replace_tracked_value("layers", old, new)
+
+
+def _slots(layer, prefix: str) -> list:
+    """``(name, child, put)`` for the layers directly in ``layer``: a graph model's by layer name (``put`` is
+    None: only a clone can change them), other layers' by attribute (``put(new)`` replaces the child)."""
+    if is_graph_model(layer):
+        return [(c.name, c, None) for c in layer.layers if not isinstance(c, keras.layers.InputLayer)]
+    out = []
+
+    def put_attribute(key):
+        def put(new):
+            _retrack(layer, getattr(layer, key), new)
+            setattr(layer, key, new)
+        return put
+
+    def put_item(key, index):
+        def put(new):
+            container = getattr(layer, key)
+            _retrack(layer, container[index], new)
+            if isinstance(container, tuple):
+                items = [new if i == index else v for i, v in enumerate(container)]
+                setattr(layer, key, container._make(items) if hasattr(container, "_make") else type(container)(items))
+            else:
+                container[index] = new
+        return put
+
+    for key, value in list(vars(layer).items()):
+        if not _own_attribute(key):
+            continue
+        if isinstance(value, keras.layers.Layer):
+            out.append((key, value, put_attribute(key)))
+        elif isinstance(value, (list, tuple, dict)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            out += [(f"{key}.{i}", v, put_item(key, i)) for i, v in items if isinstance(v, keras.layers.Layer)]
+    reached = {id(child) for _, child, _ in out}
+    for child in layer._flatten_layers(include_self=False, recursive=False):
+        if id(child) not in reached and any(isinstance(sub, CONV_LIKE) for sub in
+                                            child._flatten_layers(include_self=True, recursive=True)):
+            where = f"in {prefix!r}" if prefix else "in the model"
+            raise ValueError(f"layer {child.name!r} ({type(child).__name__}) {where} ({type(layer).__name__}) "
+                             f"holds convolutions but is in no attribute doconv.tf can "
+                             f"replace: hold it in an attribute (self.x = layer), or in a list, tuple or dict "
+                             f"attribute of layers")
     return out
 
 
-def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model must be a keras.Model (Sequential or functional), but got {type(model).__name__}")
-    if not model.built:
-        raise ValueError(f"model {model.name!r} is not built: build it (or call it once) before converting")
+def named_layers(model, prefix: str = "", _ancestors=()):
+    """``(path, layer)`` for every layer in ``model``, depth first, at every path that reaches it (a shared
+    layer at each). A path is layer names in Sequential and functional models and attribute names (list
+    indices, dict keys) elsewhere, joined by dots: ``'conv1'``, ``'block.conv'``, ``'blocks.0'``.
+    Convolution-like layers are not entered."""
+    for name, child, _ in _slots(model, prefix):
+        path = _join(prefix, name)
+        yield path, child
+        if not isinstance(child, CONV_LIKE) and id(child) not in _ancestors:
+            yield from named_layers(child, path, (*_ancestors, id(model)))
 
 
-def _selector(value, name, model) -> Callable:
-    """``layer -> bool`` for ``include``/``exclude``: a callable as given, else glob patterns over layer
-    names (``fnmatch.fnmatchcase``, as ``doconv.torch.convert``), each of which must match the name of
-    at least one layer of ``model`` (nested models included), else ValueError: a typo is refused rather
-    than silently converting what it meant to leave (``doconv.torch.convert`` refuses them too)."""
-    patterns = selection.glob_patterns(value, name, "a callable layer -> bool")
-    if patterns is None:
-        return lambda layer: None
-    if callable(patterns):
-        return patterns
-    convs = [layer.name for layer in _walk(model)
-             if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, DOConv2D))]
-    selection.refuse_unmatched({name: patterns}, [layer.name for layer in _walk(model)], "layer name", convs)
-    return lambda layer: selection.matches(layer.name, patterns)
+def _paths(model) -> list:
+    return [(model.name, model)] if isinstance(model, CONV_LIKE) else list(named_layers(model))
 
 
-def _in_channels(layer) -> int:
-    shape = tuple(layer.kernel.shape)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        return shape[2]
-    return shape[2] * layer.groups
+def doconv_layers(model) -> dict:
+    """``{path: DOConv2D}`` of ``model``, each layer once (a bare layer under its name)."""
+    out, seen = {}, set()
+    for path, layer in _paths(check_model(model)):
+        if isinstance(layer, DOConv2D) and id(layer) not in seen:
+            seen.add(id(layer))
+            out[path] = layer
+    return out
 
 
-def _build_shape(layer, channels):
-    return (None, None, None, channels) if layer.data_format == "channels_last" else (None, channels, None, None)
+# ---- rebuilding with replacements ---------------------------------------------------------------
+
+class _CopyError(ValueError):
+    """A layer that cannot be copied (raised once, at the innermost layer, and passed on as it is)."""
 
 
-def _transform(model, make):
-    """Clone ``model``; ``make(layer)`` returns a built replacement carrying its weights, or None."""
-    _check_model(model)
-    replaced, from_make = set(), []
+def _copy(layer, path: str, inplace_hint: bool):
+    """A new ``layer`` from its config, built and holding its weights (what ``clone_model`` does per layer).
 
+    A subclassed model's or custom layer's config rebuilds the layers its ``__init__`` makes: where convert or
+    fold replaced one of them since, the copy gets a copy of the replacement (:func:`_align`)."""
+    classes = {type(sub).__name__: type(sub) for sub in layer._flatten_layers(include_self=True, recursive=True)}
+    try:
+        with keras.saving.custom_object_scope(classes):
+            new = type(layer).from_config(layer.get_config())
+            config = layer.get_build_config()
+            if config and not new.built and type(new).build is keras.layers.Layer.build and "input_shape" in config:
+                # no build() of its own: Keras builds such a layer by running call() on a symbolic input
+                new(keras.KerasTensor(config["input_shape"], dtype=layer.input_dtype))
+            elif config and not new.built:
+                new.build_from_config(config)
+        if not is_graph_model(layer) and not isinstance(layer, CONV_LIKE):
+            _align(layer, new, path, inplace_hint)
+        new.set_weights(layer.get_weights())
+    except _CopyError:
+        raise
+    except Exception as error:  # whatever the user's get_config / __init__ / build raise: said with the way out
+        hint = " or pass inplace=True to change the model itself" if inplace_hint else ""
+        raise _CopyError(f"cannot copy layer {path!r} ({type(layer).__name__}) to leave the model untouched: Keras "
+                         f"rebuilds a layer from its config, which failed ({type(error).__name__}: {error}). Give "
+                         f"{type(layer).__name__} a get_config() its __init__ accepts (Keras' default needs "
+                         f"__init__(..., **kwargs)){hint}") from error
+    return new
+
+
+def _align(source, copy, prefix: str, inplace_hint: bool) -> None:
+    """Give ``copy`` (built from ``source``'s config) ``source``'s layers where they differ: copies of the layers
+    of another type (a DOConv2D where ``__init__`` made a Conv2D) and of every graph model (its config holds its
+    layers, auto-generated names included, so paths stay the same)."""
+    mine, theirs = _slots(source, prefix), _slots(copy, prefix)
+    if [name for name, _, _ in mine] != [name for name, _, _ in theirs]:
+        raise _CopyError(f"cannot copy layer {prefix or source.name!r} ({type(source).__name__}): its config "
+                         f"rebuilds layers {[n for n, _, _ in theirs]}, but it holds {[n for n, _, _ in mine]}")
+    for (name, child, _), (_, other, put) in zip(mine, theirs):
+        path = _join(prefix, name)
+        if is_graph_model(child) or type(child) is not type(other):
+            put(_copy(child, path, inplace_hint))
+        elif not isinstance(child, CONV_LIKE):
+            _align(child, other, path, inplace_hint)
+
+
+def _below(path: str, replacements: dict) -> bool:
+    return any(p.startswith(path + ".") for p in replacements) if path else bool(replacements)
+
+
+def _clone_graph(model, prefix: str, replacements: dict):
+    """A clone of a Sequential / functional ``model`` with ``replacements`` (``{path: new layer}``) in it."""
     def clone(layer):
-        try:
-            new = make(layer)
-        except (ValueError, TypeError) as err:  # e.g. a DOConv2D argument: the user's error, not the model's
-            if type(err) not in (ValueError, TypeError):  # a subclass: passed on as it is
-                from_make.append(err)
-                raise
-            error = type(err)(f"layer {layer.name!r} ({type(layer).__name__}): {err}")
-            from_make.append(error)
-            raise error from err
-        if new is None:
-            return layer.__class__.from_config(layer.get_config())
-        replaced.update(id(sub) for sub in [new, *(_walk(new) if isinstance(new, keras.Model) else ())])
+        path = _join(prefix, layer.name)
+        if path in replacements:
+            return replacements[path]
+        if is_graph_model(layer):
+            return _clone_graph(layer, path, replacements)
+        new = _copy(layer, path, False)
+        if _below(path, replacements):
+            _operate(new, path, replacements)
         return new
 
-    try:
-        new_model = keras.models.clone_model(model, clone_function=clone, recursive=True)
-    except ValueError as err:
-        if any(err is e for e in from_make):
-            raise
-        raise ValueError(f"cannot rebuild model {model.name!r} ({type(model).__name__}): only Sequential and "
-                         f"functional models can be converted or folded ({err})") from err
-    old_layers, new_layers = _by_name(model), _by_name(new_model)
-    if set(old_layers) != set(new_layers):
-        raise RuntimeError(f"keras.models.clone_model renamed layers of {model.name!r}: "
-                           f"{sorted(set(old_layers) ^ set(new_layers))}")
-    for name, new in new_layers.items():
-        old = old_layers[name]
-        if id(new) not in replaced:
-            new.set_weights(old.get_weights())
-    return _splice(new_model)
+    new = keras.models.clone_model(model, clone_function=clone)
+    if not isinstance(new, keras.Sequential) or not any(getattr(sub, SPLICE, False) for sub in new.layers):
+        return new
+    layers = [sub for layer in new.layers for sub in (layer.layers if getattr(layer, SPLICE, False) else [layer])]
+    inputs = keras.Input(batch_shape=new.inputs[0].shape, dtype=new.inputs[0].dtype)
+    return keras.Sequential([inputs, *layers], name=new.name, trainable=new.trainable)
 
 
-def _splice(model):
-    """A Sequential model with every :func:`_nhwc_wrapper` replacement spliced in flat (others as they are)."""
-    wrapped = [layer for layer in model.layers if getattr(layer, "_doconv_nhwc_wrapper", False)]
-    if not wrapped or not isinstance(model, keras.Sequential):
-        return model
-    layers = [sub for layer in model.layers
-              for sub in (layer.layers if getattr(layer, "_doconv_nhwc_wrapper", False) else [layer])]
-    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
-    return keras.Sequential([inputs, *layers], name=model.name, trainable=model.trainable)
+def _operate(layer, prefix: str, replacements: dict) -> None:
+    """Replace, in ``layer`` itself, the children at the paths of ``replacements`` (and below)."""
+    for name, child, put in _slots(layer, prefix):
+        path = _join(prefix, name)
+        if path in replacements:
+            put(replacements[path])
+        elif _below(path, replacements):
+            if is_graph_model(child):
+                put(_clone_graph(child, path, replacements))
+            else:
+                _operate(child, path, replacements)
+    if isinstance(layer, keras.Model):  # functions traced before hold the old layers
+        layer.train_function = layer.test_function = layer.predict_function = None
+
+
+def _check_inplace(model, inplace) -> bool:
+    """``inplace`` as a bool, or the ValueError of a model Keras cannot change in place (before any work)."""
+    inplace = doconv.standardize_flag(inplace, "inplace")
+    if inplace and is_graph_model(model):
+        raise ValueError(f"inplace=True is not possible for a Keras {type(model).__name__} model ({model.name!r}): "
+                         f"Keras rebuilds it (keras.models.clone_model); use the returned model (inplace=False)")
+    if inplace and isinstance(model, CONV_LIKE):
+        raise ValueError(f"inplace=True is not possible for a bare layer ({model.name!r}): a layer cannot become "
+                         f"another; use the returned layer (inplace=False)")
+    return inplace
+
+
+def _transform(model, replacements: dict, inplace: bool):
+    if is_graph_model(model):
+        return _clone_graph(model, "", replacements)
+    if isinstance(model, CONV_LIKE):
+        return replacements.get(model.name) or _copy(model, model.name, False)
+    target = model if inplace else _copy(model, model.name, True)
+    _operate(target, "", replacements)
+    return target
 
 
 # ---- convert --------------------------------------------------------------------------------
 
-def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None, composition="kernel"):
-    """Replace every non-pointwise ``Conv2D`` / ``DepthwiseConv2D`` by a DO-Conv layer.
+def _kind(layer) -> str:
+    size = getattr(layer, "kernel_size", None)
+    return type(layer).__name__ + (" 1x1" if size is not None and all(k == 1 for k in size) else "")
+
+
+def _candidate(path: str, layer) -> Candidate:
+    """What ``convert`` may do with the layer at ``path``: convert it, keep it (by design) or skip it (unsafe)."""
+    for kinds, reason in KEPT:
+        if isinstance(layer, kinds):
+            return Candidate(path, id(layer), layer, reason)
+    if type(layer) not in CONVERTIBLE:
+        base = next(k.__name__ for k in CONVERTIBLE if isinstance(layer, k))
+        return Candidate(path, id(layer), layer, f"{base} subclass: its call may differ", "skipped")
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        return Candidate(path, id(layer), layer, "LoRA or quantized kernel: DO-Conv composes the kernel", "skipped")
+    if all(k == 1 for k in layer.kernel_size):
+        return Candidate(path, id(layer), layer, "pointwise: DO-Conv has no D")
+    return Candidate(path, id(layer), layer)
+
+
+def _in_channels(layer) -> int:
+    shape = tuple((layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel).shape)
+    return shape[2] * getattr(layer, "groups", 1)
+
+
+def _do_layer(layer, *, name, filters, groups, kernel_oihw, bias, prefix, use_bias, activation, activity_regularizer,
+              D_mul, d_init, composition):
+    """A built DOConv2D with ``layer``'s geometry holding ``kernel_oihw`` (+ ``bias``) at identity D."""
+    new = DOConv2D(filters, layer.kernel_size, layer.strides, layer.padding, layer.data_format, layer.dilation_rate,
+                   groups, activation=activation, use_bias=use_bias,
+                   kernel_initializer=getattr(layer, f"{prefix}_initializer"),
+                   bias_initializer=layer.bias_initializer,
+                   kernel_regularizer=getattr(layer, f"{prefix}_regularizer"),
+                   bias_regularizer=layer.bias_regularizer,
+                   activity_regularizer=activity_regularizer,
+                   kernel_constraint=getattr(layer, f"{prefix}_constraint"), bias_constraint=layer.bias_constraint,
+                   D_mul=D_mul, d_init=d_init, composition=composition, name=name, dtype=layer.dtype_policy,
+                   trainable=layer.trainable)
+    cin = _in_channels(layer)
+    new.build(build_shape(layer.data_format, cin))
+    params = doconv.params_for_kernel(kernel_oihw, layer_config(new), bias)
+    if d_init == "random":
+        params.D = get_params(new).D  # the new layer's own He-normal draw; W and bias stay the original's
+    set_params(new, params)
+    return new
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable)
+
+
+def replacement(layer, *, D_mul=None, d_init="identity", composition="kernel"):
+    """The built DO-Conv layer (a Sequential for ``SeparableConv2D``) computing what ``layer`` computes at
+    identity init: ``Conv2D`` -> :class:`DOConv2D`, ``DepthwiseConv2D`` -> DO-DConv, ``SeparableConv2D`` ->
+    ``Sequential([DO-DConv (its depthwise part), Conv2D 1x1 (its pointwise part, bias, activation)])``."""
+    options = dict(D_mul=D_mul, d_init=d_init, composition=composition)
+    last = dict(use_bias=layer.use_bias, activation=layer.activation, activity_regularizer=layer.activity_regularizer)
+    bias = _numpy(layer.bias) if layer.use_bias else None
+    cin = _in_channels(layer)
+    if isinstance(layer, L.Conv2D):
+        return _do_layer(layer, name=layer.name, filters=layer.filters, groups=layer.groups, prefix="kernel",
+                         kernel_oihw=layouts.hwio_to_oihw(_numpy(layer.kernel)), bias=bias, **last, **options)
+    separable = isinstance(layer, L.SeparableConv2D)
+    depthwise = layouts.depthwise_hwcm_to_oihw(_numpy(layer.depthwise_kernel if separable else layer.kernel))
+    if isinstance(layer, L.DepthwiseConv2D):
+        return _do_layer(layer, name=layer.name, filters=cin * layer.depth_multiplier, groups=cin,
+                         prefix="depthwise", kernel_oihw=depthwise, bias=bias, **last, **options)
+    first = _do_layer(layer, name=f"{layer.name}_depthwise", filters=cin * layer.depth_multiplier, groups=cin,
+                      prefix="depthwise", kernel_oihw=depthwise, bias=None, use_bias=False, activation=None,
+                      activity_regularizer=None, **options)
+    pointwise = L.Conv2D(layer.filters, 1, data_format=layer.data_format, activation=layer.activation,
+                         use_bias=layer.use_bias, kernel_initializer=layer.pointwise_initializer,
+                         bias_initializer=layer.bias_initializer, kernel_regularizer=layer.pointwise_regularizer,
+                         bias_regularizer=layer.bias_regularizer, activity_regularizer=layer.activity_regularizer,
+                         kernel_constraint=layer.pointwise_constraint, bias_constraint=layer.bias_constraint,
+                         name=f"{layer.name}_pointwise", dtype=layer.dtype_policy, trainable=layer.trainable)
+    pointwise.build(build_shape(layer.data_format, first.filters))
+    pointwise.set_weights([_numpy(layer.pointwise_kernel)] + ([bias] if layer.use_bias else []))
+    return spliceable([first, pointwise], layer.name, cin, layer.data_format)
+
+
+def _describe(new) -> str:
+    """The report's ``layer`` cell: the DO-Conv config (kind instead of 'DOConvConfig'), or the plain layers."""
+    if isinstance(new, DOConv2D):
+        return repr(layer_config(new)).replace("DOConvConfig", layer_config(new).kind)
+    if isinstance(new, keras.Sequential):
+        return " + ".join(_describe(sub) for sub in new.layers)
+    return _kind(new)
+
+
+def _note(decision, reason: str = "") -> str:
+    shared = f"same layer as {decision.first!r} (shared)" if decision.shared_with else ""
+    return "; ".join(text for text in (reason or "", shared) if text)
+
+
+def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None, composition="kernel",
+            inplace=False):
+    """Replace every convertible convolution of ``model`` by DO-Conv; returns ``(new_model, report)``.
 
     Args:
-        model: a built Sequential or functional model (e.g. ``keras.applications.ResNet50(weights=None)``).
+        model: a built Keras model (Sequential, functional or subclassed; e.g.
+            ``keras.applications.Xception(weights=None)``) or layer.
         D_mul: depth multiplier for every converted layer (None: M*N of each layer).
         d_init: ``'identity'`` carries the original kernel exactly (W = kernel, D = I_fill);
-            ``'random'`` keeps the kernel in W and the bias but draws D He-normal (Table 7's
-            random init, as ``doconv.torch.convert``): outputs then change.
-        include, exclude: layer names or glob patterns (``'conv*'``, ``fnmatch`` rules, as
-            ``doconv.torch.convert``), a collection of them, or a callable ``layer -> bool``: the
-            convolutions to convert / to keep. A pattern that matches no layer name of the model
-            is a ValueError (a typo would otherwise be silently ignored).
-        composition: passed to every :class:`DOConv2D`.
+            ``'random'`` keeps the kernel in W and the bias but draws D He-normal (Table 7's random
+            init): outputs then change.
+        include, exclude: layer paths or glob patterns (``'conv*'``, ``'block.*'``; ``fnmatch`` rules), a
+            collection of them, or a callable ``(path, layer) -> bool``. A pattern that matches no path of
+            the model is a ValueError (a typo would otherwise be silently ignored).
+        composition: passed to every :class:`DOConv2D` (default ``'kernel'``).
+        inplace: False (the default) leaves ``model`` untouched. True changes a subclassed model or custom
+            layer itself; for a Sequential or functional model it is a ValueError (Keras rebuilds those).
 
-    Returns:
-        ``(new_model, report)``; ``print(report)`` lists every convolution and what happened to it.
+    Compile the returned model (again): an optimizer built before holds the replaced layers' variables.
+
+    Every option and every layer's configuration is checked before anything is built; an error names the
+    layer's path. ``print(report)`` lists every convolution-like layer and what happened to it.
     """
-    if d_init not in ("identity", "random"):
-        raise ValueError(f"d_init must be one of ('identity', 'random'), but got d_init={d_init!r}")
-    _check_model(model)
-    included, excluded = _selector(include, "include", model), _selector(exclude, "exclude", model)
-    report = ConversionReport()
-
-    def make(layer):
-        if type(layer) not in (keras.layers.Conv2D, keras.layers.DepthwiseConv2D):
-            if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and not isinstance(layer, DOConv2D):
-                report.append(ReportRow(layer.name, type(layer).__name__, "kept: a Conv2D subclass (its call may "
-                                        "differ)", tuple(layer.kernel_size), tuple(layer.strides), "", getattr(layer, "groups", 1),
-                                        None, layer.count_params(), layer.count_params()))
-            return None
-        depthwise = isinstance(layer, keras.layers.DepthwiseConv2D)
-        cin = _in_channels(layer)
-        kernel = keras.ops.convert_to_numpy(layer.kernel)
-        filters = cin * layer.depth_multiplier if depthwise else layer.filters
-        groups = cin if depthwise else layer.groups
-        row = ReportRow(layer.name, type(layer).__name__, "", tuple(layer.kernel_size), tuple(layer.strides),
-                        f"{cin} -> {filters}", groups, None, layer.count_params(), layer.count_params())
-        report.append(row)
-        reason = ("pointwise (1x1): no D (paper Section 4)" if np.prod(layer.kernel_size) == 1 else
-                  "excluded" if exclude is not None and excluded(layer) else
-                  "not included" if include is not None and not included(layer) else None)
-        if reason:
-            row.action = f"kept: {reason}"
-            return None
-        prefix = "depthwise" if depthwise else "kernel"
-        new = DOConv2D(filters, layer.kernel_size, layer.strides, layer.padding, layer.data_format,
-                       layer.dilation_rate, groups, activation=layer.activation, use_bias=layer.use_bias,
-                       kernel_initializer=getattr(layer, f"{prefix}_initializer"),
-                       bias_initializer=layer.bias_initializer,
-                       kernel_regularizer=getattr(layer, f"{prefix}_regularizer"),
-                       bias_regularizer=layer.bias_regularizer, activity_regularizer=layer.activity_regularizer,
-                       kernel_constraint=getattr(layer, f"{prefix}_constraint"),
-                       bias_constraint=layer.bias_constraint, D_mul=D_mul, d_init=d_init,
-                       composition=composition, name=layer.name, dtype=layer.dtype_policy,
-                       trainable=layer.trainable)
-        new.build(_build_shape(layer, cin))
-        config = layer_config(new)
-        oihw = layouts.depthwise_hwcm_to_oihw(kernel) if depthwise else layouts.hwio_to_oihw(kernel)
-        bias = keras.ops.convert_to_numpy(layer.bias) if layer.use_bias else None
-        params = doconv.params_for_kernel(oihw, config, bias)
-        if d_init == "random":
-            params.D = get_params(new).D  # the new layer's own He-normal draw; W and bias stay the original's
-        set_params(new, params)
-        row.action, row.D_mul, row.params_after = config.kind, config.D_mul, new.count_params()
-        return new
-
-    return _transform(model, make), report
+    inplace = _check_inplace(check_model(model), inplace)
+    check_choice(d_init, "d_init", D_INITS)
+    check_choice(composition, "composition", COMPOSITIONS)
+    check_D_mul(D_mul)
+    paths = _paths(model)
+    decisions = plan([_candidate(p, layer) for p, layer in paths if isinstance(layer, CONV_LIKE)], include=include,
+                     exclude=exclude, names=[p for p, _ in paths], noun="layer path")
+    report, made = ConversionReport(), {}
+    for d in decisions:
+        layer, kind = d.obj, _kind(d.obj)
+        if d.action != "converted":
+            report.append(ReportRow(d.path, kind, d.action, kind, layer.count_params(), layer.count_params(),
+                                    reason=_note(d, d.reason), shared_with=d.shared_with))
+            continue
+        if not d.shared_with:
+            try:
+                made[d.path] = replacement(layer, D_mul=D_mul, d_init=d_init, composition=composition)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"layer {d.path!r} ({type(layer).__name__}): {error}") from error
+        new = made[d.first]
+        do = next(sub for sub in new._flatten_layers(include_self=True) if isinstance(sub, DOConv2D))
+        report.append(ReportRow(d.path, kind, "converted", _describe(new), layer.count_params(), new.count_params(),
+                                layer_config(do).D_mul, _note(d), d.shared_with))
+    replacements = {d.path: made[d.first] for d in decisions if d.action == "converted"}
+    return _transform(model, replacements, inplace), report
 
 
 # ---- fold -------------------------------------------------------------------------------------
 
-def _nhwc_wrapper(layer, plain):
-    """``Sequential([Permute to NHWC, plain (channels_last), Permute back to NCHW])``, built."""
-    policy = layer.dtype_policy
-    wrapper = keras.Sequential([keras.layers.Permute((2, 3, 1), name=f"{layer.name}_to_nhwc", dtype=policy), plain,
-                                keras.layers.Permute((3, 1, 2), name=f"{layer.name}_to_nchw", dtype=policy)],
-                               name=f"{layer.name}_nhwc")
-    wrapper.build((None, layer.doconv_config.in_channels, None, None))
-    wrapper._doconv_nhwc_wrapper = True  # noqa: SLF001  (marks it for :func:`_splice`)
-    return wrapper
-
-
-def folded_layer(layer: DOConv2D):
-    """The plain built ``Conv2D`` (``DepthwiseConv2D`` when ``groups = C_in > 1``) equal to ``layer``.
-
-    The kernel W' is composed by the core (:func:`doconv.fold`) from the layer's parameters (in
-    float32 for variable dtypes NumPy cannot multiply, such as ``bfloat16``, then cast back);
-    regularizers, constraints, activation, dtype policy and name carry over.
-
-    ``channels_first`` on the TensorFlow backend: a ``channels_first`` Keras ``Conv2D`` is not a
-    faithful fold there, so the result is ``Sequential([Permute((2, 3, 1)), <the plain layer in
-    channels_last>, Permute((3, 1, 2))])`` (same inputs, outputs and parameter count; :func:`fold`
-    splices the three layers into a Sequential model). Reasons, TensorFlow 2.21 / Keras 3.15:
-    TensorFlow's CPU ``Conv2D`` kernel refuses NCHW (float64 with ``groups=1`` raises
-    "Conv2D op only supports NHWC on the CPU"), and Keras' TensorFlow ``ops.add`` turns the
-    ``(1, filters, 1, 1)`` bias of a channels_first ``Conv2D``/``DepthwiseConv2D`` into an NHWC
-    ``bias_add`` whenever the input's static width equals ``filters``, adding the bias along the
-    width (wrong outputs, e.g. 9 filters on a 9-pixel-wide input). The DOConv2D layer itself
-    adds its bias with ``tf.add`` and is correct in both layouts.
-    """
-    c = layer_config(layer)
-    params = get_params(layer)
-    dtype = params.W.dtype
-    if dtype not in (np.float16, np.float32, np.float64):  # ml_dtypes' bfloat16 etc.: NumPy's einsum refuses them
-        params = params.astype(np.float32)
-    kernel, bias = (None if a is None else a.astype(dtype) for a in doconv.fold(params, c))
-    nhwc = layer.data_format == "channels_first" and keras.backend.backend() == "tensorflow"
-    data_format = "channels_last" if nhwc else layer.data_format
-    common = dict(kernel_size=c.kernel_size, strides=c.stride, padding=layer.padding, data_format=data_format,
-                  dilation_rate=c.dilation, activation=layer.activation, use_bias=c.bias,
-                  bias_initializer=layer.bias_initializer, bias_regularizer=layer.bias_regularizer,
-                  activity_regularizer=layer.activity_regularizer, bias_constraint=layer.bias_constraint,
-                  name=layer.name, dtype=layer.dtype_policy, trainable=layer.trainable)
-    if c.groups == c.in_channels and c.groups > 1:
-        new = keras.layers.DepthwiseConv2D(depth_multiplier=c.out_per_group,
-                                           depthwise_initializer=layer.kernel_initializer,
-                                           depthwise_regularizer=layer.kernel_regularizer,
-                                           depthwise_constraint=layer.kernel_constraint, **common)
-        kernel = layouts.oihw_to_depthwise_hwcm(kernel, c.in_channels)
-    else:
-        new = keras.layers.Conv2D(c.out_channels, groups=c.groups, kernel_initializer=layer.kernel_initializer,
-                                  kernel_regularizer=layer.kernel_regularizer,
-                                  kernel_constraint=layer.kernel_constraint, **common)
-        kernel = layouts.oihw_to_hwio(kernel)
-    new.build((None, None, None, c.in_channels) if nhwc else _build_shape(layer, c.in_channels))
-    new.set_weights([kernel] + ([bias] if c.bias else []))
-    return _nhwc_wrapper(layer, new) if nhwc else new
-
-
-def fold(model):
-    """A new model with every :class:`DOConv2D` replaced by its folded plain convolution.
+def fold(model, *, inplace=False):
+    """Every :class:`DOConv2D` of ``model`` replaced by its folded plain convolution (:meth:`DOConv2D.fold`);
+    returns ``(new_model, report)``, a row per folded layer path. ``inplace`` as in :func:`convert`.
 
     A ``channels_first`` layer on the TensorFlow backend folds to ``Permute``, the plain layer in
-    ``channels_last``, ``Permute`` (see :func:`folded_layer` for why): spliced flat into a
-    Sequential model, a nested ``Sequential`` named ``<layer>_nhwc`` in a functional one.
+    ``channels_last``, ``Permute`` (:func:`doconv.tf.folded.plain_layer` says why): spliced flat into a
+    Sequential model, a nested ``Sequential`` named ``<layer>_nhwc`` elsewhere.
     """
-    return _transform(model, lambda layer: folded_layer(layer) if isinstance(layer, DOConv2D) else None)
+    inplace = _check_inplace(check_model(model), inplace)
+    report, made, first = ConversionReport(), {}, {}
+    for path, layer in _paths(model):
+        if not isinstance(layer, DOConv2D):
+            continue
+        earlier = first.setdefault(id(layer), path)
+        if earlier == path:
+            made[path] = layer.fold()
+        new = made[earlier]
+        shared = "" if earlier == path else earlier
+        report.append(ReportRow(path, "DOConv2D", "folded", _describe(new), layer.count_params(), new.count_params(),
+                                layer_config(layer).D_mul, f"same layer as {earlier!r} (shared)" if shared else "",
+                                shared))
+    replacements = {row.path: made[row.shared_with or row.path] for row in report}
+    return _transform(model, replacements, inplace), report

@@ -55,7 +55,7 @@ def make_layer(case, dtype="float32", data_format="channels_last", composition="
 def layer_grads(layer, x, u, training=True):
     """(y, {x, W, D, bias}) of <u, layer(x)> with a GradientTape, gradients in canonical layout."""
     x = tf.convert_to_tensor(x)
-    variables = {"W": layer.W, "D": layer.D_delta, "bias": layer.bias}
+    variables = {"W": layer.W, "D": layer.D, "bias": layer.bias}
     variables = {k: v for k, v in variables.items() if v is not None}
     with tf.GradientTape() as tape:
         tape.watch(x)

@@ -30,7 +30,7 @@ TORCH_CHECK = """
             dW = layer.W.value.grad.numpy().transpose(dtf.W_TO_CANONICAL)
             doconv.assert_close(dW, grads["W"], "float64", id + " dW")
             if c.has_D:
-                doconv.assert_close(layer.D_delta.value.grad.numpy().transpose(2, 0, 1), grads["D"], "float64", id)
+                doconv.assert_close(layer.D.value.grad.numpy().transpose(2, 0, 1), grads["D"], "float64", id)
             with torch.no_grad():
                 with dtf.cached(layer):  # the first call composes, the second reads the held kernel
                     for _ in range(2):
@@ -66,7 +66,7 @@ TORCH_STATE_DICT_CHECK = """
         model.load_state_dict(state)  # Parameter.copy_() behind Keras' assign
         doconv.assert_close(predict(), doconv.forward(x, p, c), "float32", id + " load_state_dict")
         with torch.no_grad():  # any in-place write of the Parameters is seen
-            layer.D_delta.value.mul_(-1.0)
+            layer.D.value.mul_(-1.0)
         doconv.assert_close(predict(), doconv.forward(x, dtf.get_params(layer), c), "float32", id + " in place")
     print("torch state_dict ok")
 """
@@ -103,8 +103,8 @@ TORCH_NESTED_CHECK = """
     inputs = keras.Input((7, 7, 3))
     block = Block()
     model = keras.Model(inputs, block(inputs))
-    assert [w.name for w in model.weights] == ["W", "D_delta", "bias"], model.weights
-    block.conv.D_delta.assign(rng.normal(size=tuple(block.conv.D_delta.shape)) * 0.3)
+    assert [w.name for w in model.weights] == ["W", "D", "bias"], model.weights
+    block.conv.D.assign(rng.normal(size=tuple(block.conv.D.shape)) * 0.3)
     want = x + keras.ops.convert_to_numpy(block.conv.fold()(x))
     doconv.assert_close(model.predict(x, verbose=0), want, "float32", "block")
     sub = Subclassed()

@@ -64,17 +64,39 @@ def test_canonical_errors(tmp_path):
     with pytest.raises(ValueError, match=r"model layers missing from the file \['b'\]"):
         dtf.import_canonical(extra, path)
     assert dtf.import_canonical(extra, path, strict=False) == ["a"]
-    with pytest.raises(ValueError, match="holds no DOConv2D"):
-        dtf.export_canonical(keras.Sequential([keras.Input((3, 3, 1)), keras.layers.Conv2D(1, 1)]), path)
+    plain = keras.Sequential([keras.Input((3, 3, 1)), keras.layers.Conv2D(1, 1)])
+    for function in (dtf.export_canonical, dtf.import_canonical):
+        with pytest.raises(ValueError, match=r"model has no DOConv2D layer .*convert it first \(doconv.tf.convert"):
+            function(plain, path)
+    with pytest.raises(ValueError, match=r"model has no DOConv2D layer .*convert it first"):
+        dtf.import_official(plain, {})
+    for function in (dtf.export_canonical, dtf.import_canonical, dtf.import_official):
+        with pytest.raises(TypeError, match="model must be a keras Model or Layer, but got int"):
+            function(3, path)
 
 
-def official_tf_forward(kernel, D_delta, bias, config, x_nhwc):
+def test_canonical_nonfinite_values_are_refused_unless_allowed(tmp_path):
+    model = _model(0)
+    layer = model.get_layer("b")
+    layer.W.assign(np.where(np.arange(layer.W.shape[-1]) == 0, np.nan, np.asarray(layer.W)))
+    path = tmp_path / "nan.safetensors"
+    with pytest.raises(ValueError, match="allow_nonfinite"):
+        dtf.export_canonical(model, path)
+    dtf.export_canonical(model, path, allow_nonfinite=True)
+    target = _model(5)
+    with pytest.raises(ValueError, match="allow_nonfinite"):
+        dtf.import_canonical(target, path)
+    assert dtf.import_canonical(target, path, allow_nonfinite=True) == ["a", "b"]
+    assert np.isnan(np.asarray(target.get_layer("b").W)[..., 0]).all()
+
+
+def official_tf_forward(kernel, D, bias, config, x_nhwc):
     """The official TF layer, re-implemented from the issue's description of it (not from its code):
     D = D' + I_fill (MN, S, C_in); W = kernel (S, C_in/g, C_out) viewed as (S, C_in, C_out/g);
     DoW = einsum('msi,sio->mio', D, W) viewed as the HWIO kernel (M, N, C_in/g, C_out); then a
     conventional grouped conv (here: Keras' own Conv2D)."""
     mn, s = config.MN, config.S
-    D = D_delta + identity_fill(mn, s)[:, :, None]
+    D = D + identity_fill(mn, s)[:, :, None]
     W = kernel.reshape(s, config.in_channels, config.out_channels // config.groups)
     hwio = np.einsum("msi,sio->mio", D, W).reshape(*config.kernel_size, config.in_per_group, config.out_channels)
     conv = keras.layers.Conv2D(config.out_channels, config.kernel_size, config.stride, config.padding,
@@ -106,6 +128,29 @@ def test_import_official_tf_checkpoint_gives_the_official_outputs(case):
                         doconv.conv2d(case.input(0, "float64"), official_tf_kernel(arrays["kernel"], arrays["D"], c),
                                       arrays.get("bias"), stride=c.stride, padding=c.padding, dilation=c.dilation,
                                       groups=c.groups), "float64")
+
+
+def test_import_official_into_a_model_takes_keys_prefixed_by_layer_path():
+    model = _model(0)
+    rng = np.random.default_rng(4)
+    arrays, official = {}, {}
+    for name in ("a", "b"):
+        c = dtf.layer_config(model.get_layer(name))
+        official[name] = {"kernel": rng.normal(size=(c.S, c.in_per_group, c.out_channels)),
+                          "D": rng.normal(0, 0.3, size=(c.MN, c.S, c.in_channels)),
+                          "bias": rng.normal(size=c.out_channels)}
+        # a Keras variable path ('a/kernel') or a dotted one ('b.kernel')
+        arrays.update({f"{name}{'/' if name == 'a' else '.'}{k}": v for k, v in official[name].items()})
+    from doconv.selfcheck import official_tf_kernel
+    assert dtf.import_official(model, arrays) == ["a", "b"]
+    for name in ("a", "b"):
+        layer = model.get_layer(name)
+        c = dtf.layer_config(layer)
+        want = official_tf_kernel(official[name]["kernel"], official[name]["D"], c)
+        doconv.assert_close(doconv.compose(dtf.get_params(layer), c), want, "float32", name)
+        doconv.assert_close(dtf.get_params(layer).bias, official[name]["bias"], "float32", name)
+    with pytest.raises(ValueError, match=r"arrays has no entry for layer 'b' .*'b\.'"):
+        dtf.import_official(model, {k: v for k, v in arrays.items() if not k.startswith("b")})
 
 
 def test_import_official_errors():

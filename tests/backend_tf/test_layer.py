@@ -119,7 +119,7 @@ def test_compiled_inference_follows_every_weight_update(jit_compile):
     assert doconv.max_error(np.asarray(infer(x)), outputs[-1]) > 1e-3
     dtf.set_params(layer, case.params(5, "float32"))
     check("after set_params")
-    for update in (lambda: layer.W.assign(layer.W * 2.0), lambda: layer.D_delta.assign_add(layer.D_delta + 0.1),
+    for update in (lambda: layer.W.assign(layer.W * 2.0), lambda: layer.D.assign_add(layer.D + 0.1),
                    lambda: layer.set_weights([w * 0.5 for w in layer.get_weights()]),
                    lambda: layer.W.value.assign(layer.W * 2.0),
                    lambda: tf.raw_ops.AssignVariableOp(resource=layer.W.value.handle, value=layer.W * 2.0)):
@@ -138,7 +138,7 @@ def test_checkpoint_restore_is_seen_by_inference(case_id, tmp_path):
     want = doconv.forward(case.input(0), params, c)
     checkpoint = tf.train.Checkpoint(model=model)
     path = checkpoint.write(str(tmp_path / "model"))
-    raw = tf.train.Checkpoint(**{name: getattr(layer, name).value for name in ("W", "D_delta", "bias")
+    raw = tf.train.Checkpoint(**{name: getattr(layer, name).value for name in ("W", "D", "bias")
                                  if getattr(layer, name) is not None})  # the backend tf.Variables themselves
     raw_path = raw.write(str(tmp_path / "raw"))
     infer = tf.function(lambda x: layer(x, training=False))
@@ -194,18 +194,18 @@ def test_training_false_under_a_tape_still_trains_W_and_D():
 def test_kernel_cannot_be_set_and_says_why():
     layer = dtf.DOConv2D(4, 3, name="conv")
     layer.build((None, 5, 5, 2))
-    with pytest.raises(AttributeError, match=r"composed kernel W' = D\^T o W.*layer.W / layer.D_delta.*fold.*'conv'"):
+    with pytest.raises(AttributeError, match=r"composed kernel W' = D\^T o W.*layer.W / layer.D.*fold.*'conv'"):
         layer.kernel = np.zeros((3, 3, 2, 4), "float32")
 
 
 def test_weights_order_names_and_shapes():
     layer = dtf.DOConv2D(6, 3, groups=2, D_mul=12)
     layer.build((None, 8, 8, 4))
-    assert [w.name for w in layer.weights] == ["W", "D_delta", "bias"]
+    assert [w.name for w in layer.weights] == ["W", "D", "bias"]
     assert [tuple(w.shape) for w in layer.weights] == [(2, 12, 6), (9, 12, 4), (6,)]
     assert [w.trainable for w in layer.weights] == [True, True, True]
     assert layer.count_params() == 12 * 2 * 6 + 9 * 12 * 4 + 6
-    np.testing.assert_array_equal(np.asarray(layer.D_delta), 0.0)  # identity init: D' = 0
+    np.testing.assert_array_equal(np.asarray(layer.D), 0.0)  # identity init: D' = 0
     pointwise = dtf.DOConv2D(5, 1, use_bias=False)
     pointwise.build((None, 3, 3, 4))
     assert [w.name for w in pointwise.weights] == ["W"]
@@ -274,13 +274,13 @@ def test_kernel_initializer_of_the_wrong_shape_is_a_clear_error(kwargs, match):
 def test_regularizers_apply_to_W_only_unless_D_has_its_own():
     layer = dtf.DOConv2D(4, 3, kernel_regularizer=keras.regularizers.L2(1.0))
     layer.build((None, 5, 5, 2))
-    layer.D_delta.assign(np.ones(layer.D_delta.shape))
+    layer.D.assign(np.ones(layer.D.shape))
     assert len(layer.losses) == 1
     np.testing.assert_allclose(float(layer.losses[0]), np.sum(np.asarray(layer.W) ** 2), rtol=1e-5)
     layer = dtf.DOConv2D(4, 3, D_regularizer=keras.regularizers.L2(1.0))
     layer.build((None, 5, 5, 2))
-    layer.D_delta.assign(np.full(layer.D_delta.shape, 0.5))
-    np.testing.assert_allclose(float(layer.losses[0]), 0.25 * np.prod(layer.D_delta.shape), rtol=1e-5)
+    layer.D.assign(np.full(layer.D.shape, 0.5))
+    np.testing.assert_allclose(float(layer.losses[0]), 0.25 * np.prod(layer.D.shape), rtol=1e-5)
 
 
 def test_config_round_trip():
@@ -318,6 +318,31 @@ def test_keras_file_round_trip_without_custom_objects(tmp_path):
     loaded.load_weights(weights)
     np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), before)
 
+
+
+def test_keras_files_store_the_variables_by_position_so_the_D_rename_keeps_old_files_loading(tmp_path):
+    """``.keras`` / ``.weights.h5`` files hold a layer's variables as ``vars/0``, ``vars/1``, ... (no variable
+    names): a file saved when D was named ``D_delta`` has the same keys and loads into W, D, bias."""
+    import io
+    import zipfile
+
+    h5py = pytest.importorskip("h5py")
+    case = cases.case("k3-same")
+    layer = dtf.layer_from_config(case.config)
+    params = case.params(0, "float32")  # D randomised
+    dtf.set_params(layer, params)
+    model = keras.Sequential([keras.Input((None, None, case.config.in_channels)), layer])
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as archive:
+        with h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+            [key] = weights["layers"]  # the layer, keyed by its class (snake case)
+            stored = {name: array[()] for name, array in weights[f"layers/{key}/vars"].items()}
+    assert sorted(stored) == ["0", "1", "2"]  # positions only: the variable's name is in no key
+    np.testing.assert_array_equal(stored["1"], np.asarray(layer.D))
+    loaded = keras.saving.load_model(tmp_path / "m.keras").layers[0]
+    x = case.input(0, "float32")
+    doconv.assert_close(from_layout(loaded(to_layout(x, "channels_last")), "channels_last"),
+                        doconv.forward(x, params, case.config), "float32", "loaded")
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision(policy):
@@ -358,7 +383,7 @@ def test_mixed_precision_trains_the_layer_it_deploys(policy):
     for composition, bound in (("kernel", doconv.tolerance(compute) / 20), ("feature", doconv.tolerance(compute))):
         layer = dtf.layer_from_config(c, dtype=policy, composition=composition)
         dtf.set_params(layer, params)
-        assert layer.W.dtype == layer.D_delta.dtype == "float32" and layer.compute_dtype == compute
+        assert layer.W.dtype == layer.D.dtype == "float32" and layer.compute_dtype == compute
         assert keras.backend.standardize_dtype(layer.kernel.dtype) == "float32"
         folded = as_float(layer.fold()(x))
         assert np.sqrt(np.mean(folded ** 2)) == pytest.approx(6.0, rel=0.05)

@@ -1,4 +1,5 @@
-"""convert / fold on keras.applications models (weights=None, 32x32 inputs) and small Sequential models."""
+"""convert / fold on keras.applications models (weights=None, 32x32 inputs) and small Sequential, functional
+and subclassed models: the reports (one row per convolution-like layer) and the outputs against the core."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from doconv_tf_testing import run_python  # noqa: F401  (registers the helpers)
 import doconv
 import doconv.tf as dtf
 from doconv import layouts
+from doconv.contract import ConversionReport
 import keras
 import tensorflow as tf
 
@@ -16,9 +18,11 @@ X = rng.normal(size=(2, 32, 32, 3)).astype("float32")
 
 def _randomise_D(model, scale=0.3):
     """Move every D away from the identity, so that fold has to compose for real."""
-    for layer in model.layers:
-        if isinstance(layer, dtf.DOConv2D) and layer.D_delta is not None:
-            layer.D_delta.assign(rng.normal(0, scale / np.sqrt(layer.D_mul), layer.D_delta.shape))
+    layers = dtf.doconv_layers(model).values()
+    assert layers
+    for layer in layers:
+        if layer.D is not None:
+            layer.D.assign(rng.normal(0, scale / np.sqrt(layer.D_mul), layer.D.shape))
 
 
 def _convs(model):
@@ -42,16 +46,21 @@ def test_resnet50_convert_and_fold():
     model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
     before = np.asarray(model(X, training=False))
     converted, report = dtf.convert(model)
-    kinds = {row.action for row in report}
+    assert isinstance(report, ConversionReport)
     assert len(report) == len(_convs(model)) == 53
-    assert len(report.converted) == 17 and kinds == {"DO-Conv", "kept: pointwise (1x1): no D (paper Section 4)"}
-    assert "17 of 53 convolutions converted" in str(report)
+    assert {(row.action, row.reason) for row in report} == {("converted", ""), ("kept", "pointwise: DO-Conv has no D")}
+    assert len(report.rows("converted")) == 17
+    assert all(row.layer.startswith("DO-Conv(") for row in report.rows("converted"))
+    assert {row.D_mul for row in report.rows("converted")} == {9, 49}  # M*N of the 3x3 convs and of the 7x7 stem
+    assert "17 converted, 36 kept" in str(report)
     assert sum(isinstance(layer, dtf.DOConv2D) for layer in converted.layers) == 17
     doconv.assert_close(converted(X, training=False), before, "float32", "convert at identity init")
     _randomise_D(converted)
     after = np.asarray(converted(X, training=False))
     assert doconv.max_error(after, before) > 1e-3
-    folded = dtf.fold(converted)
+    folded, report = dtf.fold(converted)
+    assert [(row.action, row.layer) for row in report] == [("folded", "Conv2D")] * 17
+    assert [row.path for row in report] == [row.path for row in dtf.convert(model)[1].rows("converted")]
     assert not any(isinstance(layer, dtf.DOConv2D) for layer in folded.layers)
     assert folded.count_params() == model.count_params()
     doconv.assert_close(folded(X, training=False), after, "float32", "fold")
@@ -61,14 +70,14 @@ def test_mobilenetv2_depthwise_convert_fold_save_and_export(mobilenet, tmp_path)
     model = mobilenet
     before = np.asarray(model(X, training=False))
     converted, report = dtf.convert(model)
-    kinds = [row.action for row in report.converted]
+    kinds = [row.layer.split("(")[0] for row in report.rows("converted")]
     assert kinds.count("DO-DConv") == 17 and kinds.count("DO-Conv") == 1
     depthwise = [layer for layer in converted.layers if isinstance(layer, dtf.DOConv2D) and layer.groups > 1]
     assert len(depthwise) == 17 and all(layer.groups == layer.filters for layer in depthwise)
     doconv.assert_close(converted(X, training=False), before, "float32", "convert at identity init")
     _randomise_D(converted)
     after = np.asarray(converted(X, training=False))
-    folded = dtf.fold(converted)
+    folded, _ = dtf.fold(converted)
     assert sum(isinstance(layer, keras.layers.DepthwiseConv2D) for layer in folded.layers) == 17
     assert folded.count_params() == model.count_params()
     doconv.assert_close(folded(X, training=False), after, "float32", "fold")
@@ -82,13 +91,13 @@ def test_mobilenetv2_depthwise_convert_fold_save_and_export(mobilenet, tmp_path)
 
 
 def test_convert_include_exclude_and_random_init(mobilenet):
-    names = [row.name for row in dtf.convert(mobilenet)[1].converted]
+    names = [row.path for row in dtf.convert(mobilenet)[1].rows("converted")]
     _, report = dtf.convert(mobilenet, include=names[:3])
-    assert [row.name for row in report.converted] == names[:3]
-    _, report = dtf.convert(mobilenet, exclude=lambda layer: isinstance(layer, keras.layers.DepthwiseConv2D))
-    assert [row.action for row in report.converted] == ["DO-Conv"]
+    assert [row.path for row in report.rows("converted")] == names[:3]
+    _, report = dtf.convert(mobilenet, exclude=lambda path, layer: isinstance(layer, keras.layers.DepthwiseConv2D))
+    assert [row.layer.split("(")[0] for row in report.rows("converted")] == ["DO-Conv"]
     converted, report = dtf.convert(mobilenet, D_mul=12, include=names[:1])
-    assert report.converted[0].D_mul == 12 and converted.get_layer(names[0]).D_mul == 12
+    assert report.rows("converted")[0].D_mul == 12 and converted.get_layer(names[0]).D_mul == 12
     doconv.assert_close(converted(X, training=False), mobilenet(X, training=False), "float32", "D_mul > MN")
     converted, _ = dtf.convert(mobilenet, d_init="random", include=names[:1])
     fresh, original = converted.get_layer(names[0]), mobilenet.get_layer(names[0])
@@ -102,7 +111,7 @@ def test_convert_include_exclude_and_random_init(mobilenet):
                                   layouts.hwio_to_oihw(np.asarray(trained.get_layer("c").kernel)))
     np.testing.assert_array_equal(kept.bias, np.asarray(trained.get_layer("c").bias))
     assert abs(kept.D - np.broadcast_to(doconv.identity_fill(9, 9), kept.D.shape)).max() > 0.1
-    with pytest.raises(ValueError, match="d_init='eye'"):
+    with pytest.raises(ValueError, match=r"d_init must be one of \('identity', 'random'\), but got d_init='eye'"):
         dtf.convert(mobilenet, d_init="eye")
     with pytest.raises(TypeError, match="include=3"):
         dtf.convert(mobilenet, include=3)
@@ -126,18 +135,19 @@ def test_convert_include_exclude_take_glob_patterns(include, exclude, converted)
     model = _three_convs()
     x = rng.normal(size=(2, 12, 12, 3)).astype("float32")
     new, report = dtf.convert(model, include=include, exclude=exclude)
-    assert [row.name for row in report.converted] == converted
+    assert [row.path for row in report.rows("converted")] == converted
     assert [layer.name for layer in new.layers if isinstance(layer, dtf.DOConv2D)] == converted
-    kept = {row.name: row.action for row in report if row.name not in converted}
-    assert all(action in ("kept: excluded", "kept: not included") for action in kept.values()), kept
+    kept = {(row.action, row.reason) for row in report if row.path not in converted}
+    assert kept <= {("kept", "excluded"), ("kept", "not included")}, kept
     doconv.assert_close(new(x, training=False), model(x), "float32", "identity init")
-    _randomise_D(new)  # the converted layers compute W' = D^T W for real: fold must match it
-    doconv.assert_close(dtf.fold(new)(x), new(x, training=False), "float32", "fold")
+    if converted:
+        _randomise_D(new)  # the converted layers compute W' = D^T W for real: fold must match it
+    doconv.assert_close(dtf.fold(new)[0](x), new(x, training=False), "float32", "fold")
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(exclude="haed"), r"exclude pattern\(s\) \['haed'\] match no layer name.*'conv1', 'conv2', 'head'"),
-    (dict(include=["conv*", "x*"]), r"include pattern\(s\) \['x\*'\] match no layer name"),
+    (dict(exclude="haed"), r"exclude pattern\(s\) \['haed'\] match no layer path.*'conv1', 'act', 'conv2', 'head'"),
+    (dict(include=["conv*", "x*"]), r"include pattern\(s\) \['x\*'\] match no layer path"),
     (dict(include="conv1", exclude=["head", "Conv2"]), r"exclude pattern\(s\) \['Conv2'\]"),  # case-sensitive
 ])
 def test_convert_refuses_patterns_that_match_no_layer(kwargs, match):
@@ -150,27 +160,14 @@ def test_convert_refuses_patterns_that_match_no_layer(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(D_mul=9), r"^layer 'head' \(Conv2D\): D_mul must be >= M\*N = 25 for kernel_size=\(5, 5\), but got D_mul=9"),
     (dict(D_mul=12, include="head"), r"^layer 'head' \(Conv2D\): D_mul must be >= M\*N = 25 .*but got D_mul=12"),
-    (dict(composition="bad"), r"^layer 'conv1' \(Conv2D\): The `composition` argument .* composition='bad'$"),
+    (dict(composition="bad"),
+     r"^composition must be one of \('kernel', 'feature', 'auto'\), but got composition='bad'$"),
+    (dict(D_mul=0), r"^D_mul must be a positive int or None .*but got D_mul=0$"),
 ])
 def test_convert_passes_layer_argument_errors_through(kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         dtf.convert(_three_convs(), **kwargs)
     assert "cannot rebuild" not in str(info.value)
-
-
-def test_convert_still_refuses_subclassed_models():
-    class Subclassed(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.conv = keras.layers.Conv2D(4, 3)
-
-        def call(self, x):
-            return self.conv(x)
-
-    model = Subclassed()
-    model(X)
-    with pytest.raises(ValueError, match="cannot rebuild model .* only Sequential and functional"):
-        dtf.convert(model)
 
 
 def test_sequential_channels_first_convert_fold_keeps_the_original_untouched():
@@ -183,23 +180,60 @@ def test_sequential_channels_first_convert_fold_keeps_the_original_untouched():
     x = rng.normal(size=(2, 3, 9, 9)).astype("float32")
     before = np.asarray(model(x))
     converted, report = dtf.convert(model)
-    assert [row.action for row in report] == ["DO-Conv", "DO-GConv", "DO-DConv"]
+    assert [row.layer.split("(")[0] for row in report] == ["DO-Conv", "DO-GConv", "DO-DConv"]
     doconv.assert_close(converted(x), before, "float32", "convert")
     _randomise_D(converted)
-    folded = dtf.fold(converted)
+    folded, _ = dtf.fold(converted)
     doconv.assert_close(folded(x), converted(x, training=False), "float32", "fold")
-    # channels_first folds to channels_last plain layers between Permutes (see doconv.tf.folded_layer)
+    # channels_first folds to channels_last plain layers between Permutes (see doconv.tf.folded.plain_layer)
     assert [type(layer).__name__ for layer in folded.layers] == ["Permute", "Conv2D", "Permute"] * 2 + [
         "Permute", "DepthwiseConv2D", "Permute"]
     assert folded.count_params() == model.count_params()
     np.testing.assert_array_equal(model(x), before)  # convert and fold copy, never share variables
 
 
-def test_convert_refuses_non_models():
-    with pytest.raises(TypeError, match="keras.Model"):
-        dtf.convert(keras.layers.Conv2D(3, 3))
+@pytest.mark.parametrize("function", [dtf.convert, dtf.fold, dtf.doconv_layers])
+def test_model_arguments_of_the_wrong_type_or_unbuilt_are_named(function):
+    with pytest.raises(TypeError, match="^model must be a keras Model or Layer, but got int$"):
+        function(3)
     with pytest.raises(ValueError, match="not built"):
-        dtf.convert(keras.Sequential([keras.layers.Conv2D(3, 3)]))
+        function(keras.Sequential([keras.layers.Conv2D(3, 3)]))
+    with pytest.raises(TypeError, match="^model must be a keras Model or Layer, but got str$"):
+        dtf.cached("model").__enter__()
+
+
+def test_a_bare_conv_layer_converts_to_a_doconv_layer_and_back():
+    conv = keras.layers.Conv2D(4, 3, name="c")
+    x = rng.normal(size=(2, 6, 6, 3)).astype("float32")
+    want = np.asarray(conv(x))
+    layer, report = dtf.convert(conv)
+    assert isinstance(layer, dtf.DOConv2D) and [row.path for row in report] == ["c"]
+    doconv.assert_close(layer(x), want, "float32", "converted")
+    _randomise_D(layer)
+    plain, report = dtf.fold(layer)
+    assert type(plain) is keras.layers.Conv2D and [row.action for row in report] == ["folded"]
+    doconv.assert_close(plain(x), doconv.layouts.nchw_to_nhwc(doconv.forward(
+        x.transpose(0, 3, 1, 2), dtf.get_params(layer), layer.doconv_config)), "float32", "folded")
+    with pytest.raises(ValueError, match="inplace=True is not possible for a bare layer"):
+        dtf.convert(conv, inplace=True)
+
+
+def test_inplace_is_refused_for_sequential_and_functional_models():
+    model = _three_convs()
+    for function in (dtf.convert, dtf.fold):
+        with pytest.raises(ValueError, match=r"inplace=True is not possible for a Keras Sequential model "
+                                             r".*use the returned model"):
+            function(model, inplace=True)
+    with pytest.raises(TypeError, match="inplace must be True or False, but got inplace='yes'"):
+        dtf.convert(model, inplace="yes")
+
+
+def test_default_composition_is_kernel():
+    import inspect
+    assert inspect.signature(dtf.convert).parameters["composition"].default == "kernel"
+    assert inspect.signature(dtf.DOConv2D).parameters["composition"].default == "kernel"
+    converted, _ = dtf.convert(_three_convs())
+    assert {layer.composition for layer in dtf.doconv_layers(converted).values()} == {"kernel"}
 
 
 @pytest.mark.parametrize("case_id, dtype", [("g3-k3", "float32"), ("g3-k3", "float64"), ("k3-same", "float64"),
@@ -220,7 +254,7 @@ def test_channels_first_fold_matches_the_core(case_id, dtype, tmp_path):
     sequential = keras.Sequential([inputs, layer])
     functional = keras.Model(inputs, keras.layers.Activation("linear", dtype=dtype)(layer(inputs)))
     for model in (sequential, functional):
-        folded = dtf.fold(model)
+        folded, _ = dtf.fold(model)
         assert not any(isinstance(sub, dtf.DOConv2D) for sub in folded._flatten_layers())
         assert folded.count_params() == np.prod(config.kernel_size) * config.in_per_group * config.out_channels + (
             config.out_channels if config.bias else 0)
@@ -230,14 +264,14 @@ def test_channels_first_fold_matches_the_core(case_id, dtype, tmp_path):
     doconv.assert_close(reloaded(x, training=False), want, dtype, f"{case_id} fold reloaded")
 
 
-def test_convert_reports_conv2d_subclasses_it_keeps():
+def test_convert_reports_conv2d_subclasses_it_skips():
     class Custom(keras.layers.Conv2D):
         pass
 
     model = keras.Sequential([keras.Input((8, 8, 3)), Custom(4, 3, name="custom"), keras.layers.Conv2D(4, 3, name="plain")])
     converted, report = dtf.convert(model)
-    actions = {row.name: row.action for row in report}
-    assert actions["custom"].startswith("kept: a Conv2D subclass") and actions["plain"] == "DO-Conv"
+    rows = {row.path: (row.action, row.reason) for row in report}
+    assert rows == {"custom": ("skipped", "Conv2D subclass: its call may differ"), "plain": ("converted", "")}
     assert type(converted.get_layer("custom")) is Custom and isinstance(converted.get_layer("plain"), dtf.DOConv2D)
 
 
@@ -272,8 +306,8 @@ def test_fold_of_a_bfloat16_layer(groups):
     x = rng.normal(size=(2, 7, 7, 4)).astype("float32")
     layer = dtf.DOConv2D(8, 3, groups=groups, dtype="bfloat16")
     layer.build(x.shape)
-    layer.D_delta.assign(rng.normal(0, 0.3, layer.D_delta.shape))
-    folded = dtf.fold(keras.Sequential([keras.Input((7, 7, 4)), layer]))
+    layer.D.assign(rng.normal(0, 0.3, layer.D.shape))
+    folded, _ = dtf.fold(keras.Sequential([keras.Input((7, 7, 4)), layer]))
     conv = folded.layers[-1]
     depthwise = groups == 4  # groups = C_in: DO-DConv folds into a DepthwiseConv2D
     assert type(conv) is (keras.layers.DepthwiseConv2D if depthwise else keras.layers.Conv2D)

@@ -14,7 +14,7 @@ import keras
 
 def _randomise_D(layer, seed=0, scale=0.3):
     rng = np.random.default_rng(seed)
-    layer.D_delta.assign(rng.normal(size=tuple(layer.D_delta.shape)).astype(layer.D_delta.dtype) * scale)
+    layer.D.assign(rng.normal(size=tuple(layer.D.shape)).astype(layer.D.dtype) * scale)
 
 
 class Subclassed(keras.Model):
@@ -52,7 +52,7 @@ def test_subclassed_model_has_the_layers_weights_only_and_trains_them():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "Gradients do not exist" (orphan variables), no unbuilt state
         model(x[:1])
-        assert [w.name for w in model.weights] == ["W", "D_delta", "bias"]
+        assert [w.name for w in model.weights] == ["W", "D", "bias"]
         assert len(model.weights) == len(reference.weights) + 1
         assert model.count_params() == model.conv.count_params() == 3 * 9 * 4 + 81 * 3 + 4
         _randomise_D(model.conv)
@@ -91,5 +91,5 @@ def test_custom_layer_without_build_in_a_functional_model(conv, tmp_path):
     doconv.assert_close(model.predict(x, verbose=0), want, "float32", "predict")
     model.save(tmp_path / "block.keras")
     loaded = keras.saving.load_model(tmp_path / "block.keras")
-    assert [w.name for w in loaded.weights] == ["W", "D_delta", "bias"]
+    assert [w.name for w in loaded.weights] == ["W", "D", "bias"]
     doconv.assert_close(loaded.predict(x, verbose=0), want, "float32", "loaded")
