@@ -100,6 +100,19 @@ def check_D_mul(D_mul: Any) -> Optional[int]:
                           f"but got D_mul={D_mul!r}") from error
 
 
+def check_convert_D_mul(D_mul: Optional[int], kernel_size: Sequence[int]) -> None:
+    """``convert`` keeps each convolution's kernel in ``W[..., :M*N]`` (identity D), which needs D_mul >= M*N:
+    a ValueError saying so (a layer made on its own may go below with ``depthwise_separable=True``; a converted
+    one cannot keep its kernel there)."""
+    mn = 1
+    for k in kernel_size:
+        mn *= int(k)
+    if D_mul is not None and mn > 1 and D_mul < mn:
+        raise ValueError(f"D_mul must be >= M*N = {mn} for kernel_size={tuple(kernel_size)}, but got D_mul={D_mul}: "
+                         f"convert keeps each convolution's kernel in W[..., :M*N] (D_mul=None takes M*N of each "
+                         f"layer)")
+
+
 # ---- the conversion report -------------------------------------------------------------------------------
 
 @dataclasses.dataclass

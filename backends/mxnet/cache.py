@@ -191,7 +191,10 @@ def cached(model):
             if not held[1]:
                 del _GRAPHS[id(block)]
                 unscoped(block)
-                block._clear_cached_op()  # a graph built inside the scope reads W': never reuse it after
+                # A graph built inside the scope reads W': never reuse it after. (Its composing twin is built for
+                # the dtypes of that moment, which a later load_parameters(cast_dtype=True) may change: it goes
+                # too, so export() after a scope needs one call first, as after hybridize().)
+                block._clear_cached_op()
         for layer in layers:
             held = _LAYERS[id(layer)]
             held.depth -= 1

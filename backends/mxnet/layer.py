@@ -212,6 +212,13 @@ class DOConv2D(gluon.HybridBlock):
                              f"(needs shape {shape})")
         return shared
 
+    def load_parameters(self, filename, *args, **kwargs):
+        """Gluon's; the layer's own graph is then rebuilt, because it builds I_fill in the parameters' dtype,
+        which ``cast_dtype=True`` may change (a plain conv's graph holds no such constant)."""
+        super().load_parameters(filename, *args, **kwargs)
+        self._clear_cached_op()
+        self.invalidate_cache()
+
     def invalidate_cache(self):
         """Drop the W' of the open :func:`doconv.mxnet.cached` scope (after a deliberate write to W or D inside
         it); a no-op outside one, where every call composes afresh anyway."""

@@ -17,8 +17,8 @@ import numpy as np
 
 import doconv
 from doconv import standardize_flag
-from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport, ReportRow, check_choice, check_D_mul,
-                             plan)
+from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport, ReportRow, check_choice,
+                             check_convert_D_mul, check_D_mul, plan)
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from ._mx import gluon, mx
@@ -86,6 +86,7 @@ def _check_params(layer: DOConv2D, params: doconv.DOConvParams, name: Optional[s
 
 
 def _write_params(layer: DOConv2D, params: doconv.DOConvParams) -> None:
+    layer.invalidate_cache()  # a write doconv makes itself: an open cached() scope must not keep the old W'
     dtype = np.dtype(layer.W.dtype)
     D = None if layer.D is None else D_to_delta(params.D, layer.config)
     for param, value in ((layer.W, params.W), (layer.D, D), (layer.bias, params.bias)):
@@ -361,6 +362,7 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
         if d.first not in made:
             first, shared = tied.get(id(block.weight), (None, None))  # Gluon's params= sharing between blocks
             try:
+                check_convert_D_mul(D_mul, block._kwargs["kernel"])
                 new, with_data = _converted(block, d.path, shared, D_mul, d_init, composition)
             except (ValueError, TypeError) as error:
                 _refuse(error, "convert", d.path, "converted")

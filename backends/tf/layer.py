@@ -329,6 +329,17 @@ class DOConv2D(cache.ComposesKernel, keras.layers.Layer):
         inside it); a no-op outside one, where every call composes anyway."""
         cache.drop(self)
 
+    def set_weights(self, weights):
+        """Keras' own, and the kernel of an open :func:`doconv.tf.cached` scope dropped (a write through the
+        layer itself; ``Model.set_weights`` assigns the variables directly: the scope's promise covers it)."""
+        super().set_weights(weights)
+        self.invalidate_cache()
+
+    def load_own_variables(self, store):
+        """Keras' own (``load_weights``, ``.keras`` files), and the scope's kernel dropped, as :meth:`set_weights`."""
+        super().load_own_variables(store)
+        self.invalidate_cache()
+
     def fold(self):
         """The plain built ``Conv2D`` (``DepthwiseConv2D`` for DO-DConv) holding the composed kernel W'
         (:func:`doconv.tf.folded.plain_layer`; channels_first on TensorFlow: between two ``Permute``)."""
@@ -393,6 +404,7 @@ def set_params(layer, params: doconv.DOConvParams) -> None:
     if not isinstance(params, doconv.DOConvParams):
         raise TypeError(f"params must be a doconv.DOConvParams, but got {type(params).__name__}")
     params.check(c, where=f"layer {layer.name!r}")
+    layer.invalidate_cache()  # a write doconv makes itself: an open cached() scope must not keep the old kernel
     layer.W.assign(np.asarray(params.W).transpose(W_FROM_CANONICAL))
     if c.has_D:
         layer.D.assign(doconv.layouts.D_to_delta(params.D, c).transpose(1, 2, 0))

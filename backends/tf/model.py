@@ -27,7 +27,7 @@ from keras.src.models.functional import Functional  # keras.Model(inputs, output
 import doconv
 from doconv import layouts
 from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport, ReportRow, check_choice,
-                             check_D_mul, plan)
+                             check_convert_D_mul, check_D_mul, plan)
 
 from .folded import SPLICE, build_shape, spliceable
 from .layer import DOConv2D, get_params, layer_config, set_params
@@ -405,6 +405,7 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
             continue
         if not d.shared_with:
             try:
+                check_convert_D_mul(D_mul, layer.kernel_size)
                 made[d.path] = replacement(layer, D_mul=D_mul, d_init=d_init, composition=composition)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"layer {d.path!r} ({type(layer).__name__}): {error}") from error

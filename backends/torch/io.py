@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from doconv import ROOT_NAME, DOConvConfig, DOConvParams, load_matching, save
+from doconv import ROOT_NAME, DOConvConfig, DOConvParams, load_matching, save, standardize_flag
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from .layer import DOConv2d
@@ -75,6 +75,7 @@ def _check_params(layer: DOConv2d, params: DOConvParams, name) -> None:
 
 def _write_params(layer: DOConv2d, params: DOConvParams) -> None:
     c = layer.config
+    layer.invalidate_cache()  # a write doconv makes itself: an open cached() scope must not keep the old kernel
     with torch.no_grad():
         layer.W.copy_(torch.as_tensor(np.asarray(params.W)))
         if layer.D is not None:
@@ -97,10 +98,11 @@ def export_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -
 
 
 def _doconv_layers_of(model: nn.Module, what: str) -> Dict[str, DOConv2d]:
-    """The model's layers for ``what`` (export, import ...), or a TypeError / ValueError saying what is wrong."""
+    """The model's layers for ``what`` (export, import ...), or a TypeError / ValueError saying what is wrong.
+    Paths are those of the model inside its wrappers (:func:`unwrap`), so files move between them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-    layers = doconv_layers(model)
+    layers = doconv_layers(unwrap(model))
     if not layers:
         raise ValueError(f"model has no DOConv2d layer to {what} ({type(model).__name__}): convert it first "
                          f"(doconv.torch.convert(model))")
@@ -118,8 +120,9 @@ def import_canonical(model: nn.Module, path, *, strict: bool = True, allow_nonfi
     names of the layers loaded.
     """
     layers = _doconv_layers_of(model, "import a canonical file into")
-    params = load_matching(path, {name: m.config for name, m in layers.items()}, strict=strict,
-                           bare=isinstance(model, DOConv2d), allow_nonfinite=allow_nonfinite)
+    params = load_matching(path, {name: m.config for name, m in layers.items()},
+                           strict=standardize_flag(strict, "strict"), bare=isinstance(unwrap(model), DOConv2d),
+                           allow_nonfinite=allow_nonfinite)
     for name in params:  # every layer checked before any is written
         _check_params(layers[name], params[name], repr(name))
     for name in params:
@@ -131,15 +134,28 @@ def import_canonical(model: nn.Module, path, *, strict: bool = True, allow_nonfi
 WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 
 
-def import_official(model: nn.Module, state_dict: Mapping[str, np.ndarray], *, refold: bool = False,
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``nn.DataParallel`` / ``DistributedDataParallel`` / ``torch.compile`` wrappers: its paths
+    are the ones checkpoints and interchange files name (without ``module.`` / ``_orig_mod.``)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def import_official(model: nn.Module, arrays: Mapping[str, np.ndarray], *, refold: bool = False,
                     strict: bool = True) -> List[str]:
     """Load a checkpoint of the official PyTorch DO-Conv code into ``model``; returns the layers converted.
 
-    ``state_dict`` is a whole model's (or, for a bare ``DOConv2d``, one layer's: keys ``W``, ``D`` = the
-    delta, ``d_diag``, ``bias``); wrapper prefixes (``module.``, ``_orig_mod.``) are stripped. Each
-    official layer's tensors are converted (:func:`doconv.layouts.from_official`) and the whole dict,
-    BatchNorm and the rest included, is loaded by ``model.load_state_dict(..., strict=strict)``; nothing is
-    written unless every layer converts.
+    ``arrays`` is a whole model's state dict (or, for a bare ``DOConv2d``, one layer's: keys ``W``, ``D`` = the
+    delta, ``d_diag``, ``bias``); wrapper prefixes (``module.``, ``_orig_mod.``) are stripped from its keys and
+    wrappers from ``model``. Each official layer's tensors are converted (:func:`doconv.layouts.from_official`),
+    an official 1x1 layer's ``W`` (C_out, C_in/g, 1) becomes the kernel of the 1x1 ``nn.Conv2d`` that
+    :func:`convert` keeps, and the whole dict, BatchNorm and the rest included, is loaded by
+    ``model.load_state_dict(..., strict=strict)``; nothing is written unless every layer converts.
 
     The official layer pairs W rows with D slices as ``(o mod g)*(C_in/g) + c``; the core permutes D into
     the paper's pairing, which reproduces the official composed kernel exactly when ``groups == 1`` or
@@ -147,28 +163,36 @@ def import_official(model: nn.Module, state_dict: Mapping[str, np.ndarray], *, r
     paper-pairing D exists and a ValueError says so; ``refold=True`` then imports the composed kernel itself
     (W = W', D = I_fill): identical outputs, the D/W split reset.
     """
+    model = unwrap(model) if isinstance(model, nn.Module) else model
     layers = _doconv_layers_of(model, "import an official checkpoint into")
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping of names to tensors, but got {type(state_dict).__name__}")
-    tensors = {WRAPPER_PREFIX.sub("", k): v for k, v in state_dict.items()}
+    if not isinstance(arrays, Mapping):
+        raise TypeError(f"arrays must be a mapping of names to tensors (a state dict), but got "
+                        f"{type(arrays).__name__}")
+    strict = standardize_flag(strict, "strict")
+    tensors = {WRAPPER_PREFIX.sub("", k): v for k, v in arrays.items()}
     bare = isinstance(model, DOConv2d)
     out = dict(tensors)
     for name, layer in layers.items():
         prefix = "" if bare else name + "."
         own = {k[len(prefix):]: k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]}
         if not own:
-            raise ValueError(f"state_dict has no tensors for layer {name!r} (no key starts with {prefix!r}); "
+            raise ValueError(f"arrays has no tensors for layer {name!r} (no key starts with {prefix!r}); "
                              f"its first keys are {sorted(tensors)[:4]}")
-        arrays = {short: _numpy(tensors[k]) if isinstance(tensors[k], torch.Tensor) else np.asarray(tensors[k])
-                  for short, k in own.items()}
+        arrays_of_layer = {short: _numpy(tensors[k]) if isinstance(tensors[k], torch.Tensor) else
+                           np.asarray(tensors[k]) for short, k in own.items()}
         try:
-            params = from_official(arrays, layer.config, "torch", refold=refold)
+            params = from_official(arrays_of_layer, layer.config, "torch", refold=refold)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
         _check_params(layer, params, repr(name))
         for k in own.values():
             del out[k]
         out.update({prefix + k: v for k, v in _state_of(layer, params).items()})
+    for name, conv in ([] if bare else model.named_modules()):  # official 1x1 layers, kept as nn.Conv2d
+        if type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and f"{name}.W" in out:
+            W = out.pop(f"{name}.W")
+            out[f"{name}.weight"] = torch.as_tensor(np.asarray(W) if not isinstance(W, torch.Tensor) else W
+                                                    ).reshape(conv.weight.shape)
     model.load_state_dict(out, strict=strict)
     return list(layers)
 

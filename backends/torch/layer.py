@@ -144,6 +144,7 @@ class DOConv2d(nn.Module):
         is distributed as a fresh ``nn.Conv2d`` kernel; D' = 0 ('identity') or D ~ N(0, 2/MN) ('random').
         """
         bound = kaiming_bound(self.config.fan_in())
+        self._kernel_cache.clear()  # (a write the layer makes itself: a scope must not keep the old kernel)
         with torch.no_grad():
             if self.deployed:
                 raise RuntimeError("reset_parameters() on a deployed (folded) DOConv2d: fold a fresh layer instead")
@@ -289,6 +290,7 @@ class DOConv2d(nn.Module):
         a plain convolution's ``weight`` loaded as ``convert`` converts it); then the storage of W kept."""
         if not self.deployed and not checkpoint.translate(state_dict, prefix, self.config, error_msgs):
             return
+        self._kernel_cache.clear()  # loading writes W and D: an open cached() scope must not keep the old kernel
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if self.I_fill is not None and self.W is not None and self.I_fill.device != self.W.device:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from doconv import DOConvConfig, standardize_flag
-from doconv.contract import Candidate, ConversionReport, ReportRow, check_choice, check_D_mul, plan
+from doconv.contract import (Candidate, ConversionReport, ReportRow, check_choice, check_convert_D_mul, check_D_mul,
+                             plan)
 
 from . import functional as DF
 from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d
@@ -46,7 +47,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 def _start(model, inplace: bool):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
-    return model if standardize_flag(inplace, "inplace") else copy.deepcopy(model)
+    if standardize_flag(inplace, "inplace"):
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:  # noqa: BLE001 -- whatever a module holds that cannot be copied
+        raise ValueError(f"inplace=False needs a copy of model, but {type(model).__name__} cannot be deep-copied "
+                         f"({type(error).__name__}: {error}): pass inplace=True") from error
 
 
 def config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
@@ -72,11 +79,17 @@ def _carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _rewrites_weight(conv: nn.Conv2d) -> bool:
-    """torch.nn.utils.weight_norm / spectral_norm (the hook forms): a pre-hook recomputes ``weight``."""
+def _weight_hook(conv: nn.Conv2d) -> Optional[str]:
+    """The name of a forward pre-hook that recomputes ``weight`` (the hook forms of weight_norm and spectral_norm,
+    torch.nn.utils.prune), which DO-Conv would silently drop, since it composes the kernel itself."""
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
-    return any(isinstance(hook, (SpectralNorm, WeightNorm)) for hook in conv._forward_pre_hooks.values())
+    for hook in conv._forward_pre_hooks.values():
+        for kind, name in ((WeightNorm, "weight_norm"), (SpectralNorm, "spectral_norm"), (BasePruningMethod, "prune")):
+            if isinstance(hook, kind):
+                return name
+    return None
 
 
 def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "identity",
@@ -107,9 +120,10 @@ def _candidate(name: str, module: nn.Conv2d) -> Candidate:
     """What ``convert`` may do with the conv at ``name``: convert it, keep it (1x1) or skip it (unsafe)."""
     if type(module) is not nn.Conv2d:
         return Candidate(name, id(module), module, "nn.Conv2d subclass: its forward may differ", "skipped")
-    if _rewrites_weight(module):
-        return Candidate(name, id(module), module, "weight_norm / spectral_norm hook: it recomputes weight, which "
-                                                   "DO-Conv composes", "skipped")
+    hook = _weight_hook(module)
+    if hook is not None:
+        return Candidate(name, id(module), module, f"{hook} hook: it recomputes weight, which DO-Conv composes",
+                         "skipped")
     if module.kernel_size == (1, 1):
         return Candidate(name, id(module), module, "pointwise: DO-Conv has no D")
     return Candidate(name, id(module), module)
@@ -150,6 +164,7 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     for d in decisions:  # every layer's config and weight ties checked before anything changes
         if d.action == "converted" and not d.shared_with:
             try:
+                check_convert_D_mul(D_mul, modules[d.path].kernel_size)
                 configs[d.path] = config_of(modules[d.path], D_mul)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"layer {d.path!r}: {error}") from error

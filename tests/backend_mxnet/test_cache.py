@@ -461,7 +461,8 @@ def test_sharers_of_an_auto_layer_that_chose_feature_are_fresh_in_and_out_of_a_s
 
 
 @pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
-def test_load_parameters_casting_to_the_saved_dtype(tmp_path, hybridize):
+@pytest.mark.parametrize("scoped", [False, True], ids=["no-scope", "scope"])
+def test_load_parameters_casting_to_the_saved_dtype(tmp_path, hybridize, scoped):
     """``load_parameters(cast_dtype=True, dtype_source='saved')`` sets W's and D's dtype to the file's: the next
     call computes in it, also after a float32 call inside a scope."""
     saved = DOConv2D(4, 3, in_channels=2, prefix="layer_")
@@ -476,9 +477,41 @@ def test_load_parameters_casting_to_the_saved_dtype(tmp_path, hybridize):
     if hybridize:
         layer.hybridize()
     x = np.random.default_rng(4).normal(size=(1, 2, 6, 5))
-    with cached(layer):
+    with cached(layer) if scoped else contextlib.nullcontext():
         layer(mx.nd.array(x, dtype="float32"))
     layer.load_parameters(str(tmp_path / "f64.params"), cast_dtype=True, dtype_source="saved")
     out = layer(mx.nd.array(x, dtype="float64"))
     assert out.dtype == np.float64
     doconv.assert_close(out.asnumpy(), doconv.forward(x, get_params(saved), layer_config(saved)), "float64", "loaded")
+
+
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+def test_set_params_drops_a_scope_kernel(hybridize):
+    """A write made through doconv reaches the next call even inside a scope (several checkpoints, one scope)."""
+    net, other = two_layer_net(hybridize), two_layer_net(hybridize, seed=5)
+    x = np.random.default_rng(1).normal(size=(2, 4, 7, 7)).astype("float32")
+    with cached(net):
+        net(mx.nd.array(x))
+        for layer, source in zip(net, other):
+            set_params(layer, get_params(source))
+        check(net, x, "set_params inside a scope")
+
+
+def test_export_after_a_scope_writes_the_composing_graph(tmp_path):
+    """A hybridized net first called inside a scope exports after it (one call rebuilds its graph, as after
+    ``hybridize()``), with W, D and bias, as a plain net would."""
+    net = two_layer_net(True)
+    x = np.random.default_rng(2).normal(size=(2, 4, 7, 7)).astype("float32")
+    with cached(net):
+        want = net(mx.nd.array(x)).asnumpy()
+    check(net, x, "the net's next call")
+    net.export(str(tmp_path / "net"))
+    block = gluon.SymbolBlock.imports(str(tmp_path / "net-symbol.json"), ["data"], str(tmp_path / "net-0000.params"))
+    doconv.assert_close(block(mx.nd.array(x)).asnumpy(), want, "float32", "exported after the scope")
+
+
+def test_convert_refuses_D_mul_below_M_N_saying_why():
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=3))
+    with pytest.raises(ValueError, match=r"D_mul must be >= M\*N = 9 .*convert keeps each convolution's"):
+        convert(net, D_mul=4)

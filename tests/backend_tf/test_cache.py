@@ -662,3 +662,29 @@ def test_cached_refuses_what_is_not_a_layer():
     with pytest.raises(TypeError, match="^model must be a keras Model or Layer, but got list$"):
         with dtf.cached([1, 2]):
             pass
+
+
+@pytest.mark.parametrize("write", ["set_params", "layer.set_weights", "load_weights"])
+def test_doconv_and_layer_writers_drop_a_scope_kernel(write, tmp_path):
+    """Writes made through doconv or the layer itself reach the next call even inside a scope (evaluating
+    several checkpoints in one ``with cached(model)``)."""
+    model, x, _ = _model(seed=0)
+    other, _, _ = _model(seed=5)
+    other.save_weights(str(tmp_path / "other.weights.h5"))
+    with dtf.cached(model):
+        model(x, training=False)
+        if write == "set_params":
+            for layer, source in zip(_doconv_layers(model), _doconv_layers(other)):
+                dtf.set_params(layer, dtf.get_params(source))
+        elif write == "layer.set_weights":
+            for layer, source in zip(_doconv_layers(model), _doconv_layers(other)):
+                layer.set_weights(source.get_weights())
+        else:
+            model.load_weights(str(tmp_path / "other.weights.h5"))
+        doconv.assert_close(model(x, training=False), _reference(model, x), "float32", f"{write} in a scope")
+
+
+def test_convert_refuses_D_mul_below_M_N_saying_why():
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c")])
+    with pytest.raises(ValueError, match=r"layer 'c'.*D_mul must be >= M\*N = 9 .*convert keeps each convolution's"):
+        dtf.convert(model, D_mul=4)

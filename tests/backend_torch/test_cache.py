@@ -313,3 +313,24 @@ def test_eval_mode_with_grad_never_uses_a_stale_kernel(h):
     _, got = h.torch_grads(layer, torch.tensor(x), u)
     doconv.assert_close(got["D"], grads["D"], "float64", "dD in eval mode")
     doconv.assert_close(got["W"], grads["W"], "float64", "dW in eval mode")
+
+
+@pytest.mark.parametrize("write", ["set_params", "load_state_dict", "reset_parameters", "import_canonical"])
+def test_doconv_own_writers_drop_a_scope_kernel(write, tmp_path):
+    """Writes doconv makes itself reach the next call even inside a scope (evaluating several checkpoints in
+    one ``with cached(model)``): they drop the scope's kernel."""
+    model, other = _model(0), _model(3)
+    doconv.torch.export_canonical(other, tmp_path / "other.safetensors")
+    x = _x()
+    with cached(model):
+        _infer(model, x)
+        if write == "set_params":
+            doconv.torch.set_params(model[0], get_params(other[0]))
+        elif write == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        elif write == "reset_parameters":
+            model[0].d_init = "random"
+            model[0].reset_parameters()
+        else:
+            doconv.torch.import_canonical(model, tmp_path / "other.safetensors")
+        doconv.assert_close(_infer(model, x), _expected(model), "float32", f"{write} inside a scope")

@@ -279,3 +279,36 @@ def test_import_canonical_not_strict_loads_the_layers_the_file_holds(tmp_path):
     assert import_canonical(target, tmp_path / "one.safetensors", strict=False) == ["0"]
     np.testing.assert_array_equal(get_params(target[0]).D, get_params(source[0]).D)
     np.testing.assert_array_equal(get_params(target[1]).W, kept.W)
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile"])
+def test_import_official_and_canonical_see_through_wrappers(wrap, tmp_path):
+    model = _grouped_model()
+    wrapped = nn.DataParallel(model) if wrap == "DataParallel" else torch.compile(model)
+    state = _official_model_state(model)
+    x = np.random.default_rng(2).normal(size=(2, 4, 7, 6))
+    expected = _official_outputs(model, state, x)
+    assert import_official(wrapped, {"module." + k: v for k, v in state.items()}, refold=True) == ["0", "2"]
+    with torch.no_grad():
+        doconv.assert_close(model(torch.as_tensor(x)).numpy(), expected, "float64", "through the wrapper")
+    export_canonical(wrapped, tmp_path / "w.safetensors")
+    assert sorted(doconv.load(tmp_path / "w.safetensors")) == ["0", "2"]  # the model's own paths
+    assert import_canonical(_grouped_model(), tmp_path / "w.safetensors") == ["0", "2"]
+
+
+def test_import_official_takes_official_1x1_layers_into_the_kept_convs():
+    torch.manual_seed(0)
+    model, _ = doconv.torch.convert(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, dtype=torch.float64),
+                                                  nn.Conv2d(8, 6, 1, dtype=torch.float64)))
+    c = model[0].config
+    state = {f"0.{k}": torch.as_tensor(v) for k, v in _official_arrays(c, 3).items()}
+    rng = np.random.default_rng(4)
+    W1, b1 = rng.normal(size=(6, 8, 1)), rng.normal(size=6)  # the official 1x1 layer: W (C_out, C_in, 1), no D
+    state.update({"1.W": torch.as_tensor(W1), "1.bias": torch.as_tensor(b1)})
+    assert import_official(model, state) == ["0"]
+    x = np.random.default_rng(5).normal(size=(2, 4, 5, 5))
+    arrays = {k[2:]: v.numpy() for k, v in state.items() if k.startswith("0.")}
+    hidden = doconv.conv2d(x, official_torch_kernel(arrays, c), arrays["bias"], padding=c.padding)
+    expected = np.einsum("nchw,oc->nohw", hidden, W1[..., 0]) + b1[None, :, None, None]
+    with torch.no_grad():
+        doconv.assert_close(model(torch.as_tensor(x)).numpy(), expected, "float64", "official 1x1")

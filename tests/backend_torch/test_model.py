@@ -344,9 +344,29 @@ def test_convert_skips_weight_norm_and_spectral_norm_convs():
     model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.Conv2d(4, 4, 3))
     _, report = convert(model, inplace=True)  # (torch cannot deepcopy a weight_norm module)
     assert [(r.path, r.action) for r in report] == [("0", "skipped"), ("1", "converted")]
-    assert "weight_norm / spectral_norm" in report[0].reason
+    assert report[0].reason.startswith("weight_norm hook")
     _, report = convert(nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3))))
-    assert report[0].action == "skipped"
+    assert report[0].action == "skipped" and report[0].reason.startswith("spectral_norm hook")
+
+
+def test_convert_skips_pruned_convs_and_asks_for_inplace_when_it_cannot_copy():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    nn.utils.prune.l1_unstructured(model[0], "weight", 0.5)
+    with pytest.raises(ValueError, match=r"Sequential cannot be deep-copied .*: pass inplace=True"):
+        convert(model)
+    x = torch.randn(1, 3, 7, 7)
+    with torch.no_grad():
+        before = model(x)
+    converted, report = convert(model, inplace=True)
+    assert [(r.action, r.reason.split(":")[0]) for r in report] == [("skipped", "prune hook"), ("converted", "")]
+    with torch.no_grad():  # the pruned conv keeps its mask, the other computes what it did
+        torch.testing.assert_close(converted(x), before, rtol=0, atol=1e-6)
+
+
+def test_convert_refuses_D_mul_below_M_N_saying_why():
+    with pytest.raises(ValueError, match=r"layer '0': D_mul must be >= M\*N = 9 .*convert keeps each "
+                                         r"convolution's kernel in W\[\.\.\., :M\*N\]"):
+        convert(nn.Sequential(nn.Conv2d(3, 4, 3)), D_mul=4)
 
 
 def test_inplace_convert_with_untieable_weights_changes_nothing():

@@ -95,3 +95,13 @@ def test_backend_protocol_names_what_is_missing():
     assert isinstance(complete, Backend) and missing_names(complete) == []
     del complete.cached
     assert not isinstance(complete, Backend) and missing_names(complete) == ["cached"]
+
+
+def test_check_convert_D_mul_says_what_convert_needs():
+    from doconv.contract import check_convert_D_mul
+    check_convert_D_mul(None, (3, 3))
+    check_convert_D_mul(9, (3, 3))
+    check_convert_D_mul(1, (1, 1))
+    with pytest.raises(ValueError, match=r"D_mul must be >= M\*N = 15 for kernel_size=\(3, 5\), but got D_mul=9: "
+                                         r"convert keeps each convolution's kernel"):
+        check_convert_D_mul(9, [3, 5])
