@@ -99,3 +99,20 @@ def run_python(code, env=None, timeout=300):
                           env=full_env, timeout=timeout)
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
+
+
+def randomise_D(model, rng, scale=0.3):
+    """Move every D of ``model`` away from the identity, so that fold has to compose for real."""
+    layers = dtf.doconv_layers(model).values()
+    assert layers
+    for layer in layers:
+        if layer.D is not None:
+            layer.D.assign(rng.normal(0, scale / np.sqrt(layer.D_mul), layer.D.shape))
+
+
+def randomise_batchnorm(model, rng):
+    """BatchNorm statistics away from (0, 1): converting or folding must carry them over to be seen."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))

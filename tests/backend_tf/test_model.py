@@ -3,7 +3,7 @@ and subclassed models: the reports (one row per convolution-like layer) and the 
 
 import numpy as np
 import pytest
-from doconv_tf_testing import run_python  # noqa: F401  (registers the helpers)
+from doconv_tf_testing import randomise_batchnorm, randomise_D
 
 import doconv
 import doconv.tf as dtf
@@ -17,12 +17,7 @@ X = rng.normal(size=(2, 32, 32, 3)).astype("float32")
 
 
 def _randomise_D(model, scale=0.3):
-    """Move every D away from the identity, so that fold has to compose for real."""
-    layers = dtf.doconv_layers(model).values()
-    assert layers
-    for layer in layers:
-        if layer.D is not None:
-            layer.D.assign(rng.normal(0, scale / np.sqrt(layer.D_mul), layer.D.shape))
+    randomise_D(model, rng, scale)
 
 
 def _convs(model):
@@ -33,11 +28,7 @@ def _convs(model):
 def mobilenet():
     keras.utils.set_random_seed(0)
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10, classifier_activation=None)
-    # moving statistics away from (0, 1) so that BatchNorm weights are carried over visibly
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+    randomise_batchnorm(model, rng)
     return model
 
 

@@ -3,7 +3,7 @@
 
 import numpy as np
 import pytest
-from doconv_tf_testing import run_python  # noqa: F401  (registers the helpers)
+from doconv_tf_testing import randomise_batchnorm, randomise_D
 
 import doconv
 import doconv.tf as dtf
@@ -13,11 +13,7 @@ rng = np.random.default_rng(0)
 
 
 def _randomise_D(model, scale=0.3):
-    layers = dtf.doconv_layers(model).values()
-    assert layers
-    for layer in layers:
-        if layer.D is not None:
-            layer.D.assign(rng.normal(0, scale / np.sqrt(layer.D_mul), layer.D.shape))
+    randomise_D(model, rng, scale)
 
 
 def _core_forward(layer, x_nhwc):
@@ -75,10 +71,8 @@ def _xception_like(data_format="channels_last"):
     x = L.SeparableConv2D(12, 3, depth_multiplier=2, dilation_rate=2, padding="same", activation="relu",
                           name="exit_sep", **kw)(x)
     model = keras.Model(inputs, L.GlobalAveragePooling2D(data_format=data_format)(x))
-    for layer in model.layers:  # BatchNorm statistics off (0, 1): they must be carried over to be seen
-        if isinstance(layer, L.BatchNormalization):
-            layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, layer.moving_variance.shape))
+    randomise_batchnorm(model, rng)
+    for layer in model.layers:
         if isinstance(layer, L.SeparableConv2D) and layer.use_bias:
             layer.bias.assign(rng.normal(0, 0.1, layer.bias.shape))
     return model
