@@ -28,8 +28,8 @@ def pytest_configure(config):
 
 import doconv  # noqa: E402
 from doconv.selfcheck import layer_vjp  # noqa: E402
-from doconv.mxnet import UNSUPPORTED_FEATURES, layer_from_config, set_params  # noqa: E402
-from doconv.mxnet._mx import mx  # noqa: E402
+from doconv.mxnet import UNSUPPORTED_FEATURES, get_params, layer_from_config, set_params  # noqa: E402
+from doconv.mxnet._mx import gluon, mx  # noqa: E402
 
 #: The shared cases Gluon can express ('same' at stride 1 / 'valid' become symmetric ints in layer_from_config).
 GLUON_CASES = doconv.cases.select(UNSUPPORTED_FEATURES)
@@ -67,6 +67,35 @@ def nd(x, dtype="float32"):
     return mx.nd.array(np.asarray(x), dtype=dtype)
 
 
+def randomise_D(net, seed):
+    """Every D' of ``net`` (Parameters named ``*_D``) drawn from N(0, 0.1): a D that is no identity."""
+    rng = np.random.default_rng(seed)
+    for layer in (b for b in net.collect_params().values() if b.name.endswith("_D")):
+        layer.set_data(mx.nd.array(rng.normal(0, 0.1, size=layer.shape)))
+
+
+def core_chain(net, x):
+    """The core's output of a Sequential of DOConv2D layers, from their parameters as they are."""
+    for block in net:
+        x = doconv.forward(x, get_params(block), block.config)
+    return x
+
+
+def small_net(hybridize=True):
+    """Every kind of convolution-like block: a 3x3 conv at two paths, a 1x1, a transposed conv, a subclass."""
+    class MyConv(gluon.nn.Conv2D):
+        pass
+    shared = gluon.nn.Conv2D(4, 3, padding=1, in_channels=4)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=3), shared, gluon.nn.Conv2D(4, 1, in_channels=4),
+            gluon.nn.Conv2DTranspose(4, 3, padding=1, in_channels=4), MyConv(4, 3, padding=1, in_channels=4),
+            gluon.nn.BatchNorm(in_channels=4), shared)
+    net.initialize(mx.init.Xavier())
+    if hybridize:
+        net.hybridize()
+    return net
+
+
 @pytest.fixture
 def tmp_prefix(tmp_path):
     return str(tmp_path / "net")
@@ -76,4 +105,5 @@ def tmp_prefix(tmp_path):
 def h():
     """The helpers above, for test modules (importlib mode: a conftest is not importable by name)."""
     import types
-    return types.SimpleNamespace(build=build, run_with_grads=run_with_grads, reference=reference, nd=nd)
+    return types.SimpleNamespace(build=build, run_with_grads=run_with_grads, reference=reference, nd=nd,
+                                 randomise_D=randomise_D, core_chain=core_chain, small_net=small_net)

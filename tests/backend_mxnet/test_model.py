@@ -1,5 +1,5 @@
 """doconv.mxnet.model: convert / fold (report, copy semantics, sharing, initializers, Trainers) on small nets
-and the GluonCV models of the issue (small inputs), and the canonical interchange file.
+and the GluonCV models of the issue (small inputs), including a canonical file of a converted GluonCV net.
 
 Each model is built once (Xavier init, seeded), run once before conversion, once converted (identity init:
 W' = the conv's kernel exactly) and once folded back. Faster R-CNN keeps 8 proposals instead of 300 so that its
@@ -103,19 +103,13 @@ def test_convert_then_fold_keeps_outputs_and_parameter_count(name):
     assert_same(outputs(folded, x), base, f"{name} folded")
 
 
-def _randomise_D(net, seed):
-    rng = np.random.default_rng(seed)
-    for layer in (b for b in net.collect_params().values() if b.name.endswith("_D")):
-        layer.set_data(mx.nd.array(rng.normal(0, 0.1, size=layer.shape)))
-
-
-def test_canonical_export_import_on_a_converted_model(tmp_path):
+def test_canonical_export_import_on_a_converted_model(tmp_path, h):
     net, x, _ = initialised("resnet18_v1b")
     net, report = convert(net, include="layer*", exclude="layer4.*")
     done = report.rows("converted")
     assert done and all(r.path.startswith(("layer1", "layer2", "layer3")) for r in done)
     assert {r.reason for r in report.rows("kept")} >= {"not included", "excluded"}
-    _randomise_D(net, 1)
+    h.randomise_D(net, 1)
     path = tmp_path / "resnet18.safetensors"
     assert export_canonical(net, path) is None
     stored = doconv.load(path)
@@ -170,68 +164,6 @@ def test_set_params_rejects_a_wrong_shape_with_the_layer_name():
         set_params(layer, bad, name="layer1.0.conv1")
 
 
-@pytest.mark.parametrize("padding, dilation", [("same", (1, 1)), ("same", (2, 1)), ("valid", (1, 1))])
-def test_import_canonical_accepts_string_padding_resolved_to_gluon_pads(tmp_path, padding, dilation):
-    """A torch/keras file may record padding='same'/'valid': it is the Gluon layer with the equal explicit pads."""
-    written = doconv.DOConvConfig(6, 4, 3, padding=padding, dilation=dilation, bias=True)
-    params = doconv.init_params(written, rng=np.random.default_rng(3))
-    params.D = params.D + np.random.default_rng(4).normal(0, 0.2, size=params.D.shape)
-    path = tmp_path / "keras.safetensors"
-    doconv.save(path, {doconv.ROOT_NAME: (written, params)})  # a bare layer, as torch and keras write it
-    layer = DOConv2D(4, 3, padding=(0, 0) if padding == "valid" else dilation, dilation=dilation, in_channels=6)
-    layer.initialize()
-    import_canonical(layer, path)
-    x = np.random.default_rng(5).normal(size=(2, 6, 9, 8)).astype("float32")
-    got = layer(mx.nd.array(x)).asnumpy()
-    doconv.assert_close(got, doconv.forward(x, params, written), "float32")
-
-    shifted = DOConv2D(4, 3, padding=(1, 0), dilation=dilation, in_channels=6)
-    shifted.initialize()
-    with pytest.raises(ValueError, match="the model's layer is"):
-        import_canonical(shifted, path)
-
-
-def test_a_bare_layer_is_named_root_in_canonical_files(tmp_path):
-    """A bare layer's Gluon name comes from a global counter; files name it doconv.ROOT_NAME, as PyTorch does."""
-    a = DOConv2D(4, 3, in_channels=3)
-    a.initialize()
-    a.D.set_data(mx.nd.array(np.random.default_rng(0).normal(0, 0.3, size=a.D.shape)))
-    export_canonical(a, tmp_path / "bare.safetensors")
-    assert list(doconv.load(tmp_path / "bare.safetensors")) == [doconv.ROOT_NAME]
-    b = DOConv2D(4, 3, in_channels=3)  # another name (doconv2dN+1) in the same process
-    b.initialize()
-    import_canonical(b, tmp_path / "bare.safetensors")
-    x = mx.nd.array(np.random.default_rng(1).normal(size=(1, 3, 6, 6)))
-    np.testing.assert_array_equal(b(x).asnumpy(), a(x).asnumpy())
-
-
-def test_import_canonical_into_a_model_without_doconv_layers_says_convert_first(tmp_path):
-    """The plain model a file was exported from a converted twin of: refused (naming convert) and left as it was;
-    converted, it loads the file's W' exactly."""
-    def plain():
-        net = gluon.nn.HybridSequential()
-        net.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=3), gluon.nn.Conv2D(5, 3, in_channels=4))
-        net.initialize(mx.init.Xavier())
-        return net
-    twin, _ = convert(plain())
-    _randomise_D(twin, 0)
-    export_canonical(twin, tmp_path / "twin.safetensors")
-    net = plain()
-    before = [p.data().asnumpy() for p in net.collect_params().values()]
-    with pytest.raises(ValueError, match=r"model has no DOConv2D layer .*HybridSequential.*: convert it first "
-                                         r"\(doconv.mxnet.convert\(model\)\)"):
-        import_canonical(net, tmp_path / "twin.safetensors")
-    for p, b in zip(net.collect_params().values(), before):
-        np.testing.assert_array_equal(p.data().asnumpy(), b)
-    with pytest.raises(ValueError, match="convert it first"):
-        import_canonical(gluon.nn.Conv2D(4, 3, in_channels=3), tmp_path / "twin.safetensors")
-    net, _ = convert(net)
-    assert import_canonical(net, tmp_path / "twin.safetensors") == ["0", "1"]
-    x = mx.nd.array(np.random.default_rng(1).normal(size=(1, 3, 6, 6)))
-    np.testing.assert_array_equal(net(x).asnumpy(), twin(x).asnumpy())
-    doconv.assert_close(net(x).asnumpy(), _core_chain(net, x.asnumpy()), "float32", "converted, then imported")
-
-
 class _ListOfChildren(gluon.HybridBlock):
     """Gluon 1.x's idiom for a list of children: a list attribute plus register_child."""
 
@@ -249,7 +181,7 @@ class _ListOfChildren(gluon.HybridBlock):
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
-def test_convert_and_fold_reach_children_kept_in_a_list(hybridize):
+def test_convert_and_fold_reach_children_kept_in_a_list(hybridize, h):
     net = _ListOfChildren()
     net.initialize(mx.init.Xavier())
     if hybridize:
@@ -258,7 +190,7 @@ def test_convert_and_fold_reach_children_kept_in_a_list(hybridize):
     before = net(x).asnumpy()
     net, report = convert(net)
     assert len(report.rows("converted")) == 2 and all(type(c) is DOConv2D for c in net.convs)  # what forward runs
-    _randomise_D(net, 2)
+    h.randomise_D(net, 2)
     want = x.asnumpy()
     for conv in net.convs:
         want = doconv.forward(want, get_params(conv), conv.config)
@@ -319,12 +251,6 @@ def test_convert_and_fold_keep_sharing():
     doconv.assert_close(folded(x).asnumpy(), want, "float32", "folded")
 
 
-def _core_chain(net, x):
-    for block in net:
-        x = doconv.forward(x, get_params(block), block.config)
-    return x
-
-
 def _plain_deferred_net(**kwargs):
     net = gluon.nn.HybridSequential()
     net.add(gluon.nn.Conv2D(6, 3, padding=1, **kwargs), gluon.nn.Conv2D(4, 3, groups=2, **kwargs))
@@ -332,7 +258,7 @@ def _plain_deferred_net(**kwargs):
 
 
 @pytest.mark.parametrize("init", ["xavier", "constant"])
-def test_a_converted_deferred_net_is_initialised_as_its_convs_would_be(init):
+def test_a_converted_deferred_net_is_initialised_as_its_convs_would_be(init, h):
     """GluonCV's convs are still deferred after ``net.initialize(init)``: the converted layers draw W' with the
     initializer passed to initialize() -- the very kernel the conv would have drawn (same seed), also with
     D_mul > M*N, where W and W' differ in shape -- and bias as the conv's."""
@@ -350,12 +276,12 @@ def test_a_converted_deferred_net_is_initialised_as_its_convs_would_be(init):
     for conv, layer in zip(plain, net):
         np.testing.assert_array_equal(doconv.compose(get_params(layer), layer.config), conv.weight.data().asnumpy())
         np.testing.assert_array_equal(layer.bias.data().asnumpy(), conv.bias.data().asnumpy())
-    _randomise_D(net, 1)
-    doconv.assert_close(net(x).asnumpy(), _core_chain(net, x.asnumpy()), "float32", "randomised D")
+    h.randomise_D(net, 1)
+    doconv.assert_close(net(x).asnumpy(), h.core_chain(net, x.asnumpy()), "float32", "randomised D")
 
 
 @pytest.mark.parametrize("when", ["initialised", "deferred", "never-initialised"])
-def test_convert_keeps_each_convs_own_initializers(when):
+def test_convert_keeps_each_convs_own_initializers(when, h):
     """A conv's weight_initializer / bias_initializer pass on: W' and bias as the conv would draw them, also at
     a later initialize() with another (global) initializer, as for the conv."""
     own = dict(weight_initializer=mx.init.Constant(0.25), bias_initializer=mx.init.Constant(3.0))
@@ -375,11 +301,11 @@ def test_convert_keeps_each_convs_own_initializers(when):
             np.testing.assert_array_equal(kernel, np.full(kernel.shape, 0.25, "float32"))
             np.testing.assert_array_equal(layer.bias.data().asnumpy(), np.full(layer.bias.shape, 3.0, "float32"))
         net.initialize(mx.init.Uniform(), force_reinit=True)  # the convs' own initializers win, as in Gluon
-    _randomise_D(net, 2)
-    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), _core_chain(net, x), "float32", "randomised D")
+    h.randomise_D(net, 2)
+    doconv.assert_close(net(mx.nd.array(x)).asnumpy(), h.core_chain(net, x), "float32", "randomised D")
 
 
-def test_convert_keeps_frozen_convs_frozen_and_their_multipliers():
+def test_convert_keeps_frozen_convs_frozen_and_their_multipliers(h):
     """grad_req, lr_mult, wd_mult of a conv's weight go to W and D, those of its bias to bias: a frozen
     backbone stays frozen through a Trainer step."""
     net = gluon.nn.HybridSequential()
@@ -393,7 +319,7 @@ def test_convert_keeps_frozen_convs_frozen_and_their_multipliers():
     assert [(p.lr_mult, p.wd_mult) for p in (trained.W, trained.D, trained.bias)] == [(0.5, 2.0), (0.5, 2.0),
                                                                                       (3.0, 0.0)]
     assert trained.W.grad_req == trained.D.grad_req == "write"
-    _randomise_D(net, 3)
+    h.randomise_D(net, 3)
     before = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
     x = mx.nd.array(np.random.default_rng(4).normal(size=(2, 4, 6, 6)))
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
@@ -404,7 +330,7 @@ def test_convert_keeps_frozen_convs_frozen_and_their_multipliers():
     for p in (frozen.W, frozen.D, frozen.bias):
         np.testing.assert_array_equal(p.data().asnumpy(), before[p.name])
     assert all(np.abs(p.data().asnumpy() - before[p.name]).max() > 0 for p in (trained.W, trained.D))
-    doconv.assert_close(net(x).asnumpy(), _core_chain(net, x.asnumpy()), "float32", "after a step")
+    doconv.assert_close(net(x).asnumpy(), h.core_chain(net, x.asnumpy()), "float32", "after a step")
 
 
 def test_a_failed_convert_changes_nothing_and_names_the_block_path():
@@ -421,7 +347,7 @@ def test_a_failed_convert_changes_nothing_and_names_the_block_path():
 
 
 @pytest.mark.parametrize("flaw", ["shape-not-inferred", "never-initialised"])
-def test_a_failed_fold_changes_nothing_and_names_the_block_path(flaw):
+def test_a_failed_fold_changes_nothing_and_names_the_block_path(flaw, h):
     net = gluon.nn.HybridSequential()
     net.add(DOConv2D(4, 3, in_channels=3), DOConv2D(4, 3, in_channels=0 if flaw == "shape-not-inferred" else 4))
     if flaw == "shape-not-inferred":
@@ -438,14 +364,14 @@ def test_a_failed_fold_changes_nothing_and_names_the_block_path(flaw):
         net[1].initialize()
     x = np.random.default_rng(0).normal(size=(1, 3, 9, 9)).astype("float32")
     net(mx.nd.array(x))
-    _randomise_D(net, 1)
-    want = _core_chain(net, x)
+    h.randomise_D(net, 1)
+    want = h.core_chain(net, x)
     folded, _ = fold(net, inplace=True)
     assert folded is net and [type(b) for b in net] == [gluon.nn.Conv2D] * 2
     doconv.assert_close(net(mx.nd.array(x)).asnumpy(), want, "float32", "folded once foldable")
 
 
-def test_a_gluoncv_net_converted_after_initialize_is_the_one_initialize_would_give():
+def test_a_gluoncv_net_converted_after_initialize_is_the_one_initialize_would_give(h):
     """resnet18_v1b's convs have no in_channels: still deferred after ``net.initialize(Xavier)`` when converted,
     they draw the same kernels as the plain net would (same seed), so the outputs are the plain net's."""
     x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, 32, 32)))
@@ -461,7 +387,7 @@ def test_a_gluoncv_net_converted_after_initialize_is_the_one_initialize_would_gi
         nets.append((net, net(x).asnumpy()))
     (_, plain), (net, ours) = nets
     np.testing.assert_array_equal(ours, plain)
-    _randomise_D(net, 5)
+    h.randomise_D(net, 5)
     want = net(x).asnumpy()
     assert doconv.max_error(want, plain) > 1e-3
     doconv.assert_close(fold(net)[0](x).asnumpy(), want, "float32", "folded, randomised D")
@@ -469,36 +395,21 @@ def test_a_gluoncv_net_converted_after_initialize_is_the_one_initialize_would_gi
 
 # ---- one API: copies, the report, wrong arguments ---------------------------------------------------------
 
-def _small_net(hybridize=True):
-    """Every kind of convolution-like block: a 3x3 conv at two paths, a 1x1, a transposed conv, a subclass."""
-    class MyConv(gluon.nn.Conv2D):
-        pass
-    shared = gluon.nn.Conv2D(4, 3, padding=1, in_channels=4)
-    net = gluon.nn.HybridSequential()
-    net.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=3), shared, gluon.nn.Conv2D(4, 1, in_channels=4),
-            gluon.nn.Conv2DTranspose(4, 3, padding=1, in_channels=4), MyConv(4, 3, padding=1, in_channels=4),
-            gluon.nn.BatchNorm(in_channels=4), shared)
-    net.initialize(mx.init.Xavier())
-    if hybridize:
-        net.hybridize()
-    return net
-
-
 def _state(net):
     return {name: p.data().asnumpy() for name, p in net.collect_params().items()}
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized-and-run"])
-def test_convert_and_fold_copy_unless_inplace(hybridize):
+def test_convert_and_fold_copy_unless_inplace(hybridize, h):
     """inplace=False changes a deep copy (own arrays, its own graph, trainable) and leaves the model as it was;
     inplace=True changes the model and returns it."""
-    net = _small_net(hybridize)
+    net = h.small_net(hybridize)
     x = mx.nd.array(np.random.default_rng(0).normal(size=(2, 3, 6, 6)))
     before, state, types = net(x).asnumpy(), _state(net), [type(b) for b in net]
     copy_, report = convert(net)
     assert copy_ is not net and [type(b) for b in net] == types
     assert [type(b).__name__ for b in copy_][:2] == ["DOConv2D"] * 2 and copy_[1] is copy_[6]
-    _randomise_D(copy_, 3)
+    h.randomise_D(copy_, 3)
     with mx.autograd.record():
         loss = copy_(x).square().sum()
     loss.backward()
@@ -530,8 +441,8 @@ def _mixed_chain(net, x):
     return x
 
 
-def test_the_report_lists_every_convolution_like_block():
-    net = _small_net()
+def test_the_report_lists_every_convolution_like_block(h):
+    net = h.small_net()
     converted, report = convert(net)
     assert isinstance(report, ConversionReport)
     rows = [(r.path, r.kind, r.action, r.reason, r.shared_with) for r in report]
@@ -607,8 +518,8 @@ def test_a_model_that_is_no_block_is_a_type_error_naming_model(call):
         call()
 
 
-def test_convert_checks_its_options_first():
-    net = _small_net()
+def test_convert_checks_its_options_first(h):
+    net = h.small_net()
     assert {b.composition for b in convert(net)[0] if isinstance(b, DOConv2D)} == {"kernel"}  # the default
     with pytest.raises(ValueError, match=r"composition must be one of \('kernel', 'feature', 'auto'\), but got "
                                          r"composition='fast'"):
@@ -620,54 +531,15 @@ def test_convert_checks_its_options_first():
     assert type(net[0]) is gluon.nn.Conv2D
 
 
-def test_exporting_an_unconverted_net_says_convert_first(tmp_path):
-    net = _small_net()
-    with pytest.raises(ValueError, match=r"model has no DOConv2D layer to export \(HybridSequential holds none\): "
-                                         r"convert it first \(doconv.mxnet.convert\(model\)\)"):
-        export_canonical(net, tmp_path / "empty.safetensors")
-    assert not (tmp_path / "empty.safetensors").exists()
-    with pytest.raises(ValueError, match="convert it first"):
-        import_official(net, {})
-
-
-def test_import_canonical_strict_and_nonfinite(tmp_path):
-    net, _ = convert(_small_net())
-    _randomise_D(net, 4)
-    path = tmp_path / "net.safetensors"
-    export_canonical(net, path)
-    bigger = gluon.nn.HybridSequential()
-    bigger.add(*[b for b in _small_net()][:6], gluon.nn.Conv2D(4, 3, padding=1, in_channels=4))
-    bigger, _ = convert(bigger)
-    with pytest.raises(ValueError, match=r"model layers missing from the file \['6'\]"):
-        import_canonical(bigger, path)
-    assert import_canonical(bigger, path, strict=False) == ["0", "1"]
-    for name in ("0", "1"):
-        doconv.assert_close(bigger[int(name)].weight.data().asnumpy(), net[int(name)].weight.data().asnumpy(),
-                            "float32", name)
-    with pytest.raises(TypeError, match="strict must be True or False, but got strict='no'"):
-        import_canonical(bigger, path, strict="no")
-
-    net[0].W.data()[:] = np.nan
-    with pytest.raises(ValueError, match="(?i)nan"):
-        export_canonical(net, tmp_path / "nan.safetensors")
-    export_canonical(net, tmp_path / "nan.safetensors", allow_nonfinite=True)
-    other, _ = convert(_small_net())
-    with pytest.raises(ValueError, match="(?i)nan"):
-        import_canonical(other, tmp_path / "nan.safetensors")
-    assert not np.isnan(other[0].W.data().asnumpy()).any()  # nothing written
-    assert import_canonical(other, tmp_path / "nan.safetensors", allow_nonfinite=True) == ["0", "1"]
-    assert np.isnan(other[0].W.data().asnumpy()).all()
-
-
-def test_convert_inside_a_cached_scope_gives_a_copy_no_scope_holds():
-    net, _ = convert(_small_net())
+def test_convert_inside_a_cached_scope_gives_a_copy_no_scope_holds(h):
+    net, _ = convert(h.small_net())
     x = mx.nd.array(np.random.default_rng(0).normal(size=(1, 3, 6, 6)))
     with cached(net):
         net(x)
         copy_, _ = convert(net)
         assert not any(m in vars(b) for b, in [(b,) for _, b, _, _ in named_blocks(copy_)] + [(copy_,)]
                        for m in ("_build_cache", "export"))
-        _randomise_D(copy_, 5)  # a write no scope promised away: the copy composes afresh
+        h.randomise_D(copy_, 5)  # a write no scope promised away: the copy composes afresh
         doconv.assert_close(copy_(x).asnumpy(), _mixed_chain(copy_, x.asnumpy()), "float32", "copy in a scope")
 
 
@@ -680,11 +552,11 @@ def _train_step(net, trainer, x, **kwargs):
     trainer.step(1, **kwargs)
 
 
-def test_a_trainer_built_before_convert_warns_at_its_first_step():
+def test_a_trainer_built_before_convert_warns_at_its_first_step(h):
     """Its Parameters are the replaced convs' weights: the DO-Conv layers' W and D stay untrained (silently,
     under ignore_stale_grad=True), so its first step after convert warns; a Trainer built after does not."""
     x = mx.nd.array(np.random.default_rng(0).normal(size=(2, 3, 6, 6)))
-    net = _small_net()
+    net = h.small_net()
     old = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
     _train_step(net, old, x)
     net, _ = convert(net, inplace=True)
@@ -702,9 +574,9 @@ def test_a_trainer_built_before_convert_warns_at_its_first_step():
     assert np.isfinite(W).all() and np.abs(net[0].W.data().asnumpy() - W).max() > 1e-4
 
 
-def test_a_trainer_that_keeps_training_the_original_does_not_warn():
+def test_a_trainer_that_keeps_training_the_original_does_not_warn(h):
     x = mx.nd.array(np.random.default_rng(0).normal(size=(2, 3, 6, 6)))
-    net = _small_net()
+    net = h.small_net()
     trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
     _train_step(net, trainer, x)
     converted, _ = convert(net)  # a copy to experiment with; net stays the one trained
@@ -718,7 +590,7 @@ def test_a_trainer_that_keeps_training_the_original_does_not_warn():
 
 
 @pytest.mark.filterwarnings("ignore:Cannot decide type for the following arguments:UserWarning")
-def test_a_net_holding_a_symbolblock_converts_as_a_copy(tmp_path):
+def test_a_net_holding_a_symbolblock_converts_as_a_copy(tmp_path, h):
     """A SymbolBlock's graph is its definition, not a cache: the copy keeps it (and the imported weights)."""
     inner = gluon.nn.HybridSequential()
     inner.add(gluon.nn.Conv2D(4, 3, in_channels=3))
@@ -736,7 +608,7 @@ def test_a_net_holding_a_symbolblock_converts_as_a_copy(tmp_path):
     want = net(x).asnumpy()
     converted, report = convert(net)
     assert [(r.path, r.action) for r in report] == [("1", "converted")]
-    _randomise_D(converted, 1)
+    h.randomise_D(converted, 1)
     middle = imported(x).asnumpy()
     doconv.assert_close(converted(x).asnumpy(), doconv.forward(middle, get_params(converted[1]), converted[1].config),
                         "float32", "after a SymbolBlock")
