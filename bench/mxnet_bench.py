@@ -30,7 +30,7 @@ from doconv.mxnet._mx import gluon, mx
 
 ARMS = ("plain", "DO default", "DO cached()", "DO folded")
 MODEL_ARMS = ("plain", "plain copy") + ARMS[1:]  # the copy (same weights) shows the noise floor of a ratio
-TARGETS = {"DO cached()": 1.05, "DO folded": 1.05}  # issue 13: the opt-in path and the folded net vs the conv
+TARGETS = {"DO cached()": 1.05, "DO folded": 1.05}  # the opt-in path and the folded net must cost what the conv does
 MODEL_SHAPES = [(1, 64), (32, 64), (1, 224)]  # (batch, H = W)
 STACK_SHAPES = [(256, 14), (512, 7)]  # (C, H = W)
 
