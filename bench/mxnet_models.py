@@ -1,0 +1,402 @@
+"""Whole-model benchmark of doconv.mxnet on CPU: each plain GluonCV network against its DO-Conv twin.
+
+Networks (``gluoncv.model_zoo.get_model``, no pretrained weights, Xavier init), at the sizes people train them:
+
+==================  ==========================================  =====  =======  ===========================
+name                network                                     batch  input    --tiny (name, batch, input)
+==================  ==========================================  =====  =======  ===========================
+cifar_resnet20_v1   CIFAR ResNet-v1-20 (16-64 channels)          128    32x32    same net, 2, 16x16
+resnet18_v1b        ResNet-18 v1b (ImageNet stem), 64-512        32     64x64    same net, 1, 32x32
+mobilenetv2_1.0     MobileNetV2 1.0 (depthwise 3x3 -> DO-DConv)  32     64x64    mobilenetv2_0.25, 1, 32x32
+resnet50_v1b        ResNet-50 v1b, ImageNet stem                 4      224x224  same net, 1, 32x32
+==================  ==========================================  =====  =======  ===========================
+
+The twin is ``doconv.mxnet.convert(plain)`` (a deep copy with the plain net's weights; every non-pointwise
+Conv2D becomes a DOConv2D) with every D drawn from N(0, 0.05), never the identity. Every net is hybridized with
+``static_alloc=True, static_shape=True``. All arms of a scenario live in one process and run interleaved, one
+call each per round in an order shuffled per round; a row gives the median time per call and the median of the
+*per-round* ratios to the plain net with their 25th-75th percentile, so load that changes between rounds hits
+both sides of a ratio. "extra ms per layer" is (arm - plain) median ms over the twin's DO-Conv layers.
+
+Scenarios (``--scenarios``):
+
+- ``train``: ``autograd.record()``, softmax cross-entropy on random labels, ``backward()``, ``Trainer.step`` (SGD,
+  momentum 0.9), ``mx.nd.waitall()``: the plain net, a second copy of it (its ratio is the noise floor) and the
+  twin (its graph composes every W' = D^T o W inside the CachedOp).
+- ``eval``: inference outside ``autograd.record()`` at the training batch: the plain net, its copy, the twin as
+  it is (composes every call, in the graph), the twin inside ``doconv.mxnet.cached(twin)`` (composed once; the
+  scope stays open for the run) and ``doconv.mxnet.fold(twin)[0]`` (plain convolutions).
+- ``memory``: peak resident memory of a training step, each arm alone in its own process under
+  ``/usr/bin/time -v`` (MXNet's CPU allocations have no peak counter): the plain net and the twin built alike
+  (converted before initialisation, so the steps allocate everything: parameters, graph, activations), and the
+  twin converted from a net that has run (what a user converting a trained net holds). Columns: the peak, and
+  the peak minus the resident size before the first step (what the steps added).
+- ``--profile``: MXNet's aggregate profiler over a few training steps of the plain net and of the twin; per
+  operator, what the twin adds per step and per DO-Conv layer (where the composition's cost shows).
+
+Usage::
+
+    python bench/mxnet_models.py                        # all networks and scenarios
+    python bench/mxnet_models.py --quick                # CIFAR ResNet-20 only, few rounds
+    python bench/mxnet_models.py --tiny                 # small nets at tiny batches: a smoke test
+    python bench/mxnet_models.py --models resnet18_v1b --scenarios train --reps 10 --json out.json
+    python bench/mxnet_models.py --scenarios "" --profile   # where the twin's extra training time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+
+import doconv.mxnet as dm
+from doconv.mxnet._mx import gluon, mx
+
+#: name -> (batch, image size, tiny zoo name, tiny batch, tiny image size)
+MODELS: Dict[str, tuple] = {
+    "cifar_resnet20_v1": (128, 32, "cifar_resnet20_v1", 2, 16),
+    "resnet18_v1b": (32, 64, "resnet18_v1b", 1, 32),
+    "mobilenetv2_1.0": (32, 64, "mobilenetv2_0.25", 1, 32),
+    "resnet50_v1b": (4, 224, "resnet50_v1b", 1, 32),
+}
+SCENARIOS = ("train", "eval", "memory")
+TRAIN_ARMS = ("plain", "plain copy", "DO-Conv twin")
+EVAL_ARMS = ("plain", "plain copy", "DO-Conv default", "DO-Conv in cached()", "DO-Conv folded")
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def shape_of(name: str, tiny: bool):
+    batch, size, _, tiny_batch, tiny_size = MODELS[name]
+    return (tiny_batch, tiny_size) if tiny else (batch, size)
+
+
+def build(name: str, tiny: bool, seed: int = 0) -> gluon.HybridBlock:
+    """The plain net, initialised (GluonCV defers shapes: one call at the benchmark's input settles them)."""
+    from gluoncv import model_zoo
+    mx.random.seed(seed)
+    net = model_zoo.get_model(MODELS[name][2] if tiny else name)  # pretrained=False: nothing downloaded
+    net.initialize(mx.init.Xavier(magnitude=2.0))
+    batch, size = shape_of(name, tiny)
+    net(mx.nd.zeros((1, 3, size, size)))
+    return net
+
+
+def randomise_D(net, seed: int = 1) -> int:
+    """Draw every DO-Conv layer's D from N(0, 0.05); the number of layers."""
+    rng = np.random.default_rng(seed)
+    layers = dm.doconv_layers(net)
+    for layer in layers.values():
+        layer.D.set_data(mx.nd.array(rng.normal(0, 0.05, size=layer.D.shape)))
+    return len(layers)
+
+
+def copy_of(plain, twin: bool):
+    """A deep copy of ``plain`` (same weights): converted (D randomised) when ``twin``."""
+    if twin:
+        net, _ = dm.convert(plain)
+        randomise_D(net)
+        return net
+    net, _ = dm.convert(plain, exclude=lambda path, block: True)  # convert's deep copy, nothing swapped
+    return net
+
+
+def hybridized(net):
+    net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+def data(name: str, tiny: bool, net, seed: int = 2):
+    batch, size = shape_of(name, tiny)
+    rng = np.random.default_rng(seed)
+    classes = net(mx.nd.zeros((1, 3, size, size))).shape[1]
+    return (mx.nd.array(rng.normal(size=(batch, 3, size, size)).astype("float32")),
+            mx.nd.array(rng.integers(0, classes, size=batch).astype("float32")))
+
+
+def training_step(net, x, y) -> Callable[[], None]:
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 1e-3, "momentum": 0.9})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def step():
+        with mx.autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(x.shape[0])
+        mx.nd.waitall()
+    return step
+
+
+def inference(net, x) -> Callable[[], None]:
+    def run():
+        net(x).wait_to_read()
+    return run
+
+
+def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> Dict[str, List[float]]:
+    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round."""
+    times = {k: [] for k in tasks}
+    order, rng = list(tasks), random.Random(seed)
+    for r in range(warmup + reps):
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            tasks[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: Dict[str, List[float]], layers: int, base: str = "plain") -> Dict[str, dict]:
+    """Median ms, the median / p25 / p75 of the per-round ratios to ``base``, extra ms per DO-Conv layer."""
+    out = {}
+    base_ms = statistics.median(times[base]) * 1e3
+    for name, ts in times.items():
+        ratios = sorted(t / b for t, b in zip(ts, times[base]))
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+        ms = statistics.median(ts) * 1e3
+        out[name] = {"median_ms": ms, "ratio": statistics.median(ratios), "ratio_p25": q[0], "ratio_p75": q[2],
+                     "rounds": len(ts),
+                     "extra_ms_per_layer": (ms - base_ms) / layers if name.startswith("DO") else None}
+    return out
+
+
+def train_rows(name: str, tiny: bool, reps: int, warmup: int):
+    plain = build(name, tiny)
+    nets = {"plain": plain, "plain copy": copy_of(plain, False), "DO-Conv twin": copy_of(plain, True)}
+    layers = len(dm.doconv_layers(nets["DO-Conv twin"]))
+    x, y = data(name, tiny, plain)
+    steps = {k: training_step(hybridized(n), x, y) for k, n in nets.items()}
+    return summarise(interleaved(steps, reps, warmup), layers), layers
+
+
+def eval_rows(name: str, tiny: bool, reps: int, warmup: int):
+    plain = build(name, tiny)
+    twin = copy_of(plain, True)
+    nets = {"plain": plain, "plain copy": copy_of(plain, False), "DO-Conv default": twin,
+            "DO-Conv in cached()": copy_of(plain, True), "DO-Conv folded": dm.fold(twin)[0]}
+    layers = len(dm.doconv_layers(twin))
+    x, _ = data(name, tiny, plain)
+    for net in nets.values():
+        hybridized(net)
+    with dm.cached(nets["DO-Conv in cached()"]):
+        times = interleaved({k: inference(n, x) for k, n in nets.items()}, reps, warmup)
+    return summarise(times, layers), layers
+
+
+# ---- memory: one process per arm -------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_child(name: str, arm: str, tiny: bool, steps: int) -> None:
+    """Build one arm, note the resident size, run ``steps`` training steps; print a JSON line.
+
+    ``plain`` and ``twin`` are built alike: the zoo net (converted first for the twin, its layers deferred),
+    initialised and hybridized before any call, so that nothing but the training steps allocates. ``twin-after``
+    converts an initialised net that has run once, as a user converts a trained net: it adds what the
+    conversion itself leaves resident (the allocator keeps the freed temporaries of computing W from each kernel).
+    """
+    from gluoncv import model_zoo
+    mx.random.seed(0)
+    if arm == "twin-after":
+        net, _ = dm.convert(build(name, tiny), inplace=True)
+    else:
+        net = model_zoo.get_model(MODELS[name][2] if tiny else name)
+        if arm == "twin":
+            net, _ = dm.convert(net, inplace=True)
+        net.initialize(mx.init.Xavier(magnitude=2.0))
+    batch, size = shape_of(name, tiny)
+    rng = np.random.default_rng(2)
+    x = mx.nd.array(rng.normal(size=(batch, 3, size, size)).astype("float32"))
+    y = mx.nd.zeros((batch,))  # class 0: a valid label whatever the number of classes
+    step = training_step(hybridized(net), x, y)
+    mx.nd.waitall()
+    built = _rss_bytes()
+    for i in range(steps):
+        step()
+        if i == 0 and arm != "plain":
+            randomise_D(net)  # shapes are known after the first call; the values change no allocation
+    import resource
+    print(json.dumps({"built": built, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+MEMORY_ARMS = (("plain", "plain"), ("DO-Conv twin", "twin"), ("DO-Conv twin, converted after a call", "twin-after"))
+
+
+def memory_rows(name: str, tiny: bool, steps: int = 2) -> Dict[str, dict]:
+    """Peak RSS of a training step per arm, each in its own process (under /usr/bin/time -v when present)."""
+    out = {}
+    timer = os.path.exists("/usr/bin/time")
+    for label, arm in MEMORY_ARMS:
+        cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), "--memory-child", name, arm,
+               "--steps", str(steps)] + (["--tiny"] if tiny else [])
+        if timer:
+            cmd = ["/usr/bin/time", "-v"] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"memory arm {name}/{arm} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = child["ru_maxrss"]
+        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        if found:
+            peak = int(found.group(1)) * 1024
+        out[label] = {"peak_MiB": peak / 2**20, "built_MiB": child["built"] / 2**20,
+                      "step_MiB": (peak - child["built"]) / 2**20,
+                      "source": "/usr/bin/time -v" if found else "getrusage"}
+    base = out["plain"]
+    for row in out.values():
+        row["peak_ratio"] = row["peak_MiB"] / base["peak_MiB"]
+        row["step_ratio"] = row["step_MiB"] / base["step_MiB"] if base["step_MiB"] > 0 else float("nan")
+    return out
+
+
+# ---- profile ------------------------------------------------------------------------------------
+
+def _op_ms(net, x, y, steps: int) -> Dict[str, tuple]:
+    """{operator: (calls per step, ms per step)} from MXNet's aggregate profiler over ``steps`` training steps."""
+    import tempfile
+    step = training_step(hybridized(net), x, y)
+    step()
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.profiler.set_config(profile_symbolic=True, profile_imperative=True, aggregate_stats=True,
+                               filename=os.path.join(tmp, "profile.json"))
+        mx.profiler.dumps(reset=True)
+        mx.profiler.set_state("run")
+        for _ in range(steps):
+            step()
+        mx.profiler.set_state("stop")
+        stats = json.loads(mx.profiler.dumps(reset=True, format="json"))
+    out = {}
+    for domain, ops in stats.get("Time", {}).items():
+        if "operator" not in domain.lower():
+            continue
+        for op, row in ops.items():
+            calls, total = out.get(op, (0.0, 0.0))
+            out[op] = (calls + row["Count"] / steps, total + row["Total"] / steps)
+    return out
+
+
+def profile(name: str, tiny: bool, steps: int = 3, top: int = 12) -> str:
+    """Per operator, ms per training step in the plain net and the twin, sorted by what the twin adds:
+    where MXNet's composition cost shows (Markdown). Bulk execution is switched off for the profiled nets (it
+    fuses a segment of operators into one profiler row), so operators are timed one by one."""
+    os.environ["MXNET_EXEC_BULK_EXEC_TRAIN"] = "0"  # read when a CachedOp is first run: set before the nets run
+    plain = build(name, tiny)
+    twin = copy_of(plain, True)
+    layers = len(dm.doconv_layers(twin))
+    x, y = data(name, tiny, plain)
+    base, ours = _op_ms(plain, x, y, steps), _op_ms(twin, x, y, steps)
+    total_base, total_ours = sum(v[1] for v in base.values()), sum(v[1] for v in ours.values())
+    rows = sorted(set(base) | set(ours), key=lambda op: -(ours.get(op, (0, 0))[1] - base.get(op, (0, 0))[1]))
+    lines = [f"\n{name}: operator ms per training step ({steps} profiled steps, {layers} DO-Conv layers; operator "
+             f"total {total_base:.1f} plain, {total_ours:.1f} twin); the {top} operators the twin adds most to:\n",
+             "| operator | calls plain | calls twin | ms plain | ms twin | twin - plain | per DO layer |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for op in rows[:top]:
+        (cb, mb), (co, mo) = base.get(op, (0, 0.0)), ours.get(op, (0, 0.0))
+        lines.append(f"| {op} | {cb:.0f} | {co:.0f} | {mb:.2f} | {mo:.2f} | {mo - mb:+.2f} | "
+                     f"{(mo - mb) / layers:+.3f} |")
+    return "\n".join(lines)
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def _table(title: str, header: str, rows: List[str]) -> str:
+    return "\n".join([f"\n{title}\n", header, "|" + "---|" * (header.count("|") - 1)] + rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {SCENARIOS}")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed rounds per scenario (default 9; --quick 5; --tiny 2)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="CIFAR ResNet-20 only, 5 rounds")
+    parser.add_argument("--tiny", action="store_true", help="small nets at tiny batches and inputs (smoke test)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile training steps per operator (MXNet's aggregate profiler)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per memory arm")
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.tiny, args.steps)
+        return
+    models = (["cifar_resnet20_v1"] if args.quick and args.models == parser.get_default("models")
+              else args.models.split(","))
+    scenarios = [s for s in args.scenarios.split(",") if s]  # --scenarios "" --profile: the profile alone
+    for value, known, flag in ((models, MODELS, "models"), (scenarios, SCENARIOS, "scenarios")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"--{flag} must be drawn from {', '.join(known)}, but got {', '.join(unknown)}")
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, but got --reps={args.reps}")
+    reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
+    warmup = 1 if args.tiny else args.warmup
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    print(f"mxnet {mx.__version__}, float32, CPU ({os.cpu_count()} cores, OMP_NUM_THREADS {threads}), hybridized "
+          f"(static_alloc, static_shape), {reps} interleaved rounds after {warmup} warm-up"
+          f"{' (tiny: mobilenetv2_1.0 runs as mobilenetv2_0.25)' if args.tiny else ''}; load average (1/5/15 min) "
+          f"{load()}", flush=True)
+    result = {"mxnet": mx.__version__, "reps": reps, "tiny": args.tiny,
+              "train": {}, "eval": {}, "memory": {}, "load": {"start": load()}}
+    header = ("| model | batch, input | DO layers | arm | median ms | ratio to plain | ratio p25-p75 | "
+              "extra ms per layer | load |")
+    for scenario, rows_of, title in (("train", train_rows, "SGD training step (autograd.record, backward, "
+                                                          "Trainer.step)"),
+                                     ("eval", eval_rows, "Eval inference, training batch")):
+        if scenario not in scenarios:
+            continue
+        rows = []
+        for name in models:
+            batch, size = shape_of(name, args.tiny)
+            found, layers = rows_of(name, args.tiny, reps, warmup)
+            result[scenario][name] = found
+            now = load()
+            for arm, r in found.items():
+                r["load"] = now
+                extra = "" if r["extra_ms_per_layer"] is None else f"{r['extra_ms_per_layer']:.2f}"
+                rows.append(f"| {name} | {batch}, {size}x{size} | {layers} | {arm} | {r['median_ms']:.1f} | "
+                            f"{r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {extra} | {now} |")
+            print(f"({name} {scenario} done, load {now})", flush=True)
+        print(_table(title + ":", header, rows), flush=True)
+    if "memory" in scenarios:
+        rows = []
+        for name in models:
+            batch, size = shape_of(name, args.tiny)
+            result["memory"][name] = found = memory_rows(name, args.tiny, args.steps)
+            now = load()
+            for arm, r in found.items():
+                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['peak_MiB']:.0f} | "
+                            f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} | {now} |")
+        print(_table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
+                     "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio | load |", rows),
+              flush=True)
+    if args.profile:
+        for name in models:
+            print(profile(name, args.tiny), flush=True)
+            print(f"(load average {load()})", flush=True)
+    result["load"]["end"] = load()
+    print(f"\nload average at the end: {result['load']['end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Whole-model benchmark of doconv.tf (Keras 3, TensorFlow backend) on CPU: each plain network against its
+DO-Conv twin. The Keras counterpart of ``bench/torch_models.py``.
+
+Networks, at the sizes people train them (``keras.applications`` where Keras has the network, ``weights=None``;
+the CIFAR ResNets are built in this file from ``keras.layers``, as ``bench/torch_zoo.py`` builds them):
+
+=============  ===================================================  =====  =======
+name           network                                              batch  input
+=============  ===================================================  =====  =======
+resnet20       CIFAR ResNet-v1-20 (16-64 channels; in this file)     128    32x32
+resnet18       ResNet-18, CIFAR stem (3x3, no pool; in this file)    32     32x32
+mobilenet_v2   keras.applications.MobileNetV2 1.0 (DepthwiseConv2D   32     64x64
+               -> DO-DConv)
+resnet50       keras.applications.ResNet50, ImageNet stem            4      224x224
+=============  ===================================================  =====  =======
+
+The twin is ``doconv.tf.convert(plain)[0]`` with every D (the trainable delta D') drawn from N(0, 0.05), so
+no layer computes its identity-initialised kernel. All arms of a scenario live in one process and run
+interleaved, one call each per round in an order shuffled per round; a row gives the median time and the
+median of the *per-round* ratios to its baseline arm, with their 25th-75th percentile.
+
+Scenarios (``--scenarios``):
+
+- ``train``: one SGD (momentum 0.9) step, sparse cross-entropy on random labels: forward under a
+  ``tf.GradientTape``, gradients, ``optimizer.apply_gradients``, all inside one ``tf.function`` -- once
+  plain (``jit_compile=False``) and once with XLA (``jit_compile=True``). Each twin's ratio is to the plain
+  model compiled the same way.
+- ``eval``: inference at the training batch. ``predict_on_batch`` (Keras' own ``tf.function``) of the plain
+  model, of the twin as it is (composes every kernel on every call) and of the folded twin
+  (``doconv.tf.fold``), ratios to plain ``predict_on_batch``; eager ``model(x, training=False)`` of the twin
+  inside ``doconv.tf.cached(twin)`` (each kernel composed once), ratio to the plain model called eagerly.
+- ``memory``: peak resident memory of a ``tf.function`` training step, each arm (plain, twin) alone in its
+  own process under ``/usr/bin/time -v`` (max RSS; TensorFlow's CPU allocator has no peak counter). Once the
+  model, data and step exist the child resets the kernel's high-water mark (``/proc/self/clear_refs``), so
+  the max RSS is that of the training steps, not of ``convert`` copying the plain network (the build's own
+  peak is a column of its own); also the peak minus the resident size after the build (what the steps added).
+
+Usage::
+
+    python bench/tf_models.py                      # all networks and scenarios
+    python bench/tf_models.py --quick              # ResNet-20 only, few rounds
+    python bench/tf_models.py --tiny               # narrow networks, tiny batches: a smoke test
+    python bench/tf_models.py --models resnet18 --scenarios train --reps 9 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
+from keras import layers as L  # noqa: E402
+
+import doconv.tf as dtf  # noqa: E402
+
+
+# ---- networks -------------------------------------------------------------------------------------
+
+def _conv_bn(x, filters, kernel, stride, name, relu=True):
+    x = L.Conv2D(filters, kernel, stride, padding="same", use_bias=False, kernel_initializer="he_normal",
+                 name=f"{name}_conv")(x)
+    x = L.BatchNormalization(name=f"{name}_bn")(x)
+    return L.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def _basic_block(x, filters, stride, name):
+    """conv-BN-ReLU-conv-BN + shortcut (1x1 conv + BN where the shape changes), ReLU: ResNet-v1."""
+    out = _conv_bn(x, filters, 3, stride, f"{name}_a")
+    out = _conv_bn(out, filters, 3, 1, f"{name}_b", relu=False)
+    if stride != 1 or x.shape[-1] != filters:
+        x = _conv_bn(x, filters, 1, stride, f"{name}_down", relu=False)
+    return L.ReLU(name=f"{name}_out")(L.Add(name=f"{name}_add")([out, x]))
+
+
+def cifar_resnet(blocks: int, width: int, stages: int, size: int, classes: int = 10, name: str = "resnet"):
+    """ResNet-v1 for small images: 3x3 stem (no pool), ``stages`` stages of ``blocks`` basic blocks at widths
+    ``width * 2**i`` (stride 2 from the second stage), global average pool, dense logits."""
+    inputs = keras.Input((size, size, 3))
+    x = _conv_bn(inputs, width, 3, 1, "stem")
+    for stage in range(stages):
+        for i in range(blocks):
+            x = _basic_block(x, width * 2 ** stage, 2 if i == 0 and stage > 0 else 1, f"s{stage}b{i}")
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(classes, name="logits")(x), name=name)
+
+
+def resnet20(tiny: bool, size: int):
+    return cifar_resnet(3, 2 if tiny else 16, 3, size, name="resnet20")
+
+
+def resnet18(tiny: bool, size: int):
+    return cifar_resnet(2, 8 if tiny else 64, 4, size, name="resnet18")
+
+
+def mobilenet_v2(tiny: bool, size: int):
+    return keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35 if tiny else 1.0, weights=None,
+                                          classes=10, classifier_activation=None)
+
+
+def resnet50(tiny: bool, size: int):
+    return keras.applications.ResNet50(input_shape=(size, size, 3), weights=None, classes=1000,
+                                       classifier_activation=None)
+
+
+#: name -> (builder(tiny, size), batch, image size, tiny batch, tiny image size)
+MODELS: Dict[str, tuple] = {
+    "resnet20": (resnet20, 128, 32, 4, 16),
+    "resnet18": (resnet18, 32, 32, 2, 16),
+    "mobilenet_v2": (mobilenet_v2, 32, 64, 2, 32),
+    "resnet50": (resnet50, 4, 224, 1, 32),
+}
+SCENARIOS = ("train", "eval", "memory")
+#: arm -> the arm its ratio is taken to
+TRAIN_BASE = {"plain, tf.function": "plain, tf.function", "DO-Conv, tf.function": "plain, tf.function",
+              "plain, XLA": "plain, XLA", "DO-Conv, XLA": "plain, XLA"}
+EVAL_BASE = {"plain, predict_on_batch": "plain, predict_on_batch",
+             "DO-Conv default, predict_on_batch": "plain, predict_on_batch",
+             "DO-Conv folded, predict_on_batch": "plain, predict_on_batch",
+             "plain, eager": "plain, eager", "DO-Conv in cached(), eager": "plain, eager"}
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def shape_of(name: str, tiny: bool):
+    _, batch, size, tiny_batch, tiny_size = MODELS[name]
+    return (tiny_batch, tiny_size) if tiny else (batch, size)
+
+
+def build(name: str, tiny: bool, seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    return MODELS[name][0](tiny, shape_of(name, tiny)[1])
+
+
+def randomise_D(model, seed: int = 0, std: float = 0.05):
+    """Every DO-Conv layer's D' drawn from N(0, std): D is never the identity."""
+    rng = np.random.default_rng(seed)
+    for layer in dtf.doconv_layers(model).values():
+        if layer.D is not None:
+            layer.D.assign((rng.normal(size=tuple(layer.D.shape)) * std).astype("float32"))
+    return model
+
+
+def twin(plain, seed: int = 0):
+    """A DO-Conv copy of ``plain`` (``doconv.tf.convert``), D randomised; ``plain`` is left as it is."""
+    model, _ = dtf.convert(plain)
+    return randomise_D(model, seed)
+
+
+def data(name: str, tiny: bool, model, seed: int = 1):
+    batch, size = shape_of(name, tiny)
+    rng = np.random.default_rng(seed)
+    classes = model.output_shape[-1]
+    return (tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32")),
+            tf.constant(rng.integers(0, classes, size=(batch,)), dtype=tf.int32))
+
+
+def training_step(model, x, y, jit: bool) -> Callable[[], None]:
+    """One SGD step (momentum 0.9) in a ``tf.function`` (XLA if ``jit``); calling it runs and waits for it."""
+    optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function(jit_compile=jit)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    return lambda: step().numpy()
+
+
+def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> Dict[str, List[float]]:
+    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round."""
+    times = {k: [] for k in tasks}
+    order, rng = list(tasks), random.Random(seed)
+    for r in range(warmup + reps):
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            tasks[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(times: Dict[str, List[float]], base: Dict[str, str]) -> Dict[str, dict]:
+    """Median ms and the median / p25 / p75 of the per-round ratios of each arm to ``base[arm]``."""
+    out = {}
+    for name, ts in times.items():
+        ratios = sorted(t / b for t, b in zip(ts, times[base[name]]))
+        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = {"median_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ratios),
+                     "ratio_p25": q[0], "ratio_p75": q[2], "rounds": len(ts), "base": base[name]}
+    return out
+
+
+def train_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
+    plain = build(name, tiny)
+    do = twin(plain)
+    plain_xla = keras.models.clone_model(plain)
+    plain_xla.set_weights(plain.get_weights())
+    do_xla = twin(plain)
+    x, y = data(name, tiny, plain)
+    tasks = {"plain, tf.function": training_step(plain, x, y, False),
+             "DO-Conv, tf.function": training_step(do, x, y, False),
+             "plain, XLA": training_step(plain_xla, x, y, True), "DO-Conv, XLA": training_step(do_xla, x, y, True)}
+    return summarise(interleaved(tasks, reps, warmup), TRAIN_BASE)
+
+
+def eval_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
+    plain = build(name, tiny)
+    default = twin(plain)
+    scoped = twin(plain)
+    folded = dtf.fold(default)[0]
+    x, _ = data(name, tiny, plain)
+    want = folded.predict_on_batch(x)
+    got = default.predict_on_batch(x)
+    scale = float(np.max(np.abs(want))) or 1.0
+    if float(np.max(np.abs(got - want))) > 1e-3 * scale:  # a timing of a wrong network would mean nothing
+        raise AssertionError(f"{name}: the folded twin disagrees with the twin by {np.max(np.abs(got - want))}")
+    tasks = {"plain, predict_on_batch": lambda: plain.predict_on_batch(x),
+             "DO-Conv default, predict_on_batch": lambda: default.predict_on_batch(x),
+             "DO-Conv folded, predict_on_batch": lambda: folded.predict_on_batch(x),
+             "plain, eager": lambda: plain(x, training=False).numpy(),
+             "DO-Conv in cached(), eager": lambda: scoped(x, training=False).numpy()}
+    with dtf.cached(scoped):
+        times = interleaved(tasks, reps, warmup)
+    return summarise(times, EVAL_BASE)
+
+
+# ---- memory: one process per arm -------------------------------------------------------------------
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_hwm() -> bool:
+    """Reset the process's resident high-water mark (Linux >= 4.0), so that the peak measured afterwards (and
+    the max RSS ``/usr/bin/time`` reports at exit) is the training steps', not the conversion's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(name: str, arm: str, tiny: bool, steps: int, jit: bool) -> None:
+    """Build one arm, note the resident size and reset the peak, run ``steps`` training steps; print a JSON line."""
+    # Both arms copy the network they train from a first one and drop that (convert makes the twin that way,
+    # clone_model the plain copy), so the two processes have the same history of freed memory behind them.
+    original = build(name, tiny)
+    if arm == "plain":
+        model = keras.models.clone_model(original)
+        model.set_weights(original.get_weights())
+    else:
+        model = twin(original)
+    del original
+    keras.backend.clear_session(free_memory=True)
+    x, y = data(name, tiny, model)
+    step = training_step(model, x, y, jit)
+    gc.collect()
+    built, build_peak = _rss_bytes(), _hwm_bytes()
+    reset = _reset_hwm()
+    for _ in range(steps):
+        step()
+    import resource
+    print(json.dumps({"built": built, "build_peak": build_peak, "reset": reset, "step_peak": _hwm_bytes(),
+                      "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def memory_rows(name: str, tiny: bool, threads: int, steps: int, jit: bool) -> Dict[str, dict]:
+    """Peak RSS of a training step per arm, each in its own process (under /usr/bin/time -v when present)."""
+    out = {}
+    timer = os.path.exists("/usr/bin/time")
+    for label, arm in (("plain", "plain"), ("DO-Conv", "doconv")):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, arm, "--threads", str(threads),
+               "--steps", str(steps)] + (["--tiny"] if tiny else []) + (["--memory-xla"] if jit else [])
+        if timer:
+            cmd = ["/usr/bin/time", "-v"] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"memory arm {name}/{arm} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak = child["ru_maxrss"]
+        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+        if found:
+            peak = int(found.group(1)) * 1024
+        out[label] = {"peak_MiB": peak / 2**20, "built_MiB": child["built"] / 2**20,
+                      "build_peak_MiB": child["build_peak"] / 2**20, "step_MiB": (peak - child["built"]) / 2**20,
+                      "peak_reset_after_build": child["reset"],
+                      "source": "/usr/bin/time -v" if found else "getrusage"}
+    base = out["plain"]
+    for row in out.values():
+        row["peak_ratio"] = row["peak_MiB"] / base["peak_MiB"]
+        row["step_ratio"] = row["step_MiB"] / base["step_MiB"] if base["step_MiB"] > 0 else float("nan")
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def _table(title: str, header: str, rows: List[str]) -> str:
+    return "\n".join([f"\n{title}\n", header, "|" + "---|" * (header.count("|") - 1)] + rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {SCENARIOS}")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed rounds per scenario (default 9; --quick 5; --tiny 2)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (tracing, XLA compilation)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="ResNet-20 only, 5 rounds")
+    parser.add_argument("--tiny", action="store_true", help="narrow networks at tiny batches (smoke test)")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per memory arm")
+    parser.add_argument("--memory-xla", action="store_true", help="memory arms compile their step with XLA")
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if args.memory_child:
+        memory_child(*args.memory_child, args.tiny, args.steps, args.memory_xla)
+        return
+    models = ["resnet20"] if args.quick and args.models == parser.get_default("models") else args.models.split(",")
+    scenarios = args.scenarios.split(",")
+    for value, known, flag in ((models, MODELS, "models"), (scenarios, SCENARIOS, "scenarios")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"--{flag} must be drawn from {', '.join(known)}, but got {', '.join(unknown)}")
+    reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
+    warmup = 1 if args.tiny else args.warmup
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({keras.backend.backend()}), {args.threads} "
+          f"threads, {reps} interleaved rounds after {warmup} warm-up{', tiny networks' if args.tiny else ''}; "
+          f"load average (1/5/15 min) {load()}", flush=True)
+    result = {"tensorflow": tf.__version__, "keras": keras.__version__, "threads": args.threads, "reps": reps,
+              "tiny": args.tiny, "train": {}, "eval": {}, "memory": {}, "load": {"start": load()}}
+    header = "| model | batch, input | arm | median ms | ratio | ratio p25-p75 | ratio to | load |"
+    for scenario, rows_of, title in (("train", train_rows, "SGD training step (GradientTape in one tf.function):"),
+                                     ("eval", eval_rows, "Eval inference, training batch:")):
+        if scenario not in scenarios:
+            continue
+        rows = []
+        for name in models:
+            batch, size = shape_of(name, args.tiny)
+            result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
+            now = load()
+            for arm, r in found.items():
+                r["load"] = now
+                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
+                            f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {r['base']} | {now} |")
+            keras.backend.clear_session()
+            gc.collect()
+        print(_table(title, header, rows), flush=True)
+    if "memory" in scenarios:
+        rows = []
+        for name in models:
+            batch, size = shape_of(name, args.tiny)
+            result["memory"][name] = found = memory_rows(name, args.tiny, args.threads, args.steps, args.memory_xla)
+            now = load()
+            for arm, r in found.items():
+                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['build_peak_MiB']:.0f} | "
+                            f"{r['peak_MiB']:.0f} | {r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | "
+                            f"{r['step_ratio']:.3f} | {now} |")
+        compiled = "XLA" if args.memory_xla else "tf.function"
+        print(_table(f"Training-step peak memory (max RSS, {args.steps} {compiled} steps, each arm in its own "
+                     f"process):", "| model | batch, input | arm | build peak MiB | training peak MiB | peak ratio "
+                     "| peak - built MiB | ratio | load |", rows), flush=True)
+    result["load"]["end"] = load()
+    print(f"\nload average at the end: {result['load']['end']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Smoke test of bench/mxnet_models.py in its tiniest form: it runs, and prints every table it promises.
+
+A subprocess, as a user runs it: the script's argument handling, model building through GluonCV, convert / fold
+/ cached and the memory children under ``/usr/bin/time`` all have to work for it to exit 0.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "mxnet_models.py")
+
+pytest.importorskip("gluoncv")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-W", "ignore", SCRIPT, *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_tiny_run_prints_every_table():
+    proc = run("--tiny", "--models", "cifar_resnet20_v1", "--reps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for title in ("SGD training step", "Eval inference, training batch", "Training-step peak memory"):
+        assert title in out, out
+    assert "| model | batch, input | DO layers | arm | median ms | ratio to plain |" in out
+    assert "| model | batch, input | arm | peak MiB | peak ratio |" in out
+    for arm in ("| plain |", "| DO-Conv twin |", "| DO-Conv default |", "| DO-Conv in cached() |",
+                "| DO-Conv folded |", "| DO-Conv twin, converted after a call |"):
+        assert arm in out, (arm, out)
+    # CIFAR ResNet-20: 19 non-pointwise convs become DO-Conv layers (the 1x1 shortcuts stay Conv2D)
+    assert "| cifar_resnet20_v1 | 2, 16x16 | 19 |" in out
+    assert "load average" in out
+
+
+def test_unknown_model_names_the_flag_and_value():
+    proc = run("--tiny", "--models", "resnet999")
+    assert proc.returncode == 2
+    assert "--models" in proc.stderr and "resnet999" in proc.stderr
