@@ -48,17 +48,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import re
-import statistics
-import subprocess
-import sys
-import time
 from typing import Callable, Dict, List
 
 import numpy as np
 
 import doconv.mxnet as dm
+import harness  # timing, ratios and memory children, shared with the other whole-model scripts
 from doconv.mxnet._mx import gluon, mx
 
 #: name -> (batch, image size, tiny zoo name, tiny batch, tiny image size)
@@ -71,10 +66,6 @@ MODELS: Dict[str, tuple] = {
 SCENARIOS = ("train", "eval", "memory")
 TRAIN_ARMS = ("plain", "plain copy", "DO-Conv twin")
 EVAL_ARMS = ("plain", "plain copy", "DO-Conv default", "DO-Conv in cached()", "DO-Conv folded")
-
-
-def load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def shape_of(name: str, tiny: bool):
@@ -144,31 +135,12 @@ def inference(net, x) -> Callable[[], None]:
     return run
 
 
-def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> Dict[str, List[float]]:
-    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round."""
-    times = {k: [] for k in tasks}
-    order, rng = list(tasks), random.Random(seed)
-    for r in range(warmup + reps):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            tasks[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def summarise(times: Dict[str, List[float]], layers: int, base: str = "plain") -> Dict[str, dict]:
-    """Median ms, the median / p25 / p75 of the per-round ratios to ``base``, extra ms per DO-Conv layer."""
-    out = {}
-    base_ms = statistics.median(times[base]) * 1e3
-    for name, ts in times.items():
-        ratios = sorted(t / b for t, b in zip(ts, times[base]))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-        ms = statistics.median(ts) * 1e3
-        out[name] = {"median_ms": ms, "ratio": statistics.median(ratios), "ratio_p25": q[0], "ratio_p75": q[2],
-                     "rounds": len(ts),
-                     "extra_ms_per_layer": (ms - base_ms) / layers if name.startswith("DO") else None}
+def summarise(times: Dict[str, List[float]], layers: int) -> Dict[str, dict]:
+    """:func:`harness.summarise` against the plain net, with the extra ms per DO-Conv layer of each DO arm."""
+    out = harness.summarise(times, "plain")
+    for name, row in out.items():
+        row["extra_ms_per_layer"] = ((row["median_ms"] - out["plain"]["median_ms"]) / layers
+                                     if name.startswith("DO") else None)
     return out
 
 
@@ -178,7 +150,7 @@ def train_rows(name: str, tiny: bool, reps: int, warmup: int):
     layers = len(dm.doconv_layers(nets["DO-Conv twin"]))
     x, y = data(name, tiny, plain)
     steps = {k: training_step(hybridized(n), x, y) for k, n in nets.items()}
-    return summarise(interleaved(steps, reps, warmup), layers), layers
+    return summarise(harness.interleaved(steps, reps, warmup), layers), layers
 
 
 def eval_rows(name: str, tiny: bool, reps: int, warmup: int):
@@ -191,16 +163,11 @@ def eval_rows(name: str, tiny: bool, reps: int, warmup: int):
     for net in nets.values():
         hybridized(net)
     with dm.cached(nets["DO-Conv in cached()"]):
-        times = interleaved({k: inference(n, x) for k, n in nets.items()}, reps, warmup)
+        times = harness.interleaved({k: inference(n, x) for k, n in nets.items()}, reps, warmup)
     return summarise(times, layers), layers
 
 
 # ---- memory: one process per arm -------------------------------------------------------------------
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def memory_child(name: str, arm: str, tiny: bool, steps: int) -> None:
     """Build one arm, note the resident size, run ``steps`` training steps; print a JSON line.
@@ -225,43 +192,21 @@ def memory_child(name: str, arm: str, tiny: bool, steps: int) -> None:
     y = mx.nd.zeros((batch,))  # class 0: a valid label whatever the number of classes
     step = training_step(hybridized(net), x, y)
     mx.nd.waitall()
-    built = _rss_bytes()
+    built = harness.rss_bytes()
     for i in range(steps):
         step()
         if i == 0 and arm != "plain":
             randomise_D(net)  # shapes are known after the first call; the values change no allocation
-    import resource
-    print(json.dumps({"built": built, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    harness.report_child(built)
 
 
 MEMORY_ARMS = (("plain", "plain"), ("DO-Conv twin", "twin"), ("DO-Conv twin, converted after a call", "twin-after"))
 
 
 def memory_rows(name: str, tiny: bool, steps: int = 2) -> Dict[str, dict]:
-    """Peak RSS of a training step per arm, each in its own process (under /usr/bin/time -v when present)."""
-    out = {}
-    timer = os.path.exists("/usr/bin/time")
-    for label, arm in MEMORY_ARMS:
-        cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), "--memory-child", name, arm,
-               "--steps", str(steps)] + (["--tiny"] if tiny else [])
-        if timer:
-            cmd = ["/usr/bin/time", "-v"] + cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"memory arm {name}/{arm} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        child = json.loads(proc.stdout.strip().splitlines()[-1])
-        peak = child["ru_maxrss"]
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        if found:
-            peak = int(found.group(1)) * 1024
-        out[label] = {"peak_MiB": peak / 2**20, "built_MiB": child["built"] / 2**20,
-                      "step_MiB": (peak - child["built"]) / 2**20,
-                      "source": "/usr/bin/time -v" if found else "getrusage"}
-    base = out["plain"]
-    for row in out.values():
-        row["peak_ratio"] = row["peak_MiB"] / base["peak_MiB"]
-        row["step_ratio"] = row["step_MiB"] / base["step_MiB"] if base["step_MiB"] > 0 else float("nan")
-    return out
+    """Peak RSS of a training step per arm, each in its own process (:func:`harness.memory_rows`)."""
+    return harness.memory_rows(__file__, name, MEMORY_ARMS, ["--steps", str(steps)] + (["--tiny"] if tiny else []),
+                               python_flags=("-W", "ignore"))
 
 
 # ---- profile ------------------------------------------------------------------------------------
@@ -315,10 +260,6 @@ def profile(name: str, tiny: bool, steps: int = 3, top: int = 12) -> str:
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def _table(title: str, header: str, rows: List[str]) -> str:
-    return "\n".join([f"\n{title}\n", header, "|" + "---|" * (header.count("|") - 1)] + rows)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
@@ -340,10 +281,7 @@ def main(argv=None):
     models = (["cifar_resnet20_v1"] if args.quick and args.models == parser.get_default("models")
               else args.models.split(","))
     scenarios = [s for s in args.scenarios.split(",") if s]  # --scenarios "" --profile: the profile alone
-    for value, known, flag in ((models, MODELS, "models"), (scenarios, SCENARIOS, "scenarios")):
-        unknown = [v for v in value if v not in known]
-        if unknown:
-            parser.error(f"--{flag} must be drawn from {', '.join(known)}, but got {', '.join(unknown)}")
+    harness.check_choices(parser, models=(models, MODELS), scenarios=(scenarios, SCENARIOS))
     if args.reps is not None and args.reps < 1:
         parser.error(f"--reps must be >= 1, but got --reps={args.reps}")
     reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
@@ -352,9 +290,9 @@ def main(argv=None):
     print(f"mxnet {mx.__version__}, float32, CPU ({os.cpu_count()} cores, OMP_NUM_THREADS {threads}), hybridized "
           f"(static_alloc, static_shape), {reps} interleaved rounds after {warmup} warm-up"
           f"{' (tiny: mobilenetv2_1.0 runs as mobilenetv2_0.25)' if args.tiny else ''}; load average (1/5/15 min) "
-          f"{load()}", flush=True)
+          f"{harness.load()}", flush=True)
     result = {"mxnet": mx.__version__, "reps": reps, "tiny": args.tiny,
-              "train": {}, "eval": {}, "memory": {}, "load": {"start": load()}}
+              "train": {}, "eval": {}, "memory": {}, "load": {"start": harness.load()}}
     header = ("| model | batch, input | DO layers | arm | median ms | ratio to plain | ratio p25-p75 | "
               "extra ms per layer | load |")
     for scenario, rows_of, title in (("train", train_rows, "SGD training step (autograd.record, backward, "
@@ -367,35 +305,31 @@ def main(argv=None):
             batch, size = shape_of(name, args.tiny)
             found, layers = rows_of(name, args.tiny, reps, warmup)
             result[scenario][name] = found
-            now = load()
+            now = harness.load()
             for arm, r in found.items():
                 r["load"] = now
                 extra = "" if r["extra_ms_per_layer"] is None else f"{r['extra_ms_per_layer']:.2f}"
                 rows.append(f"| {name} | {batch}, {size}x{size} | {layers} | {arm} | {r['median_ms']:.1f} | "
                             f"{r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {extra} | {now} |")
             print(f"({name} {scenario} done, load {now})", flush=True)
-        print(_table(title + ":", header, rows), flush=True)
+        print(harness.table(title + ":", header, rows), flush=True)
     if "memory" in scenarios:
         rows = []
         for name in models:
             batch, size = shape_of(name, args.tiny)
             result["memory"][name] = found = memory_rows(name, args.tiny, args.steps)
-            now = load()
+            now = harness.load()
             for arm, r in found.items():
                 rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['peak_MiB']:.0f} | "
                             f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} | {now} |")
-        print(_table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
+        print(harness.table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
                      "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio | load |", rows),
               flush=True)
     if args.profile:
         for name in models:
             print(profile(name, args.tiny), flush=True)
-            print(f"(load average {load()})", flush=True)
-    result["load"]["end"] = load()
-    print(f"\nload average at the end: {result['load']['end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            print(f"(load average {harness.load()})", flush=True)
+    harness.finish(result, args.json)
 
 
 if __name__ == "__main__":

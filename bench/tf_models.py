@@ -47,15 +47,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import random
-import re
-import statistics
-import subprocess
-import sys
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
@@ -64,6 +57,7 @@ import keras  # noqa: E402
 from keras import layers as L  # noqa: E402
 
 import doconv.tf as dtf  # noqa: E402
+import harness  # noqa: E402  (timing, ratios and memory children, shared with the other whole-model scripts)
 
 
 # ---- networks -------------------------------------------------------------------------------------
@@ -131,10 +125,6 @@ EVAL_BASE = {"plain, predict_on_batch": "plain, predict_on_batch",
              "plain, eager": "plain, eager", "DO-Conv in cached(), eager": "plain, eager"}
 
 
-def load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def shape_of(name: str, tiny: bool):
     _, batch, size, tiny_batch, tiny_size = MODELS[name]
     return (tiny_batch, tiny_size) if tiny else (batch, size)
@@ -184,31 +174,6 @@ def training_step(model, x, y, jit: bool) -> Callable[[], None]:
     return lambda: step().numpy()
 
 
-def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> Dict[str, List[float]]:
-    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round."""
-    times = {k: [] for k in tasks}
-    order, rng = list(tasks), random.Random(seed)
-    for r in range(warmup + reps):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            tasks[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def summarise(times: Dict[str, List[float]], base: Dict[str, str]) -> Dict[str, dict]:
-    """Median ms and the median / p25 / p75 of the per-round ratios of each arm to ``base[arm]``."""
-    out = {}
-    for name, ts in times.items():
-        ratios = sorted(t / b for t, b in zip(ts, times[base[name]]))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-        out[name] = {"median_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ratios),
-                     "ratio_p25": q[0], "ratio_p75": q[2], "rounds": len(ts), "base": base[name]}
-    return out
-
-
 def train_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
     plain = build(name, tiny)
     do = twin(plain)
@@ -219,7 +184,7 @@ def train_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]
     tasks = {"plain, tf.function": training_step(plain, x, y, False),
              "DO-Conv, tf.function": training_step(do, x, y, False),
              "plain, XLA": training_step(plain_xla, x, y, True), "DO-Conv, XLA": training_step(do_xla, x, y, True)}
-    return summarise(interleaved(tasks, reps, warmup), TRAIN_BASE)
+    return harness.summarise(harness.interleaved(tasks, reps, warmup), TRAIN_BASE)
 
 
 def eval_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
@@ -239,16 +204,11 @@ def eval_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
              "plain, eager": lambda: plain(x, training=False).numpy(),
              "DO-Conv in cached(), eager": lambda: scoped(x, training=False).numpy()}
     with dtf.cached(scoped):
-        times = interleaved(tasks, reps, warmup)
-    return summarise(times, EVAL_BASE)
+        times = harness.interleaved(tasks, reps, warmup)
+    return harness.summarise(times, EVAL_BASE)
 
 
 # ---- memory: one process per arm -------------------------------------------------------------------
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def _hwm_bytes() -> int:
     with open("/proc/self/status") as f:
@@ -281,48 +241,26 @@ def memory_child(name: str, arm: str, tiny: bool, steps: int, jit: bool) -> None
     x, y = data(name, tiny, model)
     step = training_step(model, x, y, jit)
     gc.collect()
-    built, build_peak = _rss_bytes(), _hwm_bytes()
+    built, build_peak = harness.rss_bytes(), _hwm_bytes()
     reset = _reset_hwm()
     for _ in range(steps):
         step()
-    import resource
-    print(json.dumps({"built": built, "build_peak": build_peak, "reset": reset, "step_peak": _hwm_bytes(),
-                      "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    harness.report_child(built, build_peak=build_peak, reset=reset, step_peak=_hwm_bytes())
 
 
 def memory_rows(name: str, tiny: bool, threads: int, steps: int, jit: bool) -> Dict[str, dict]:
-    """Peak RSS of a training step per arm, each in its own process (under /usr/bin/time -v when present)."""
-    out = {}
-    timer = os.path.exists("/usr/bin/time")
-    for label, arm in (("plain", "plain"), ("DO-Conv", "doconv")):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, arm, "--threads", str(threads),
-               "--steps", str(steps)] + (["--tiny"] if tiny else []) + (["--memory-xla"] if jit else [])
-        if timer:
-            cmd = ["/usr/bin/time", "-v"] + cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"memory arm {name}/{arm} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        child = json.loads(proc.stdout.strip().splitlines()[-1])
-        peak = child["ru_maxrss"]
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        if found:
-            peak = int(found.group(1)) * 1024
-        out[label] = {"peak_MiB": peak / 2**20, "built_MiB": child["built"] / 2**20,
-                      "build_peak_MiB": child["build_peak"] / 2**20, "step_MiB": (peak - child["built"]) / 2**20,
-                      "peak_reset_after_build": child["reset"],
-                      "source": "/usr/bin/time -v" if found else "getrusage"}
-    base = out["plain"]
+    """Peak RSS of a training step per arm, each in its own process (:func:`harness.memory_rows`), with the
+    child's peak while it built the model."""
+    args = ["--threads", str(threads), "--steps", str(steps)] + (["--tiny"] if tiny else []) + \
+        (["--memory-xla"] if jit else [])
+    out = harness.memory_rows(__file__, name, (("plain", "plain"), ("DO-Conv", "doconv")), args)
     for row in out.values():
-        row["peak_ratio"] = row["peak_MiB"] / base["peak_MiB"]
-        row["step_ratio"] = row["step_MiB"] / base["step_MiB"] if base["step_MiB"] > 0 else float("nan")
+        row["build_peak_MiB"] = row["child"]["build_peak"] / 2**20
+        row["peak_reset_after_build"] = row["child"]["reset"]
     return out
 
 
 # ---- main -----------------------------------------------------------------------------------------
-
-def _table(title: str, header: str, rows: List[str]) -> str:
-    return "\n".join([f"\n{title}\n", header, "|" + "---|" * (header.count("|") - 1)] + rows)
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,17 +284,14 @@ def main(argv=None):
         return
     models = ["resnet20"] if args.quick and args.models == parser.get_default("models") else args.models.split(",")
     scenarios = args.scenarios.split(",")
-    for value, known, flag in ((models, MODELS, "models"), (scenarios, SCENARIOS, "scenarios")):
-        unknown = [v for v in value if v not in known]
-        if unknown:
-            parser.error(f"--{flag} must be drawn from {', '.join(known)}, but got {', '.join(unknown)}")
+    harness.check_choices(parser, models=(models, MODELS), scenarios=(scenarios, SCENARIOS))
     reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
     warmup = 1 if args.tiny else args.warmup
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({keras.backend.backend()}), {args.threads} "
           f"threads, {reps} interleaved rounds after {warmup} warm-up{', tiny networks' if args.tiny else ''}; "
-          f"load average (1/5/15 min) {load()}", flush=True)
+          f"load average (1/5/15 min) {harness.load()}", flush=True)
     result = {"tensorflow": tf.__version__, "keras": keras.__version__, "threads": args.threads, "reps": reps,
-              "tiny": args.tiny, "train": {}, "eval": {}, "memory": {}, "load": {"start": load()}}
+              "tiny": args.tiny, "train": {}, "eval": {}, "memory": {}, "load": {"start": harness.load()}}
     header = "| model | batch, input | arm | median ms | ratio | ratio p25-p75 | ratio to | load |"
     for scenario, rows_of, title in (("train", train_rows, "SGD training step (GradientTape in one tf.function):"),
                                      ("eval", eval_rows, "Eval inference, training batch:")):
@@ -366,33 +301,29 @@ def main(argv=None):
         for name in models:
             batch, size = shape_of(name, args.tiny)
             result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
-            now = load()
+            now = harness.load()
             for arm, r in found.items():
                 r["load"] = now
                 rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
                             f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {r['base']} | {now} |")
             keras.backend.clear_session()
             gc.collect()
-        print(_table(title, header, rows), flush=True)
+        print(harness.table(title, header, rows), flush=True)
     if "memory" in scenarios:
         rows = []
         for name in models:
             batch, size = shape_of(name, args.tiny)
             result["memory"][name] = found = memory_rows(name, args.tiny, args.threads, args.steps, args.memory_xla)
-            now = load()
+            now = harness.load()
             for arm, r in found.items():
                 rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['build_peak_MiB']:.0f} | "
                             f"{r['peak_MiB']:.0f} | {r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | "
                             f"{r['step_ratio']:.3f} | {now} |")
         compiled = "XLA" if args.memory_xla else "tf.function"
-        print(_table(f"Training-step peak memory (max RSS, {args.steps} {compiled} steps, each arm in its own "
+        print(harness.table(f"Training-step peak memory (max RSS, {args.steps} {compiled} steps, each arm in its own "
                      f"process):", "| model | batch, input | arm | build peak MiB | training peak MiB | peak ratio "
                      "| peak - built MiB | ratio | load |", rows), flush=True)
-    result["load"]["end"] = load()
-    print(f"\nload average at the end: {result['load']['end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    harness.finish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
-import statistics
-import time
 
 import torch
 
 import doconv.torch as dt
+import harness  # timing and ratios, shared with the whole-model scripts
 from doconv.experiments.models import build_model
 
 
@@ -38,18 +36,10 @@ def twin_models(seed: int = 0):
 
 
 def run(models, x, reps: int, warmup: int = 5):
-    """Seconds per call of each model, one call of each per round in a shuffled order."""
-    times = {k: [] for k in models}
-    order, rng = list(models), random.Random(0)
+    """:func:`harness.interleaved` over one call of each model, the ``cached()`` arm inside its scope."""
+    tasks = {name: (lambda m=m: m(x)) for name, m in models.items()}
     with dt.cached(models["DO-Conv in cached()"]), torch.no_grad():
-        for r in range(warmup + reps):
-            rng.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                models[name](x)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-    return times
+        return harness.interleaved(tasks, reps, warmup)
 
 
 def main():
@@ -63,13 +53,9 @@ def main():
     print("| batch | variant | median ms | ratio to plain (median) | ratio spread (p25-p75) |\n|---:|---|---:|---:|---|")
     for batch in (1, 32):
         x = torch.randn(batch, 3, 32, 32)
-        times = run(twin_models(), x, args.reps)
-        base = times["plain"]
-        for name, ts in times.items():
-            ratios = sorted(t / b for t, b in zip(ts, base))
-            q = statistics.quantiles(ratios, n=4)
-            print(f"| {batch} | {name} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ratios):.3f} | "
-                  f"{q[0]:.3f}-{q[2]:.3f} |")
+        for name, r in harness.summarise(run(twin_models(), x, args.reps)).items():
+            print(f"| {batch} | {name} | {r['median_ms']:.2f} | {r['ratio']:.3f} | "
+                  f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} |")
 
 
 if __name__ == "__main__":

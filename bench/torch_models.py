@@ -40,20 +40,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import random
-import re
-import statistics
-import subprocess
 import sys
-import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (timing, ratios and memory children, shared with the Keras and MXNet scripts)
 import torch_zoo as zoo  # noqa: E402  (the builders beside this file)
 
 import doconv.torch as dt  # noqa: E402
@@ -68,10 +63,6 @@ MODELS: Dict[str, tuple] = {
 SCENARIOS = ("train", "eval", "memory")
 TRAIN_ARMS = ("plain", "DO-Conv c-major", "DO-Conv contiguous")
 EVAL_ARMS = ("plain", "DO-Conv default", "DO-Conv in cached()", "DO-Conv folded")
-
-
-def load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def shape_of(name: str, tiny: bool):
@@ -112,37 +103,12 @@ def inference(model: nn.Module, x) -> Callable[[], None]:
     return run
 
 
-def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> Dict[str, List[float]]:
-    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round."""
-    times = {k: [] for k in tasks}
-    order, rng = list(tasks), random.Random(seed)
-    for r in range(warmup + reps):
-        rng.shuffle(order)
-        for name in order:
-            t0 = time.perf_counter()
-            tasks[name]()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def summarise(times: Dict[str, List[float]], base: str = "plain") -> Dict[str, dict]:
-    """Median ms and the median / p25 / p75 of the per-round ratios to ``base``."""
-    out = {}
-    for name, ts in times.items():
-        ratios = sorted(t / b for t, b in zip(ts, times[base]))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
-        out[name] = {"median_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ratios),
-                     "ratio_p25": q[0], "ratio_p75": q[2], "rounds": len(ts)}
-    return out
-
-
 def train_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
     plain = build(name, tiny)
     models = {"plain": plain, "DO-Conv c-major": zoo.twin(plain, "c-major"),
               "DO-Conv contiguous": zoo.twin(plain, "contiguous")}
     x, y = data(name, tiny, plain)
-    return summarise(interleaved({k: training_step(m, x, y) for k, m in models.items()}, reps, warmup))
+    return harness.summarise(harness.interleaved({k: training_step(m, x, y) for k, m in models.items()}, reps, warmup))
 
 
 def eval_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
@@ -153,16 +119,11 @@ def eval_rows(name: str, tiny: bool, reps: int, warmup: int) -> Dict[str, dict]:
               "DO-Conv folded": dt.fold(twin)[0].eval()}
     x, _ = data(name, tiny, plain)
     with dt.cached(scoped):
-        times = interleaved({k: inference(m, x) for k, m in models.items()}, reps, warmup)
-    return summarise(times)
+        times = harness.interleaved({k: inference(m, x) for k, m in models.items()}, reps, warmup)
+    return harness.summarise(times)
 
 
 # ---- memory: one process per arm -------------------------------------------------------------------
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def memory_child(name: str, arm: str, tiny: bool, steps: int) -> None:
     """Build one arm, note the resident size, run ``steps`` training steps; print a JSON line."""
@@ -173,38 +134,17 @@ def memory_child(name: str, arm: str, tiny: bool, steps: int) -> None:
     x, y = data(name, tiny, model)
     step = training_step(model, x, y)
     gc.collect()
-    built = _rss_bytes()
+    built = harness.rss_bytes()
     for _ in range(steps):
         step()
-    import resource
-    print(json.dumps({"built": built, "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    harness.report_child(built)
 
 
 def memory_rows(name: str, tiny: bool, threads: int, steps: int = 2) -> Dict[str, dict]:
-    """Peak RSS of a training step per arm, each in its own process (under /usr/bin/time -v when present)."""
-    out = {}
-    timer = os.path.exists("/usr/bin/time")
-    for label, arm in (("plain", "plain"), ("DO-Conv c-major", "c-major"), ("DO-Conv contiguous", "contiguous")):
-        cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", name, arm, "--threads", str(threads),
-               "--steps", str(steps)] + (["--tiny"] if tiny else [])
-        if timer:
-            cmd = ["/usr/bin/time", "-v"] + cmd
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise RuntimeError(f"memory arm {name}/{arm} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-        child = json.loads(proc.stdout.strip().splitlines()[-1])
-        peak = child["ru_maxrss"]
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        if found:
-            peak = int(found.group(1)) * 1024
-        out[label] = {"peak_MiB": peak / 2**20, "built_MiB": child["built"] / 2**20,
-                      "step_MiB": (peak - child["built"]) / 2**20,
-                      "source": "/usr/bin/time -v" if found else "getrusage"}
-    base = out["plain"]
-    for row in out.values():
-        row["peak_ratio"] = row["peak_MiB"] / base["peak_MiB"]
-        row["step_ratio"] = row["step_MiB"] / base["step_MiB"] if base["step_MiB"] > 0 else float("nan")
-    return out
+    """Peak RSS of a training step per arm, each in its own process (:func:`harness.memory_rows`)."""
+    args = ["--threads", str(threads), "--steps", str(steps)] + (["--tiny"] if tiny else [])
+    return harness.memory_rows(__file__, name, (("plain", "plain"), ("DO-Conv c-major", "c-major"),
+                                                ("DO-Conv contiguous", "contiguous")), args)
 
 
 # ---- profile --------------------------------------------------------------------------------------
@@ -265,10 +205,6 @@ def profile(name: str, tiny: bool, steps: int = 3, top: int = 8) -> str:
 
 # ---- main -----------------------------------------------------------------------------------------
 
-def _table(title: str, header: str, rows: List[str]) -> str:
-    return "\n".join([f"\n{title}\n", header, "|" + "---|" * (header.count("|") - 1)] + rows)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
@@ -290,16 +226,13 @@ def main(argv=None):
         return
     models = ["resnet20"] if args.quick and args.models == parser.get_default("models") else args.models.split(",")
     scenarios = args.scenarios.split(",")
-    for value, known, flag in ((models, MODELS, "models"), (scenarios, SCENARIOS, "scenarios")):
-        unknown = [v for v in value if v not in known]
-        if unknown:
-            parser.error(f"--{flag} must be drawn from {', '.join(known)}, but got {', '.join(unknown)}")
+    harness.check_choices(parser, models=(models, MODELS), scenarios=(scenarios, SCENARIOS))
     reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
     warmup = 1 if args.tiny else args.warmup
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} interleaved rounds after {warmup} "
-          f"warm-up{', tiny networks' if args.tiny else ''}; load average (1/5/15 min) {load()}")
+          f"warm-up{', tiny networks' if args.tiny else ''}; load average (1/5/15 min) {harness.load()}")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": reps, "tiny": args.tiny,
-              "train": {}, "eval": {}, "memory": {}, "load": {"start": load()}}
+              "train": {}, "eval": {}, "memory": {}, "load": {"start": harness.load()}}
     header = "| model | batch, input | arm | median ms | ratio to plain | ratio p25-p75 | load |"
     for scenario, rows_of, title in (("train", train_rows, "SGD training step"),
                                      ("eval", eval_rows, "Eval inference (no_grad), training batch")):
@@ -309,12 +242,12 @@ def main(argv=None):
         for name in models:
             batch, size = shape_of(name, args.tiny)
             result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
-            now = load()
+            now = harness.load()
             for arm, r in found.items():
                 r["load"] = now
                 rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
                             f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {now} |")
-        print(_table(title + ":", header, rows), flush=True)
+        print(harness.table(title + ":", header, rows), flush=True)
     if "memory" in scenarios:
         rows = []
         for name in models:
@@ -323,18 +256,14 @@ def main(argv=None):
             for arm, r in found.items():
                 rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['peak_MiB']:.0f} | "
                             f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} |")
-        print(_table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
+        print(harness.table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
                      "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio |", rows),
               flush=True)
     if args.profile:
         for name in models:
             print(profile(name, args.tiny), flush=True)
-            print(f"(load average {load()})", flush=True)
-    result["load"]["end"] = load()
-    print(f"\nload average at the end: {result['load']['end']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+            print(f"(load average {harness.load()})", flush=True)
+    harness.finish(result, args.json)
 
 
 if __name__ == "__main__":
