@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -51,6 +50,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_zoo as zoo  # noqa: E402
+from harness import summarise  # noqa: E402  (paired ratios, shared with the CPU benchmarks)
 
 import doconv.torch as dt  # noqa: E402
 import doconv.torch.functional as DF  # noqa: E402
@@ -118,17 +118,6 @@ class Bench:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, 3, size, size, generator=g).to(self.device, memory_format=self.memory_format)
         return x, torch.randint(0, 1000, (batch,), generator=g).to(self.device)
-
-
-def summarise(times: Dict[str, List[float]], base: str) -> Dict[str, dict]:
-    """Median ms and the median / p25 / p75 of the per-round ratios to ``base``."""
-    out = {}
-    for name, ts in times.items():
-        ratios = sorted(t / b for t, b in zip(ts, times[base]))
-        q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
-        out[name] = {"median_ms": statistics.median(ts) * 1e3, "ratio": statistics.median(ratios),
-                     "ratio_p25": q[0], "ratio_p75": q[2]}
-    return out
 
 
 def network(depth: int, width: int, storage=None) -> nn.Module:
