@@ -74,14 +74,10 @@ def _check_params(layer: DOConv2d, params: DOConvParams, name) -> None:
 
 
 def _write_params(layer: DOConv2d, params: DOConvParams) -> None:
-    c = layer.config
     layer.invalidate_cache()  # a write doconv makes itself: an open cached() scope must not keep the old kernel
     with torch.no_grad():
-        layer.W.copy_(torch.as_tensor(np.asarray(params.W)))
-        if layer.D is not None:
-            layer.D.copy_(torch.as_tensor(D_to_delta(np.asarray(params.D, dtype=np.float64), c)))
-        if layer.bias is not None:
-            layer.bias.copy_(torch.as_tensor(np.asarray(params.bias)))
+        for name, value in _state_of(layer, params).items():
+            getattr(layer, name).copy_(value)  # into the stored layout (c-major W keeps its strides)
 
 
 def doconv_layers(model: nn.Module) -> Dict[str, DOConv2d]:
