@@ -21,6 +21,7 @@ PYTHON = "3.11"
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODERN = os.path.join(HERE, "constraints", "modern.txt")
 MXNET = os.path.join(HERE, "constraints", "mxnet.txt")
+JAX = os.path.join(HERE, "constraints", "jax.txt")
 
 
 def install(session, constraints, *args):
@@ -29,9 +30,15 @@ def install(session, constraints, *args):
 
 @nox.session(python=PYTHON, tags=["tests"])
 def tests(session):
-    """Core, PyTorch, Keras and parity tests in the modern environment (installed with ``pip install .``)."""
+    """Core, PyTorch, Keras and parity tests in the modern environment (installed with ``pip install .``).
+
+    Keras reads ``KERAS_BACKEND`` once, at import, so the backend-neutral Keras suite (tests/backend_keras)
+    runs once per backend: with everything else on TensorFlow, then alone on torch (JAX: ``tests-keras-jax``).
+    """
     install(session, MODERN, ".[torch,tf-cpu,test,export,experiments,parity]")
-    session.run("pytest", "tests", "--ignore=tests/backend_mxnet", *session.posargs)
+    session.run("pytest", "tests", "--ignore=tests/backend_mxnet", *session.posargs,
+                env={"KERAS_BACKEND": "tensorflow"})
+    session.run("pytest", "tests/backend_keras", *session.posargs, env={"KERAS_BACKEND": "torch"})
 
 
 @nox.session(name="tests-mxnet", python=PYTHON, tags=["tests"])
@@ -39,6 +46,15 @@ def tests_mxnet(session):
     """Core, shared-API and MXNet/GluonCV tests in the MXNet environment (numpy<1.24, no torch)."""
     install(session, MXNET, ".[mxnet,test]")
     session.run("pytest", "tests/core", "tests/api", "tests/backend_mxnet", *session.posargs)
+
+
+@nox.session(name="tests-keras-jax", python=PYTHON, tags=["tests"])
+def tests_keras_jax(session):
+    """The backend-neutral Keras suite on ``KERAS_BACKEND=jax``, in an environment without TensorFlow or torch,
+    and the parity harness's keras/jax adapter tests (only this environment can run them)."""
+    install(session, JAX, ".[jax,test]")
+    session.run("pytest", "tests/backend_keras", "tests/parity/test_keras_backends.py", *session.posargs,
+                env={"KERAS_BACKEND": "jax"})
 
 
 @nox.session(name="install-check", python=PYTHON, tags=["tests"])
@@ -67,19 +83,30 @@ def shared_env(session, name, constraints, extras):
 
 @nox.session(venv_backend="none")
 def parity(session):
-    """The main job: the cross-framework parity report over the core, PyTorch, Keras/TF and MXNet.
+    """The main job: the cross-framework parity report over the core, PyTorch, Keras on TensorFlow, PyTorch
+    and JAX, and MXNet.
 
-    The modern environment exports its trained layers, the MXNet environment checks them and exports
-    its own, then the modern environment checks those and prints the combined report. Any mismatch,
-    or a framework that could not take part, fails the session.
+    Four processes export their trained layers to one exchange folder, each checking those already
+    there: the modern environment with Keras on TensorFlow, the same environment with Keras on torch
+    (Keras runs on one backend per process), the JAX environment, and the MXNet environment. Then every
+    process but the last checks the layers exported after it, and the last check prints the combined
+    report. Any mismatch, or a framework that could not take part, fails the session.
     """
     modern = shared_env(session, "tests", MODERN, "torch,tf-cpu,parity")
+    jax = shared_env(session, "tests-keras-jax", JAX, "jax,parity")
     mxnet = shared_env(session, "tests-mxnet", MXNET, "mxnet,parity")
     exchange = os.path.join(session.create_tmp(), "parity")
     shutil.rmtree(exchange, ignore_errors=True)
     args = session.posargs
-    for python, step in ((modern, ["export", exchange, "-f", "core,torch,tf"]),
-                         (mxnet, ["export", exchange, "-f", "mxnet"])):
-        session.run(python, "-m", "doconv.parity", *step, *args, external=True, success_codes=[0, 1])
-    session.run(modern, "-m", "doconv.parity", "check", exchange, "-f", "torch,tf", "--strict",
-                "--json", os.path.join(exchange, "report.json"), *args, external=True)
+    # (python, KERAS_BACKEND, frameworks exported, frameworks checked), in export order
+    steps = ((modern, "tensorflow", "core,torch,tf", "torch,tf"), (modern, "torch", "keras/torch", "keras/torch"),
+             (jax, "jax", "keras/jax", "keras/jax"), (mxnet, None, "mxnet", None))
+    for python, keras, exported, _ in steps:
+        session.run(python, "-m", "doconv.parity", "export", exchange, "-f", exported, *args, external=True,
+                    success_codes=[0, 1], env={"KERAS_BACKEND": keras} if keras else {})
+    checkers = [step for step in steps if step[3]]
+    for i, (python, keras, _, checked) in enumerate(checkers):
+        last = i == len(checkers) - 1  # its report combines every run: it alone decides the session's result
+        final = ["--strict", "--json", os.path.join(exchange, "report.json")] if last else []
+        session.run(python, "-m", "doconv.parity", "check", exchange, "-f", checked, *final, *args, external=True,
+                    success_codes=[0] if last else [0, 1], env={"KERAS_BACKEND": keras})

@@ -32,6 +32,7 @@ setup(
         "torch": ["torch>=2.1"],
         "tf": ["tensorflow>=2.16", "keras>=3.0"],
         "tf-cpu": ["tensorflow-cpu>=2.16", "keras>=3.0"],
+        "jax": ["jax>=0.4.26", "keras>=3.0"],  # doconv.tf on KERAS_BACKEND=jax, no TensorFlow needed
         "mxnet": ["mxnet>=1.9.1,<2", "gluoncv>=0.10", "numpy<1.24"],
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxscript>=0.1"],
         "parity": ["rich>=13"],

@@ -1,18 +1,22 @@
-"""Whole-model benchmark of doconv.mxnet on CPU: each plain GluonCV network against its DO-Conv twin.
+"""Whole-model benchmark of doconv.mxnet on CPU: each plain network against its DO-Conv twin.
 
-Networks (``gluoncv.model_zoo.get_model``, no pretrained weights, Xavier init), at the sizes people train them:
+Networks (GluonCV's by ``gluoncv.model_zoo.get_model``, no pretrained weights; the 1-D and 3-D ones defined
+here, :func:`tcn` and :func:`c3d`; Xavier init), at the sizes people train them:
 
-==================  ==========================================  =====  =======  ===========================
-name                network                                     batch  input    --tiny (name, batch, input)
-==================  ==========================================  =====  =======  ===========================
-cifar_resnet20_v1   CIFAR ResNet-v1-20 (16-64 channels)          128    32x32    same net, 2, 16x16
-resnet18_v1b        ResNet-18 v1b (ImageNet stem), 64-512        32     64x64    same net, 1, 32x32
-mobilenetv2_1.0     MobileNetV2 1.0 (depthwise 3x3 -> DO-DConv)  32     64x64    mobilenetv2_0.25, 1, 32x32
-resnet50_v1b        ResNet-50 v1b, ImageNet stem                 4      224x224  same net, 1, 32x32
-==================  ==========================================  =====  =======  ===========================
+==================  ===========================================  =====  ==========  ==============================
+name                network                                      batch  input       --tiny (net, batch, input)
+==================  ===========================================  =====  ==========  ==============================
+cifar_resnet20_v1   CIFAR ResNet-v1-20 (16-64 channels)           128    32x32       same net, 2, 16x16
+resnet18_v1b        ResNet-18 v1b (ImageNet stem), 64-512         32     64x64       same net, 1, 32x32
+mobilenetv2_1.0     MobileNetV2 1.0 (depthwise 3x3 -> DO-DConv)   32     64x64       mobilenetv2_0.25, 1, 32x32
+resnet50_v1b        ResNet-50 v1b, ImageNet stem                  4      224x224     same net, 1, 32x32
+tcn                 1-D TCN, 40 MFCC channels, 64 wide, d 1-8     32     40 x 128    16 wide, d 1-2, 2, 40 x 32
+c3d                 C3D-style 3-D stack, 16-64 channels           8      3 x 8x32x32 8-16 wide, 1, 3 x 4x16x16
+==================  ===========================================  =====  ==========  ==============================
 
 The twin is ``doconv.mxnet.convert(plain)`` (a deep copy with the plain net's weights; every non-pointwise
-Conv2D becomes a DOConv2D) with every D drawn from N(0, 0.05), never the identity. Every net is hybridized with
+Conv1D / Conv2D / Conv3D becomes a DOConv1D / 2D / 3D) with every D drawn from N(0, 0.05), never the
+identity. Every net is hybridized with
 ``static_alloc=True, static_shape=True``. All arms of a scenario live in one process and run interleaved, one
 call each per round in an order shuffled per round; a row gives the median time per call and the median of the
 *per-round* ratios to the plain net with their 25th-75th percentile, so load that changes between rounds hits
@@ -40,15 +44,17 @@ Usage::
     python bench/mxnet_models.py --quick                # CIFAR ResNet-20 only, few rounds
     python bench/mxnet_models.py --tiny                 # small nets at tiny batches: a smoke test
     python bench/mxnet_models.py --models resnet18_v1b --scenarios train --reps 10 --json out.json
+    python bench/mxnet_models.py --models tcn,c3d --scenarios train     # the 1-D and 3-D networks
     python bench/mxnet_models.py --scenarios "" --profile   # where the twin's extra training time goes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -56,31 +62,117 @@ import doconv.mxnet as dm
 import harness  # timing, ratios and memory children, shared with the other whole-model scripts
 from doconv.mxnet._mx import gluon, mx
 
-#: name -> (batch, image size, tiny zoo name, tiny batch, tiny image size)
-MODELS: Dict[str, tuple] = {
-    "cifar_resnet20_v1": (128, 32, "cifar_resnet20_v1", 2, 16),
-    "resnet18_v1b": (32, 64, "resnet18_v1b", 1, 32),
-    "mobilenetv2_1.0": (32, 64, "mobilenetv2_0.25", 1, 32),
-    "resnet50_v1b": (4, 224, "resnet50_v1b", 1, 32),
+# ---- the 1-D and 3-D networks (the same architectures as the other frameworks' benchmarks) -------------
+
+class _BatchNorm(gluon.HybridBlock):
+    """``gluon.nn.BatchNorm`` over the channel axis of a 3-D or 5-D input, run on its 4-D view (N, C, rest, 1):
+    the same statistics, parameters and outputs. mxnet 1.9.1's oneDNN BatchNorm backward fails on 3-D and 5-D
+    data coming from a convolution ("Check failed: !is_view", apache/mxnet#20858), in plain Conv1D / Conv3D nets
+    as in their twins; on 4-D data it runs."""
+
+    def __init__(self, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.bn = gluon.nn.BatchNorm(in_channels=channels)
+
+    def hybrid_forward(self, F, x):
+        return F.reshape_like(self.bn(F.reshape(x, (0, 0, -1, 1))), x)
+
+
+class _TemporalBlock(gluon.HybridBlock):
+    """One residual block of :func:`tcn`: two dilated 3-tap Conv1D + BatchNorm (ReLU between), the identity
+    added, ReLU."""
+
+    def __init__(self, width: int, dilation: int, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.body = gluon.nn.HybridSequential()
+            for last in (False, True):
+                self.body.add(gluon.nn.Conv1D(width, 3, padding=dilation, dilation=dilation, use_bias=False,
+                                              in_channels=width), _BatchNorm(width))
+                if not last:
+                    self.body.add(gluon.nn.Activation("relu"))
+
+    def hybrid_forward(self, F, x):
+        return F.relu(x + self.body(x))
+
+
+def tcn(channels: int = 40, width: int = 64, classes: int = 12, dilations: Sequence[int] = (1, 2, 4, 8)):
+    """A keyword-spotting / TCN-style 1-D net on (N, channels, time): a 3-tap Conv1D stem + BatchNorm + ReLU,
+    one :class:`_TemporalBlock` per dilation, global average pooling over time, a Dense classifier."""
+    net = gluon.nn.HybridSequential()
+    with net.name_scope():
+        net.add(gluon.nn.Conv1D(width, 3, padding=1, use_bias=False, in_channels=channels),
+                _BatchNorm(width), gluon.nn.Activation("relu"))
+        net.add(*(_TemporalBlock(width, d) for d in dilations))
+        net.add(gluon.nn.GlobalAvgPool1D(), gluon.nn.Dense(classes, in_units=width))
+    return net
+
+
+def c3d(channels: int = 3, widths: Sequence[int] = (16, 32, 32, 64, 64), strides: Sequence[int] = (1, 2, 1, 2, 1),
+        classes: int = 10):
+    """A C3D-style 3-D net on (N, channels, frames, height, width): per width a 3x3x3 Conv3D (padding 1, its
+    stride) + BatchNorm + ReLU, then global average pooling and a Dense classifier."""
+    net = gluon.nn.HybridSequential()
+    with net.name_scope():
+        for cin, cout, stride in zip((channels, *widths), widths, strides):
+            net.add(gluon.nn.Conv3D(cout, 3, strides=stride, padding=1, use_bias=False, in_channels=cin),
+                    _BatchNorm(cout), gluon.nn.Activation("relu"))
+        net.add(gluon.nn.GlobalAvgPool3D(), gluon.nn.Dense(classes, in_units=widths[-1]))
+    return net
+
+
+def _zoo(name: str) -> Callable[[], gluon.HybridBlock]:
+    def build():
+        from gluoncv import model_zoo
+        return model_zoo.get_model(name)  # pretrained=False: nothing downloaded
+    return build
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A benchmarked network: its builder and input shape (batch first), and those of its ``--tiny`` form."""
+
+    build: Callable[[], gluon.HybridBlock]
+    shape: Tuple[int, ...]
+    tiny_build: Callable[[], gluon.HybridBlock]
+    tiny_shape: Tuple[int, ...]
+
+
+MODELS: Dict[str, Model] = {
+    "cifar_resnet20_v1": Model(_zoo("cifar_resnet20_v1"), (128, 3, 32, 32), _zoo("cifar_resnet20_v1"), (2, 3, 16, 16)),
+    "resnet18_v1b": Model(_zoo("resnet18_v1b"), (32, 3, 64, 64), _zoo("resnet18_v1b"), (1, 3, 32, 32)),
+    "mobilenetv2_1.0": Model(_zoo("mobilenetv2_1.0"), (32, 3, 64, 64), _zoo("mobilenetv2_0.25"), (1, 3, 32, 32)),
+    "resnet50_v1b": Model(_zoo("resnet50_v1b"), (4, 3, 224, 224), _zoo("resnet50_v1b"), (1, 3, 32, 32)),
+    "tcn": Model(tcn, (32, 40, 128), lambda: tcn(width=16, dilations=(1, 2)), (2, 40, 32)),
+    "c3d": Model(c3d, (8, 3, 8, 32, 32), lambda: c3d(widths=(8, 16, 16), strides=(1, 2, 1)), (1, 3, 4, 16, 16)),
 }
 SCENARIOS = ("train", "eval", "memory")
 TRAIN_ARMS = ("plain", "plain copy", "DO-Conv twin")
 EVAL_ARMS = ("plain", "plain copy", "DO-Conv default", "DO-Conv in cached()", "DO-Conv folded")
 
 
-def shape_of(name: str, tiny: bool):
-    batch, size, _, tiny_batch, tiny_size = MODELS[name]
-    return (tiny_batch, tiny_size) if tiny else (batch, size)
+def shape_of(name: str, tiny: bool) -> Tuple[int, ...]:
+    """The input shape, batch first."""
+    return MODELS[name].tiny_shape if tiny else MODELS[name].shape
+
+
+def shape_text(shape: Tuple[int, ...]) -> str:
+    """The tables' "batch, input" cell: the batch and the spatial size (``128, 32x32``; ``32, 128`` in 1-D)."""
+    return f"{shape[0]}, {'x'.join(map(str, shape[2:]))}"
+
+
+def unbuilt(name: str, tiny: bool) -> gluon.HybridBlock:
+    """The plain net, not initialised yet."""
+    return (MODELS[name].tiny_build if tiny else MODELS[name].build)()
 
 
 def build(name: str, tiny: bool, seed: int = 0) -> gluon.HybridBlock:
     """The plain net, initialised (GluonCV defers shapes: one call at the benchmark's input settles them)."""
-    from gluoncv import model_zoo
     mx.random.seed(seed)
-    net = model_zoo.get_model(MODELS[name][2] if tiny else name)  # pretrained=False: nothing downloaded
+    net = unbuilt(name, tiny)
     net.initialize(mx.init.Xavier(magnitude=2.0))
-    batch, size = shape_of(name, tiny)
-    net(mx.nd.zeros((1, 3, size, size)))
+    net(mx.nd.zeros((1, *shape_of(name, tiny)[1:])))
     return net
 
 
@@ -109,11 +201,11 @@ def hybridized(net):
 
 
 def data(name: str, tiny: bool, net, seed: int = 2):
-    batch, size = shape_of(name, tiny)
+    shape = shape_of(name, tiny)
     rng = np.random.default_rng(seed)
-    classes = net(mx.nd.zeros((1, 3, size, size))).shape[1]
-    return (mx.nd.array(rng.normal(size=(batch, 3, size, size)).astype("float32")),
-            mx.nd.array(rng.integers(0, classes, size=batch).astype("float32")))
+    classes = net(mx.nd.zeros((1, *shape[1:]))).shape[1]
+    return (mx.nd.array(rng.normal(size=shape).astype("float32")),
+            mx.nd.array(rng.integers(0, classes, size=shape[0]).astype("float32")))
 
 
 def training_step(net, x, y) -> Callable[[], None]:
@@ -172,24 +264,23 @@ def eval_rows(name: str, tiny: bool, reps: int, warmup: int):
 def memory_child(name: str, arm: str, tiny: bool, steps: int) -> None:
     """Build one arm, note the resident size, run ``steps`` training steps; print a JSON line.
 
-    ``plain`` and ``twin`` are built alike: the zoo net (converted first for the twin, its layers deferred),
+    ``plain`` and ``twin`` are built alike: the net (converted first for the twin, its layers deferred),
     initialised and hybridized before any call, so that nothing but the training steps allocates. ``twin-after``
     converts an initialised net that has run once, as a user converts a trained net: it adds what the
     conversion itself leaves resident (the allocator keeps the freed temporaries of computing W from each kernel).
     """
-    from gluoncv import model_zoo
     mx.random.seed(0)
     if arm == "twin-after":
         net, _ = dm.convert(build(name, tiny), inplace=True)
     else:
-        net = model_zoo.get_model(MODELS[name][2] if tiny else name)
+        net = unbuilt(name, tiny)
         if arm == "twin":
             net, _ = dm.convert(net, inplace=True)
         net.initialize(mx.init.Xavier(magnitude=2.0))
-    batch, size = shape_of(name, tiny)
+    shape = shape_of(name, tiny)
     rng = np.random.default_rng(2)
-    x = mx.nd.array(rng.normal(size=(batch, 3, size, size)).astype("float32"))
-    y = mx.nd.zeros((batch,))  # class 0: a valid label whatever the number of classes
+    x = mx.nd.array(rng.normal(size=shape).astype("float32"))
+    y = mx.nd.zeros((shape[0],))  # class 0: a valid label whatever the number of classes
     step = training_step(hybridized(net), x, y)
     mx.nd.waitall()
     built = harness.rss_bytes()
@@ -302,25 +393,24 @@ def main(argv=None):
             continue
         rows = []
         for name in models:
-            batch, size = shape_of(name, args.tiny)
             found, layers = rows_of(name, args.tiny, reps, warmup)
             result[scenario][name] = found
             now = harness.load()
             for arm, r in found.items():
                 r["load"] = now
                 extra = "" if r["extra_ms_per_layer"] is None else f"{r['extra_ms_per_layer']:.2f}"
-                rows.append(f"| {name} | {batch}, {size}x{size} | {layers} | {arm} | {r['median_ms']:.1f} | "
-                            f"{r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {extra} | {now} |")
+                rows.append(f"| {name} | {shape_text(shape_of(name, args.tiny))} | {layers} | {arm} | "
+                            f"{r['median_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | "
+                            f"{extra} | {now} |")
             print(f"({name} {scenario} done, load {now})", flush=True)
         print(harness.table(title + ":", header, rows), flush=True)
     if "memory" in scenarios:
         rows = []
         for name in models:
-            batch, size = shape_of(name, args.tiny)
             result["memory"][name] = found = memory_rows(name, args.tiny, args.steps)
             now = harness.load()
             for arm, r in found.items():
-                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['peak_MiB']:.0f} | "
+                rows.append(f"| {name} | {shape_text(shape_of(name, args.tiny))} | {arm} | {r['peak_MiB']:.0f} | "
                             f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} | {now} |")
         print(harness.table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
                      "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio | load |", rows),

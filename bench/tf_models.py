@@ -12,7 +12,14 @@ resnet18       ResNet-18, CIFAR stem (3x3, no pool; in this file)    32     32x3
 mobilenet_v2   keras.applications.MobileNetV2 1.0 (DepthwiseConv2D   32     64x64
                -> DO-DConv)
 resnet50       keras.applications.ResNet50, ImageNet stem            4      224x224
+tcn            1-D TCN / keyword spotting: Conv1D stem, 4 dilated    32     128 steps,
+               residual blocks (d = 1, 2, 4, 8), 64 channels                40 MFCC
+c3d            C3D-style 3-D network: five Conv3D + BN + ReLU        8      8x32x32,
+               (16-64 channels, two stride-2), global pool                 3 channels
 =============  ===================================================  =====  =======
+
+``tcn`` and ``c3d`` are the two whole models of issue 15, the same architectures in every framework
+(:func:`tcn`, :func:`c3d`).
 
 The twin is ``doconv.tf.convert(plain)[0]`` with every D (the trainable delta D') drawn from N(0, 0.05), so
 no layer computes its identity-initialised kernel. All arms of a scenario live in one process and run
@@ -52,7 +59,10 @@ from typing import Callable, Dict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+try:
+    import tensorflow as tf  # noqa: E402
+except ImportError:  # the JAX environment: keras_backends.py uses only the networks and twin() of this file
+    tf = None
 import keras  # noqa: E402
 from keras import layers as L  # noqa: E402
 
@@ -108,12 +118,65 @@ def resnet50(tiny: bool, size: int):
                                        classifier_activation=None)
 
 
-#: name -> (builder(tiny, size), batch, image size, tiny batch, tiny image size)
+def _conv_bn_relu(x, conv, axis, name, relu=True):
+    x = L.BatchNormalization(axis=axis, name=f"{name}_bn")(conv(x))
+    return L.ReLU(name=f"{name}_relu")(x) if relu else x
+
+
+def tcn(tiny: bool = False, steps: int = 128, *, channels: int = None, features: int = 40, classes: int = 12,
+        data_format: str = "channels_last"):
+    """The 1-D network of issue 15 (keyword spotting / TCN style): a Conv1D(``channels``, 3) stem + BN + ReLU,
+    four residual blocks of two dilated Conv1D(``channels``, 3) + BN (dilation 1, 2, 4, 8; ReLU between and
+    after the identity add), global average pool over time, Dense(``classes``). Input (``steps``,
+    ``features``) channels_last (``channels_first``: (``features``, ``steps``)). ``padding='same'`` is the
+    PyTorch model's ``padding=d`` (identical at stride 1). 64 channels, 16 when ``tiny``."""
+    channels = channels or (16 if tiny else 64)
+    axis = -1 if data_format == "channels_last" else 1
+    shape = (steps, features) if data_format == "channels_last" else (features, steps)
+
+    def conv(d, name):
+        return L.Conv1D(channels, 3, padding="same", dilation_rate=d, use_bias=False, data_format=data_format,
+                        name=name)
+
+    inputs = keras.Input(shape)
+    x = _conv_bn_relu(inputs, conv(1, "stem_conv"), axis, "stem")
+    for d in (1, 2, 4, 8):
+        out = _conv_bn_relu(x, conv(d, f"block{d}_a_conv"), axis, f"block{d}_a")
+        out = _conv_bn_relu(out, conv(d, f"block{d}_b_conv"), axis, f"block{d}_b", relu=False)
+        x = L.ReLU(name=f"block{d}_out")(L.Add(name=f"block{d}_add")([out, x]))
+    x = L.GlobalAveragePooling1D(data_format=data_format)(x)
+    return keras.Model(inputs, L.Dense(classes, name="logits")(x), name="tcn")
+
+
+def c3d(tiny: bool = False, size: int = 32, *, frames: int = None, widths=None, classes: int = 10,
+        data_format: str = "channels_last"):
+    """The 3-D network of issue 15 (C3D style): Conv3D(3x3x3) + BN + ReLU five times at widths 16, 32, 32, 64,
+    64 (stride 2 in the second and fourth), global average pool, Dense(``classes``). Input (``frames``,
+    ``size``, ``size``, 3) channels_last. Every conv is ``padding='same'``: the PyTorch model's ``padding=1``
+    at stride 1; at stride 2 TensorFlow's SAME puts the odd pad at the end (PyTorch pads both sides and drops
+    the last row), the same output size with shifted windows, which is the same for the plain model and its
+    twin. 8 frames; ``tiny``: 4 frames and widths 4, 8, 8, 8, 8."""
+    frames = frames or (4 if tiny else 8)
+    widths = widths or ((4, 8, 8, 8, 8) if tiny else (16, 32, 32, 64, 64))
+    axis = -1 if data_format == "channels_last" else 1
+    shape = (frames, size, size, 3) if data_format == "channels_last" else (3, frames, size, size)
+    x = inputs = keras.Input(shape)
+    for i, (width, stride) in enumerate(zip(widths, (1, 2, 1, 2, 1))):
+        conv = L.Conv3D(width, 3, stride, padding="same", use_bias=False, data_format=data_format, name=f"conv{i}")
+        x = _conv_bn_relu(x, conv, axis, f"layer{i}")
+    x = L.GlobalAveragePooling3D(data_format=data_format)(x)
+    return keras.Model(inputs, L.Dense(classes, name="logits")(x), name="c3d")
+
+
+#: name -> (builder(tiny, size), batch, input size, tiny batch, tiny input size); the size is the image side,
+#: the number of time steps (tcn) or the frame side (c3d).
 MODELS: Dict[str, tuple] = {
     "resnet20": (resnet20, 128, 32, 4, 16),
     "resnet18": (resnet18, 32, 32, 2, 16),
     "mobilenet_v2": (mobilenet_v2, 32, 64, 2, 32),
     "resnet50": (resnet50, 4, 224, 1, 32),
+    "tcn": (tcn, 32, 128, 2, 32),
+    "c3d": (c3d, 8, 32, 1, 16),
 }
 SCENARIOS = ("train", "eval", "memory")
 #: arm -> the arm its ratio is taken to
@@ -150,11 +213,19 @@ def twin(plain, seed: int = 0):
     return randomise_D(model, seed)
 
 
+def input_text(name: str, tiny: bool) -> str:
+    """One example's size for the tables: ``32x32`` (images), ``128 steps`` (tcn), ``8x32x32`` (c3d frames)."""
+    _, size = shape_of(name, tiny)
+    if name == "tcn":
+        return f"{size} steps"
+    return f"{4 if tiny else 8}x{size}x{size}" if name == "c3d" else f"{size}x{size}"
+
+
 def data(name: str, tiny: bool, model, seed: int = 1):
-    batch, size = shape_of(name, tiny)
+    batch, _ = shape_of(name, tiny)
     rng = np.random.default_rng(seed)
     classes = model.output_shape[-1]
-    return (tf.constant(rng.normal(size=(batch, size, size, 3)).astype("float32")),
+    return (tf.constant(rng.normal(size=(batch, *model.inputs[0].shape[1:])).astype("float32")),
             tf.constant(rng.integers(0, classes, size=(batch,)), dtype=tf.int32))
 
 
@@ -299,12 +370,12 @@ def main(argv=None):
             continue
         rows = []
         for name in models:
-            batch, size = shape_of(name, args.tiny)
+            batch, size = shape_of(name, args.tiny)[0], input_text(name, args.tiny)
             result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
             now = harness.load()
             for arm, r in found.items():
                 r["load"] = now
-                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
+                rows.append(f"| {name} | {batch}, {size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
                             f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {r['base']} | {now} |")
             keras.backend.clear_session()
             gc.collect()
@@ -312,11 +383,11 @@ def main(argv=None):
     if "memory" in scenarios:
         rows = []
         for name in models:
-            batch, size = shape_of(name, args.tiny)
+            batch, size = shape_of(name, args.tiny)[0], input_text(name, args.tiny)
             result["memory"][name] = found = memory_rows(name, args.tiny, args.threads, args.steps, args.memory_xla)
             now = harness.load()
             for arm, r in found.items():
-                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['build_peak_MiB']:.0f} | "
+                rows.append(f"| {name} | {batch}, {size} | {arm} | {r['build_peak_MiB']:.0f} | "
                             f"{r['peak_MiB']:.0f} | {r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | "
                             f"{r['step_ratio']:.3f} | {now} |")
         compiled = "XLA" if args.memory_xla else "tf.function"

@@ -2,14 +2,16 @@
 
 Networks (built in :mod:`torch_zoo`, beside this file), at the sizes people train them:
 
-=============  ===========================================  =====  =======
+=============  ===========================================  =====  ===================
 name           network                                      batch  input
-=============  ===========================================  =====  =======
-resnet20       CIFAR ResNet-v1-20 (16-64 channels)           128    32x32
-resnet18       ResNet-18, CIFAR stem (3x3, no pool), 64-512  32     32x32
-mobilenet_v2   MobileNetV2 1.0 (depthwise 3x3 -> DO-DConv)   32     64x64
-resnet50       ResNet-50, ImageNet stem                      4      224x224
-=============  ===========================================  =====  =======
+=============  ===========================================  =====  ===================
+resnet20       CIFAR ResNet-v1-20 (16-64 channels)           128    3 x 32x32
+resnet18       ResNet-18, CIFAR stem (3x3, no pool), 64-512  32     3 x 32x32
+mobilenet_v2   MobileNetV2 1.0 (depthwise 3x3 -> DO-DConv)   32     3 x 64x64
+resnet50       ResNet-50, ImageNet stem                      4      3 x 224x224
+tcn            1-D TCN, 64 channels, dilations 1-8 (Conv1d)  32     40 x 128 (MFCC x time)
+c3d            C3D-style, 16-64 channels (Conv3d)            8      3 x 8x32x32 (frames)
+=============  ===========================================  =====  ===================
 
 The twin is ``doconv.torch.convert(plain)`` with every D randomised (no identity shortcut can help it).
 All arms of a scenario live in one process and run interleaved, one call each per round in an order
@@ -19,7 +21,8 @@ model with their 25th-75th percentile, so load that changes between rounds hits 
 Scenarios (``--scenarios``):
 
 - ``train``: an SGD (momentum 0.9) step, cross-entropy on random labels; twins with W stored ``c-major``
-  (the default: at stride 1 the layer trains through ``conv_transpose2d``) and ``contiguous``.
+  (the default: at stride 1, from 8 input channels on, a layer trains through ``conv_transpose{1,2,3}d``) and
+  ``contiguous``.
 - ``eval``: ``model.eval()`` under ``torch.no_grad()`` at the training batch: the twin as it is (every call
   composes), inside ``doconv.torch.cached(twin)`` (composed once) and folded (``doconv.torch.fold``).
 - ``memory``: peak resident memory of a training step, each arm (plain, c-major, contiguous) alone in its
@@ -32,6 +35,7 @@ Usage::
 
     python bench/torch_models.py                       # all networks and scenarios (~10 min on 2 cores)
     python bench/torch_models.py --quick               # ResNet-20 only, few rounds (~1 min)
+    python bench/torch_models.py --models tcn,c3d      # the 1-D (Conv1d) and 3-D (Conv3d) networks
     python bench/torch_models.py --tiny                # 1/8-width networks, tiny batches: a smoke test
     python bench/torch_models.py --models resnet18 --scenarios train --reps 10 --json out.json
 """
@@ -53,12 +57,15 @@ import torch_zoo as zoo  # noqa: E402  (the builders beside this file)
 
 import doconv.torch as dt  # noqa: E402
 
-#: name -> (builder(tiny), batch, image size, tiny batch, tiny image size)
+#: name -> (builder(tiny), batch, input shape (C, *spatial), tiny batch, tiny input shape)
 MODELS: Dict[str, tuple] = {
-    "resnet20": (lambda tiny: zoo.cifar_resnet20(2 if tiny else 16), 128, 32, 4, 16),
-    "resnet18": (lambda tiny: zoo.resnet(18, "cifar", 8 if tiny else 64, 10), 32, 32, 2, 16),
-    "mobilenet_v2": (lambda tiny: zoo.mobilenet_v2(0.125 if tiny else 1.0, 10), 32, 64, 2, 32),
-    "resnet50": (lambda tiny: zoo.resnet(50, "imagenet", 8 if tiny else 64, 1000), 4, 224, 1, 64),
+    "resnet20": (lambda tiny: zoo.cifar_resnet20(2 if tiny else 16), 128, (3, 32, 32), 4, (3, 16, 16)),
+    "resnet18": (lambda tiny: zoo.resnet(18, "cifar", 8 if tiny else 64, 10), 32, (3, 32, 32), 2, (3, 16, 16)),
+    "mobilenet_v2": (lambda tiny: zoo.mobilenet_v2(0.125 if tiny else 1.0, 10), 32, (3, 64, 64), 2, (3, 32, 32)),
+    "resnet50": (lambda tiny: zoo.resnet(50, "imagenet", 8 if tiny else 64, 1000), 4, (3, 224, 224), 1,
+                 (3, 64, 64)),
+    "tcn": (lambda tiny: zoo.tcn(8 if tiny else 64), 32, (40, 128), 2, (40, 32)),
+    "c3d": (lambda tiny: zoo.c3d(2 if tiny else 16), 8, (3, 8, 32, 32), 2, (3, 4, 16, 16)),
 }
 SCENARIOS = ("train", "eval", "memory")
 TRAIN_ARMS = ("plain", "DO-Conv c-major", "DO-Conv contiguous")
@@ -66,8 +73,15 @@ EVAL_ARMS = ("plain", "DO-Conv default", "DO-Conv in cached()", "DO-Conv folded"
 
 
 def shape_of(name: str, tiny: bool):
-    _, batch, size, tiny_batch, tiny_size = MODELS[name]
-    return (tiny_batch, tiny_size) if tiny else (batch, size)
+    """``(batch, input shape (C, *spatial))`` of the network."""
+    _, batch, shape, tiny_batch, tiny_shape = MODELS[name]
+    return (tiny_batch, tiny_shape) if tiny else (batch, shape)
+
+
+def input_label(name: str, tiny: bool) -> str:
+    """``'32, 32x32'``: batch and spatial size, as the tables show them (channels omitted)."""
+    batch, shape = shape_of(name, tiny)
+    return f"{batch}, {'x'.join(map(str, shape[1:]))}"
 
 
 def build(name: str, tiny: bool, seed: int = 0) -> nn.Module:
@@ -76,10 +90,10 @@ def build(name: str, tiny: bool, seed: int = 0) -> nn.Module:
 
 
 def data(name: str, tiny: bool, model: nn.Module, seed: int = 1):
-    batch, size = shape_of(name, tiny)
+    batch, shape = shape_of(name, tiny)
     g = torch.Generator().manual_seed(seed)
     classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
-    return torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)
+    return torch.randn(batch, *shape, generator=g), torch.randint(0, classes, (batch,), generator=g)
 
 
 def training_step(model: nn.Module, x, y) -> Callable[[], None]:
@@ -240,21 +254,19 @@ def main(argv=None):
             continue
         rows = []
         for name in models:
-            batch, size = shape_of(name, args.tiny)
             result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
             now = harness.load()
             for arm, r in found.items():
                 r["load"] = now
-                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
-                            f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {now} |")
+                rows.append(f"| {name} | {input_label(name, args.tiny)} | {arm} | {r['median_ms']:.1f} | "
+                            f"{r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {now} |")
         print(harness.table(title + ":", header, rows), flush=True)
     if "memory" in scenarios:
         rows = []
         for name in models:
-            batch, size = shape_of(name, args.tiny)
             result["memory"][name] = found = memory_rows(name, args.tiny, args.threads, args.steps)
             for arm, r in found.items():
-                rows.append(f"| {name} | {batch}, {size}x{size} | {arm} | {r['peak_MiB']:.0f} | "
+                rows.append(f"| {name} | {input_label(name, args.tiny)} | {arm} | {r['peak_MiB']:.0f} | "
                             f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} |")
         print(harness.table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
                      "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio |", rows),

@@ -8,6 +8,13 @@ sizes and, for smoke tests, at a fraction of them:
 - :func:`resnet` ``(depth, stem)``: ResNet-18 (basic blocks) or ResNet-50 (bottlenecks, stride on the 3x3 as in
   torchvision), with the ImageNet stem (7x7 stride 2 + max pool) or the CIFAR stem (3x3 stride 1, no pool).
 - :func:`mobilenet_v2`: MobileNetV2 (inverted residuals, ReLU6, its depthwise 3x3 convs become DO-DConv).
+- :func:`tcn`: a 1-D temporal convolution network (keyword spotting on MFCCs): a 3-tap stem, residual blocks of two
+  dilated 3-tap ``nn.Conv1d`` (dilations 1, 2, 4, 8), global average pool over time.
+- :func:`c3d`: a C3D-style 3-D network (video clips): five 3x3x3 ``nn.Conv3d`` + BN + ReLU, two of stride 2,
+  global average pool.
+
+The last two are the whole models of the 1-D / 3-D work, the same architecture in every framework's benchmark;
+the PyTorch tests build their tiny forms from here too (``tests/backend_torch/conftest.py``).
 
 :func:`twin` converts a copy with :func:`doconv.torch.convert` and randomises every D, so no layer computes
 its identity-initialised kernel and no shortcut for D = I could flatter the timing.
@@ -135,6 +142,40 @@ def mobilenet_v2(width_mult: float = 1.0, classes: int = 1000) -> nn.Module:
     layers += [nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True),
                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, classes)]
     return nn.Sequential(*layers)
+
+
+class TemporalBlock(nn.Module):
+    """Two dilated 3-tap convolutions (BN, ReLU between them), the input added, ReLU: length is kept."""
+
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2 = nn.Conv1d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm1d(channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def tcn(width: int = 64, inputs: int = 40, classes: int = 12, dilations=(1, 2, 4, 8)) -> nn.Module:
+    """A TCN for keyword spotting: input (N, ``inputs`` MFCC channels, time); a 3-tap stem to ``width`` channels,
+    one :class:`TemporalBlock` per dilation, global average pool over time, a linear classifier."""
+    layers = [nn.Conv1d(inputs, width, 3, padding=1, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+    layers += [TemporalBlock(width, d) for d in dilations]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, classes))
+
+
+def c3d(width: int = 16, inputs: int = 3, classes: int = 10) -> nn.Module:
+    """A C3D-style network: input (N, ``inputs``, frames, H, W); 3x3x3 convolutions to width, 2, 2, 4, 4 x width
+    channels (the second and fourth of stride 2), each with BN and ReLU, global average pool, a linear classifier."""
+    layers, cin = [], inputs
+    for factor, stride in ((1, 1), (2, 2), (2, 1), (4, 2), (4, 1)):
+        layers += [nn.Conv3d(cin, factor * width, 3, stride, 1, bias=False), nn.BatchNorm3d(factor * width), nn.ReLU()]
+        cin = factor * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
 def randomise_D(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:

@@ -8,6 +8,10 @@ Canonical layout (NCHW world; ``MN = M*N``, ``S = D_mul``, ``g = groups``)::
     D  (C_in,  MN,     S)   one MN x S matrix per input channel (the *full* D, identity included)
     W' (C_out, C_in/g, M, N)  the composed (folded) kernel, m = i*N + j
 
+Every function here is the same for 1-D and 3-D layers: ``MN`` is then the patch length (K, or
+T*M*N), and W' is ``(C_out, C_in/g, K)`` or ``(C_out, C_in/g, T, M, N)``, the patch flattened in C order
+(:mod:`doconv.config`). Only the reshape of the last axis of W' differs.
+
 Channel pairing (the heart of DO-GConv / DO-DConv). Row ``(o, c)`` of W is the kernel that output
 channel ``o`` applies to the ``c``-th input channel of its group, that is to input channel
 ``(o // (C_out/g)) * (C_in/g) + c``. The depthwise kernel D acts on input channels, so that row
@@ -237,7 +241,7 @@ def params_for_kernel(kernel: np.ndarray, config: DOConvConfig, bias=None) -> DO
 # ---- feature composition (Fig. 3-a / 4-a) --------------------------------------------------
 
 def depthwise_kernel(D: np.ndarray, config: DOConvConfig) -> np.ndarray:
-    """D as the kernel of the depthwise conv of feature composition: (C_in*S, 1, M, N).
+    """D as the kernel of the depthwise conv of feature composition: (C_in*S, 1, *kernel_size).
 
     Intermediate channel ``k*S + s`` holds ``sum_m D[k, m, s] * patch_k[m]`` (paper Eq. 2), so each
     input channel's S features are contiguous and a group's block is contiguous too.
@@ -247,5 +251,5 @@ def depthwise_kernel(D: np.ndarray, config: DOConvConfig) -> np.ndarray:
 
 
 def pointwise_kernel(W: np.ndarray, config: DOConvConfig) -> np.ndarray:
-    """W as the kernel of the grouped 1x1 conv of feature composition: (C_out, C_in/g * S, 1, 1)."""
-    return np.asarray(W).reshape(config.out_channels, config.in_per_group * config.S, 1, 1)
+    """W as the kernel of the grouped 1x1 conv of feature composition: (C_out, C_in/g * S, 1, ..., 1)."""
+    return np.asarray(W).reshape(config.out_channels, config.in_per_group * config.S, *(1,) * config.rank)

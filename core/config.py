@@ -1,6 +1,6 @@
 """The validated hyper-parameters of one DO-Conv layer, and the arithmetic of its shapes.
 
-Paper symbols and the names used here (NCHW world):
+Paper symbols and the names used here (channels-first world: NCL, NCHW, NCDHW):
 
 ==============  =====================  ==========================================
 paper           here                   meaning
@@ -11,7 +11,14 @@ M x N           ``kernel_size``        spatial size of the kernel / the patch
 M*N             ``MN``                 patch length, ``m = i*N + j``
 D_mul           ``D_mul`` (``S``)      depth multiplier of D, ``S >= MN``
 --              ``groups`` (``g``)     1: DO-Conv, C_in: DO-DConv, else DO-GConv
+--              ``rank``               number of spatial axes: 1, 2 or 3
 ==============  =====================  ==========================================
+
+The paper writes the 2-D case, but its construction never uses that a patch has two axes: D is,
+per input channel, a (patch length) x D_mul matrix acting on the flattened patch. So for every rank
+``M x N`` reads "the kernel's extent" and ``MN`` "the patch length", the product of the kernel sizes:
+``K`` for a 1-D kernel of length K, ``M*N`` in 2-D, ``T*M*N`` for a 3-D kernel (T x M x N), flattened
+in C order (the last axis fastest: ``m = (t*M + i)*N + j``). Nothing else changes.
 
 Every check raises ``ValueError``/``TypeError`` whose message names the argument, what is
 allowed, and the value received (the PyTorch ``_ConvNd`` / Keras ``standardize_tuple`` rule).
@@ -29,11 +36,14 @@ from typing import Any, Literal, Sequence, Tuple, Union
 import numpy as np
 
 Pair = Tuple[int, int]
-Pads = Tuple[Pair, Pair]  # ((top, bottom), (left, right))
-PaddingSpec = Union[Literal["same", "valid"], Pads]
+Pads = Tuple[Pair, ...]  # one (before, after) pair per spatial axis: ((top, bottom), (left, right)) in 2-D
+PaddingSpec = Union[Literal["same", "valid", "causal"], Pads]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-PADDING_STRINGS = ("same", "valid")
+PADDING_STRINGS = ("same", "valid", "causal")
+RANKS = (1, 2, 3)
+#: How messages name the spatial axes of an input of each rank.
+AXIS_NAMES = {1: ("length",), 2: ("height", "width"), 3: ("depth", "height", "width")}
 
 
 def _is_int(value: Any) -> bool:
@@ -58,56 +68,72 @@ def standardize_flag(value: Any, name: str) -> bool:
     raise TypeError(f"{name} must be True or False, but got {name}={value!r}")
 
 
-def standardize_pair(value: Any, name: str, *, minimum: int = 1) -> Pair:
-    """Return ``(a, b)`` from an int or a length-2 sequence of ints, each ``>= minimum``.
+def standardize_tuple(value: Any, name: str, n: int, *, minimum: int = 1) -> Tuple[int, ...]:
+    """Return ``n`` ints from an int or a length-``n`` sequence of ints, each ``>= minimum``
+    (Keras' ``standardize_tuple``).
 
-    >>> standardize_pair(3, "kernel_size")
-    (3, 3)
-    >>> standardize_pair((3, 1), "kernel_size")
+    >>> standardize_tuple(3, "kernel_size", 3)
+    (3, 3, 3)
+    >>> standardize_tuple((3, 1), "kernel_size", 2)
     (3, 1)
     """
+    what = "an int" if n == 1 else f"an int or {n} ints"
     sequence = _as_sequence(value)
     if _is_int(value):
-        items = (int(value), int(value))
+        items = (int(value),) * n
     elif sequence is not None:
-        if len(sequence) != 2:
-            raise ValueError(f"{name} must be an int or a pair of ints, but got {name}={value!r} "
-                             f"of length {len(sequence)}")
+        if len(sequence) != n:
+            raise ValueError(f"{name} must be {what}, but got {name}={value!r} of length {len(sequence)}")
         if not all(_is_int(v) for v in sequence):
-            raise TypeError(f"{name} must be an int or a pair of ints, but got {name}={value!r}")
-        items = (int(sequence[0]), int(sequence[1]))
+            raise TypeError(f"{name} must be {what}, but got {name}={value!r}")
+        items = tuple(int(v) for v in sequence)
     else:
-        raise TypeError(f"{name} must be an int or a pair of ints, but got {name}={value!r}")
+        raise TypeError(f"{name} must be {what}, but got {name}={value!r}")
     if min(items) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, but got {name}={value!r}")
     return items
 
 
-def standardize_padding(value: Any) -> PaddingSpec:
-    """Normalise every padding form to ``'same'``, ``'valid'`` or per-side ``((top, bottom), (left, right))``.
+def standardize_pair(value: Any, name: str, *, minimum: int = 1) -> Pair:
+    """:func:`standardize_tuple` with two ints: ``standardize_pair(3, "kernel_size") == (3, 3)``."""
+    return standardize_tuple(value, name, 2, minimum=minimum)  # type: ignore[return-value]
 
-    Accepted: an int (all sides), a pair ``(h, w)`` (symmetric per axis, as ``nn.Conv2d``),
-    per-side pairs ``((top, bottom), (left, right))``, or the strings ``'same'``/``'valid'``
-    (case-insensitive). In per-side form an axis may be one int, symmetric: ``(1, (2, 3))`` is
-    ``((1, 1), (2, 3))``.
+
+def _per_side_example(rank: int) -> str:
+    return {1: "((left, right),)", 2: "((top, bottom), (left, right))",
+            3: "((front, back), (top, bottom), (left, right))"}[rank]
+
+
+def standardize_padding(value: Any, rank: int = 2) -> PaddingSpec:
+    """Normalise every padding form to ``'same'``, ``'valid'``, ``'causal'`` or one per-side pair per axis.
+
+    Accepted: an int (all sides), ``rank`` ints (symmetric per axis, as ``nn.Conv2d``'s ``(h, w)``),
+    ``rank`` per-side pairs (``((top, bottom), (left, right))`` in 2-D, ``((left, right),)`` in 1-D), or
+    the strings ``'same'``/``'valid'`` and, in 1-D, ``'causal'`` (case-insensitive). In per-side form an
+    axis may be one int, symmetric: ``(1, (2, 3))`` is ``((1, 1), (2, 3))``.
     """
+    example = _per_side_example(rank)
     if isinstance(value, str):
         lowered = value.lower()
-        if lowered not in PADDING_STRINGS:
-            raise ValueError(f"padding must be one of {PADDING_STRINGS}, an int, a pair or "
-                             f"((top, bottom), (left, right)), but got padding={value!r}")
+        allowed = PADDING_STRINGS if rank == 1 else PADDING_STRINGS[:2]
+        if lowered not in allowed:
+            raise ValueError(f"padding must be one of {allowed}, an int, {rank} int(s) or {example}, but got "
+                             f"padding={value!r}" + (" ('causal' pads a 1-D layer only)" if lowered == "causal" else ""))
         return lowered  # type: ignore[return-value]
     sequence = _as_sequence(value)
     if _is_int(value) or (sequence is not None and all(_is_int(v) for v in sequence)):
-        h, w = standardize_pair(value, "padding", minimum=0)
-        return ((h, h), (w, w))
-    if sequence is not None and len(sequence) == 2:
+        if sequence is not None and len(sequence) != rank:
+            hint = f"; per-side pads are written {example}" if len(sequence) == 2 * rank or rank == 1 else ""
+            raise ValueError(f"padding must be an int, {rank} int(s) or {example} for a {rank}-D layer, but got "
+                             f"padding={value!r} of length {len(sequence)}{hint}")
+        return tuple((p, p) for p in standardize_tuple(value, "padding", rank, minimum=0))
+    if sequence is not None and len(sequence) == rank:
         try:
-            return tuple(standardize_pair(v, "padding", minimum=0) for v in sequence)  # type: ignore[return-value]
+            return tuple(standardize_pair(v, "padding", minimum=0) for v in sequence)
         except (TypeError, ValueError) as err:
-            raise type(err)(f"padding as ((top, bottom), (left, right)) needs two pairs of ints >= 0, "
-                            f"but got padding={value!r}") from None
-    raise TypeError(f"padding must be 'same', 'valid', an int, a pair or ((top, bottom), (left, right)), "
+            raise type(err)(f"padding as {example} needs {rank} pair(s) of ints >= 0, "
+                                          f"but got padding={value!r}") from None
+    raise TypeError(f"padding must be 'same', 'valid', an int, {rank} int(s) or {example} for a {rank}-D layer, "
                     f"but got padding={value!r}")
 
 
@@ -137,34 +163,40 @@ def same_pads(size: int, kernel: int, stride: int, dilation: int) -> Pair:
 class DOConvConfig:
     """Validated configuration of a DO-Conv / DO-DConv / DO-GConv layer.
 
-    Arguments follow ``torch.nn.Conv2d`` plus ``D_mul`` (paper: D_mul, here also ``S``), which
-    defaults to ``M*N``. ``D_mul < M*N`` is refused (Section 3: the composite could then not
-    express every conventional kernel) unless ``depthwise_separable=True`` opts in to the
-    depthwise-separable mode of the end of Section 3. A 1x1 kernel has no D (Section 4: "DO-Conv
-    is not applied"), so ``D_mul`` must be 1 or None there.
+    Arguments follow ``torch.nn.Conv{1,2,3}d`` plus ``D_mul`` (paper: D_mul, here also ``S``), which
+    defaults to ``M*N``, and ``rank``, the number of spatial axes (1, 2 or 3; ``kernel_size``, ``stride``,
+    ``dilation`` and ``padding`` take that many entries). ``D_mul < M*N`` is refused (Section 3: the
+    composite could then not express every conventional kernel) unless ``depthwise_separable=True`` opts
+    in to the depthwise-separable mode of the end of Section 3. A single-tap kernel (1x1, or 1 / 1x1x1)
+    has no D (Section 4: "DO-Conv is not applied"), so ``D_mul`` must be 1 or None there.
 
     Canonical shapes (see :mod:`doconv.compose`)::
 
         W         (C_out, C_in/g, S)       paper W in R^{C_out x D_mul x C_in}
         D         (C_in, MN, S)            paper D in R^{(MxN) x D_mul x C_in}
-        kernel W' (C_out, C_in/g, M, N)    OIHW, m = i*N + j
+        kernel W' (C_out, C_in/g, M, N)    OIHW, m = i*N + j  (OIL / OIDHW in 1-D / 3-D)
         bias      (C_out,)
     """
 
     in_channels: int
     out_channels: int
-    kernel_size: Pair
-    stride: Pair = (1, 1)
-    padding: PaddingSpec = ((0, 0), (0, 0))
-    dilation: Pair = (1, 1)
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...] = 1  # type: ignore[assignment]  # standardised to `rank` ints
+    padding: PaddingSpec = 0  # type: ignore[assignment]
+    dilation: Tuple[int, ...] = 1  # type: ignore[assignment]
     groups: int = 1
     bias: bool = True
     padding_mode: str = "zeros"
     D_mul: int = None  # type: ignore[assignment]  # resolved to M*N in __post_init__
     depthwise_separable: bool = False
+    rank: int = 2
 
     def __post_init__(self) -> None:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        if not _is_int(self.rank) or self.rank not in RANKS:
+            raise (TypeError if not _is_int(self.rank) else ValueError)(
+                f"rank must be one of {RANKS} (spatial axes), but got rank={self.rank!r}")
+        put("rank", int(self.rank))
         for name in ("in_channels", "out_channels", "groups"):
             value = getattr(self, name)
             if not _is_int(value):
@@ -172,10 +204,9 @@ class DOConvConfig:
             if value < 1:
                 raise ValueError(f"{name} must be a positive int, but got {name}={value!r}")
             put(name, int(value))
-        put("kernel_size", standardize_pair(self.kernel_size, "kernel_size"))
-        put("stride", standardize_pair(self.stride, "stride"))
-        put("dilation", standardize_pair(self.dilation, "dilation"))
-        put("padding", standardize_padding(self.padding))
+        for name in ("kernel_size", "stride", "dilation"):
+            put(name, standardize_tuple(getattr(self, name), name, self.rank))
+        put("padding", standardize_padding(self.padding, self.rank))
         for name in ("in_channels", "out_channels"):
             if getattr(self, name) % self.groups:
                 raise ValueError(f"{name} must be divisible by groups, but got {name}={getattr(self, name)} "
@@ -196,7 +227,7 @@ class DOConvConfig:
                 f"D_mul must be a positive int or None (meaning M*N={mn}), but got D_mul={value!r}")
         value = int(value)
         if mn == 1 and value != 1:
-            raise ValueError(f"D_mul must be 1 or None for a 1x1 kernel, which has no spatial patch to "
+            raise ValueError(f"D_mul must be 1 or None for a single-tap kernel, which has no spatial patch to "
                              f"over-parameterize (paper Section 4), but got D_mul={value} with "
                              f"kernel_size={self.kernel_size}")
         if value < mn and not self.depthwise_separable:
@@ -210,8 +241,8 @@ class DOConvConfig:
     # ---- derived sizes ------------------------------------------------------------------
     @property
     def MN(self) -> int:
-        """Patch length M*N."""
-        return self.kernel_size[0] * self.kernel_size[1]
+        """Patch length: the product of the kernel sizes (M*N in 2-D, K in 1-D, T*M*N in 3-D)."""
+        return math.prod(self.kernel_size)
 
     @property
     def S(self) -> int:
@@ -248,7 +279,7 @@ class DOConvConfig:
         return (self.in_channels, self.MN, self.D_mul) if self.has_D else None
 
     @property
-    def kernel_shape(self) -> Tuple[int, int, int, int]:
+    def kernel_shape(self) -> Tuple[int, ...]:
         return (self.out_channels, self.in_per_group, *self.kernel_size)
 
     @property
@@ -256,56 +287,58 @@ class DOConvConfig:
         return (self.out_channels,) if self.bias else None
 
     # ---- geometry -----------------------------------------------------------------------
-    def pads(self, height: int, width: int) -> Pads:
-        """Per-side padding ``((top, bottom), (left, right))`` for an input of this size."""
+    def pads(self, *spatial: int) -> Pads:
+        """Per-side padding, one ``(before, after)`` pair per axis, for an input of this spatial size."""
         if self.padding == "valid":
-            return ((0, 0), (0, 0))
+            return ((0, 0),) * self.rank
+        if self.padding == "causal":  # Keras Conv1D: the output at t sees inputs up to t only
+            return ((self.dilation[0] * (self.kernel_size[0] - 1), 0),)
         if self.padding == "same":
-            return tuple(same_pads(size, k, s, d) for size, k, s, d in  # type: ignore[return-value]
-                         zip((height, width), self.kernel_size, self.stride, self.dilation))
+            return tuple(same_pads(size, k, s, d) for size, k, s, d in
+                         zip(spatial, self.kernel_size, self.stride, self.dilation))
         return self.padding  # type: ignore[return-value]
 
     def resolved(self) -> "DOConvConfig":
         """The same layer with its padding made explicit wherever that does not depend on the input.
 
-        ``'valid'`` is zero pads and ``'same'`` at stride 1 is ``d*(k-1)`` split with the odd pixel at the
-        end, whatever the input size; ``'same'`` with stride > 1 stays ``'same'``. Configs whose
-        ``resolved()`` forms are equal describe the same layer (a Gluon layer records 'same' as its
-        explicit pads, a Keras layer keeps the string); the converse does not hold for settings that
-        happen to be inert (``padding_mode`` with zero pads, ``depthwise_separable`` with D_mul >= M*N),
+        ``'valid'`` is zero pads, ``'causal'`` is ``(d*(k-1), 0)``, and ``'same'`` at stride 1 is ``d*(k-1)``
+        split with the odd pixel at the end, whatever the input size; ``'same'`` with stride > 1 stays
+        ``'same'``. Configs whose ``resolved()`` forms are equal describe the same layer (a Gluon layer records
+        'same' as its explicit pads, a Keras layer keeps the string); the converse does not hold for settings
+        that happen to be inert (``padding_mode`` with zero pads, ``depthwise_separable`` with D_mul >= M*N),
         which stay part of a layer's identity.
         """
-        if self.padding == "valid" or (self.padding == "same" and self.stride == (1, 1)):
-            pads = tuple(same_pads(1, k, 1, d) if self.padding == "same" else (0, 0)
-                         for k, d in zip(self.kernel_size, self.dilation))
-            return dataclasses.replace(self, padding=pads)
+        if self.padding in ("valid", "causal") or (self.padding == "same" and max(self.stride) == 1):
+            return dataclasses.replace(self, padding=self.pads(*(1,) * self.rank))
         return self
 
     def output_shape(self, input_shape: Sequence[int], *, unbatched: bool = False) -> Tuple[int, ...]:
-        """``(batch, C_out, H_out, W_out)`` for an NCHW input shape; ValueError if it cannot be convolved.
+        """``(batch, C_out, *spatial_out)`` for a channels-first input shape; ValueError if it cannot be convolved.
 
-        ``unbatched=True`` also takes a 3-D ``(C, H, W)`` shape, as ``nn.Conv2d`` does, and then gives
-        ``(C_out, H_out, W_out)``; every message quotes the shape as given.
+        ``unbatched=True`` also takes a ``(C, *spatial)`` shape, as ``nn.Conv{1,2,3}d`` do, and then gives
+        ``(C_out, *spatial_out)``; every message quotes the shape as given.
         """
-        if unbatched and len(input_shape) == 3:
+        rank, axes = self.rank, "".join(a[0].upper() for a in AXIS_NAMES[self.rank])
+        if unbatched and len(input_shape) == rank + 1:
             return self._output_shape((1, *input_shape), tuple(input_shape))[1:]
-        if len(input_shape) != 4:
-            wanted = "3-D (C, H, W) or 4-D (N, C, H, W)" if unbatched else "4-D (N, C, H, W)"
+        if len(input_shape) != rank + 2:
+            batched = f"{rank + 2}-D (N, C, {', '.join(axes)})"
+            wanted = f"{rank + 1}-D (C, {', '.join(axes)}) or {batched}" if unbatched else batched
             raise ValueError(f"input must be {wanted}, but got input shape {tuple(input_shape)}")
         return self._output_shape(input_shape, tuple(input_shape))
 
-    def _output_shape(self, input_shape: Sequence[int], shown: tuple) -> Tuple[int, int, int, int]:
+    def _output_shape(self, input_shape: Sequence[int], shown: tuple) -> Tuple[int, ...]:
         if any(isinstance(v, (bool, numbers.Real)) and not _is_int(v) for v in input_shape):  # 5.9, True
             raise TypeError(f"input shape must hold ints, but got input shape {shown}")
-        batch, channels, height, width = (int(v) for v in input_shape)
-        if min(batch, channels, height, width) < 0:
+        batch, channels, *spatial = (int(v) for v in input_shape)
+        if min(batch, channels, *spatial) < 0:
             raise ValueError(f"input shape must hold sizes >= 0, but got input shape {shown}")
         if channels != self.in_channels:
             raise ValueError(f"input has {channels} channels but in_channels={self.in_channels} "
                              f"(input shape {shown})")
         out = []
-        for size, (lo, hi), k, s, d, axis in zip((height, width), self.pads(height, width), self.kernel_size,
-                                                 self.stride, self.dilation, ("height", "width")):
+        for size, (lo, hi), k, s, d, axis in zip(spatial, self.pads(*spatial), self.kernel_size,
+                                                 self.stride, self.dilation, AXIS_NAMES[self.rank]):
             span = d * (k - 1) + 1
             if size + lo + hi < span:
                 raise ValueError(f"input {axis} {size} padded by ({lo}, {hi}) is smaller than the dilated "
@@ -313,7 +346,7 @@ class DOConvConfig:
                                  f"dilation={self.dilation}); input shape {shown}")
             check_pad_fits(self.padding_mode, size, (lo, hi), axis)
             out.append((size + lo + hi - span) // s + 1)
-        return (batch, self.out_channels, out[0], out[1])
+        return (batch, self.out_channels, *out)
 
     # ---- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -339,12 +372,13 @@ class DOConvConfig:
         return cls(**data)
 
     def fan_in(self) -> int:
-        """Fan-in of the composed kernel W' (C_in/g * M * N), as for the conventional layer."""
+        """Fan-in of the composed kernel W' (C_in/g * MN), as for the conventional layer."""
         return self.in_per_group * self.MN
 
     def __repr__(self) -> str:  # compact, non-default fields only (nn.Conv2d.extra_repr style)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        defaults.update(D_mul=self.MN, padding=((0, 0), (0, 0)))
+        defaults.update(D_mul=self.MN, padding=((0, 0),) * self.rank, stride=(1,) * self.rank,
+                        dilation=(1,) * self.rank)
         shown = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
         for f in dataclasses.fields(self)[3:]:
             value = getattr(self, f.name)

@@ -66,13 +66,14 @@ class LayerSpec:
     padding_mode: str = "zeros"
     D_mul: Optional[int] = None
     depthwise_separable: bool = False
+    rank: int = 2
 
     def __post_init__(self):
         groups = self.groups
         # C_in = groups is the one input width every valid ``groups`` admits: the checks that remain for
         # bind() are the ones about the real C_in.
         probe = DOConvConfig(groups if isinstance(groups, int) and groups > 0 else 1, **self._arguments())
-        for name in ("kernel_size", "stride", "padding", "dilation", "D_mul"):
+        for name in ("kernel_size", "stride", "padding", "dilation", "D_mul", "rank"):
             object.__setattr__(self, name, getattr(probe, name))
 
     def _arguments(self) -> dict:

@@ -8,11 +8,14 @@ For an input of shape (B, C_in, H, W) and output size H_out x W_out (the paper w
                           O  = W' * P    : B * C_out * C_in/g * H_out * W_out * MN
 
 Memory of the intermediate: W' (C_out * C_in/g * MN values) against P' (B * C_in * S * H_out * W_out).
+In 1-D and 3-D, MN is the patch length and H_out * W_out the number of output positions (L_out, or
+T_out * H_out * W_out): the same formulas.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Sequence
 
@@ -39,9 +42,9 @@ class CompositionCost:
 
 
 def composition_cost(config: DOConvConfig, input_shape: Sequence[int], itemsize: int = 4) -> CompositionCost:
-    """MACC and intermediate bytes of kernel vs feature composition for an NCHW ``input_shape``."""
-    batch, _, h_out, w_out = config.output_shape(input_shape)
-    positions = batch * h_out * w_out
+    """MACC and intermediate bytes of kernel vs feature composition for a channels-first ``input_shape``."""
+    batch, _, *spatial_out = config.output_shape(input_shape)
+    positions = batch * math.prod(spatial_out)
     mn, s, cin, cin_g, cout = config.MN, config.S, config.in_channels, config.in_per_group, config.out_channels
     if not config.has_D:  # a 1x1 layer is a plain conv either way
         conv = positions * cout * cin_g

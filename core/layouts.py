@@ -1,7 +1,8 @@
 """Pure NumPy converters between the canonical layout and the frameworks' and official code's layouts.
 
 Canonical (see :mod:`doconv.compose`): W ``(C_out, C_in/g, S)``, full D ``(C_in, MN, S)``, kernels
-OIHW ``(C_out, C_in/g, M, N)``, inputs NCHW.
+OIHW ``(C_out, C_in/g, M, N)``, inputs NCHW. The framework-layout converters take every rank (the table
+shows 2-D; 1-D and 3-D drop or add a leading spatial axis); official checkpoints are 2-D only.
 
 =====================  ====================================  =====================================
 where                  kernel / input                        DO-Conv parameters
@@ -40,34 +41,41 @@ from .config import DOConvConfig
 
 
 def oihw_to_hwio(kernel: np.ndarray) -> np.ndarray:
-    """PyTorch/Gluon OIHW kernel -> Keras Conv2D HWIO kernel."""
-    return np.ascontiguousarray(np.asarray(kernel).transpose(2, 3, 1, 0))
+    """Channels-first kernel -> Keras' channels-last kernel: OIHW -> HWIO in 2-D, (O, I, *k) -> (*k, I, O)
+    in any rank (Conv1D's (K, I, O), Conv3D's (T, M, N, I, O))."""
+    kernel = np.asarray(kernel)
+    return np.ascontiguousarray(kernel.transpose(*range(2, kernel.ndim), 1, 0))
 
 
 def hwio_to_oihw(kernel: np.ndarray) -> np.ndarray:
-    """Keras Conv2D HWIO kernel -> OIHW."""
-    return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))
+    """Keras' channels-last kernel ``(*k, I, O)`` -> channels-first ``(O, I, *k)``, any rank."""
+    kernel = np.asarray(kernel)
+    return np.ascontiguousarray(kernel.transpose(kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2)))
 
 
 def depthwise_hwcm_to_oihw(kernel: np.ndarray) -> np.ndarray:
-    """Keras DepthwiseConv2D kernel ``(M, N, C_in, mult)`` -> grouped OIHW ``(C_in*mult, 1, M, N)``."""
-    m, n, cin, mult = np.shape(kernel)
-    return np.ascontiguousarray(np.asarray(kernel).transpose(2, 3, 0, 1)).reshape(cin * mult, 1, m, n)
+    """Keras DepthwiseConv kernel ``(*k, C_in, mult)`` -> grouped ``(C_in*mult, 1, *k)``, any rank."""
+    *k, cin, mult = np.shape(kernel)
+    rank = len(k)
+    return np.ascontiguousarray(np.asarray(kernel).transpose(rank, rank + 1, *range(rank))).reshape(cin * mult, 1, *k)
 
 
 def oihw_to_depthwise_hwcm(kernel: np.ndarray, in_channels: int) -> np.ndarray:
-    """Grouped OIHW ``(C_in*mult, 1, M, N)`` -> Keras DepthwiseConv2D ``(M, N, C_in, mult)``."""
-    cout, _, m, n = np.shape(kernel)
-    return np.ascontiguousarray(np.asarray(kernel).reshape(in_channels, cout // in_channels, m, n)
-                                .transpose(2, 3, 0, 1))
+    """Grouped ``(C_in*mult, 1, *k)`` -> Keras DepthwiseConv ``(*k, C_in, mult)``, any rank."""
+    cout, _, *k = np.shape(kernel)
+    rank = len(k)
+    return np.ascontiguousarray(np.asarray(kernel).reshape(in_channels, cout // in_channels, *k)
+                                .transpose(*range(2, rank + 2), 0, 1))
 
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x).transpose(0, 2, 3, 1))
+    """Channels-first input -> channels-last, any rank (NCL -> NLC, NCDHW -> NDHWC)."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1))
 
 
 def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+    """Channels-last input -> channels-first, any rank."""
+    return np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1))
 
 
 # ---- the trainable delta D' = D - I_fill ---------------------------------------------------
@@ -87,8 +95,16 @@ def delta_to_D(delta: Optional[np.ndarray], config: DOConvConfig) -> Optional[np
 OFFICIAL_FLAVOURS = ("torch", "tf", "gluon")
 
 
+def check_official_rank(config: DOConvConfig) -> None:
+    """The official code (yangyanli/DO-Conv) has 2-D layers only: a checkpoint of it never fits another rank."""
+    if config.rank != 2:
+        raise ValueError(f"official DO-Conv checkpoints hold 2-D layers only (the official code has no 1-D or 3-D "
+                         f"layer), but this layer has rank={config.rank}: {config!r}")
+
+
 def official_shapes(config: DOConvConfig, flavour: str) -> dict:
     """Shapes of the official layer's arrays for this config (keys as in its checkpoints)."""
+    check_official_rank(config)
     mn, s, cin, cin_g, cout = config.MN, config.S, config.in_channels, config.in_per_group, config.out_channels
     if flavour == "torch":
         shapes = {"W": (cout, cin_g, s), "D": (cin, mn, s), "d_diag": (cin, mn, s)}

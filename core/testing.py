@@ -11,26 +11,23 @@ from .compose import init_params
 from .config import PADDING_MODES, DOConvConfig
 
 
-def naive_conv2d(x, kernel, bias, stride, pads, dilation, groups, mode="zeros"):
-    """Loop-per-output-pixel cross-correlation written straight from the definition (no im2col)."""
+def naive_conv(x, kernel, bias, stride, pads, dilation, groups, mode="zeros"):
+    """Loop-per-output-position cross-correlation in any rank, written straight from the definition (no im2col)."""
     mode = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}[mode]
-    xp = np.pad(x, ((0, 0), (0, 0), tuple(pads[0]), tuple(pads[1])), mode=mode)
-    b, cin, hp, wp = xp.shape
-    cout, cin_g, m, n = kernel.shape
+    xp = np.pad(x, ((0, 0), (0, 0), *(tuple(p) for p in pads)), mode=mode)
+    cout, cin_g, *ksize = kernel.shape
     cout_g = cout // groups
-    ho = (hp - dilation[0] * (m - 1) - 1) // stride[0] + 1
-    wo = (wp - dilation[1] * (n - 1) - 1) // stride[1] + 1
-    out = np.zeros((b, cout, ho, wo))
+    out_size = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(xp.shape[2:], ksize, stride, dilation)]
+    out = np.zeros((x.shape[0], cout, *out_size))
     for o in range(cout):
         g = o // cout_g
-        for h in range(ho):
-            for w in range(wo):
-                patch = xp[:, g * cin_g:(g + 1) * cin_g,
-                           h * stride[0]:h * stride[0] + dilation[0] * (m - 1) + 1:dilation[0],
-                           w * stride[1]:w * stride[1] + dilation[1] * (n - 1) + 1:dilation[1]]
-                out[:, o, h, w] = np.tensordot(patch, kernel[o], axes=3)
+        for position in np.ndindex(*out_size):
+            window = tuple(slice(q * s, q * s + d * (k - 1) + 1, d)
+                           for q, s, d, k in zip(position, stride, dilation, ksize))
+            patch = xp[(slice(None), slice(g * cin_g, (g + 1) * cin_g), *window)]
+            out[(slice(None), o, *position)] = np.tensordot(patch, kernel[o], axes=kernel.ndim - 1)
     if bias is not None:
-        out += np.asarray(bias)[None, :, None, None]
+        out += np.asarray(bias).reshape(1, cout, *(1,) * len(ksize))
     return out
 
 
@@ -46,33 +43,34 @@ def naive_compose(params, config):
     return out.reshape(config.kernel_shape)
 
 
-def config_strategy(max_channels_per_group=3):
+def config_strategy(max_channels_per_group=3, ranks=(1, 2, 3)):
     """A hypothesis strategy of random valid configs with an input shape that fits (needs hypothesis)."""
     from hypothesis import strategies as st
 
     @st.composite
     def configs(draw):
-        """Random valid DO-Conv configs with an input shape that fits them."""
-        m, n = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+        """Random valid DO-Conv configs of rank 1, 2 or 3 with an input shape that fits them."""
+        rank = draw(st.sampled_from(ranks))
+        axes = lambda values: st.tuples(*[values] * rank)  # noqa: E731
+        ksize = draw(axes(st.integers(1, 4 if rank < 3 else 3)))
         groups = draw(st.integers(1, 3))
         cin = groups * draw(st.integers(1, max_channels_per_group))
         cout = groups * draw(st.integers(1, max_channels_per_group))
-        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-        mn = m * n
+        stride = draw(axes(st.integers(1, 2)))
+        dilation = draw(axes(st.integers(1, 2)))
+        mn = int(np.prod(ksize))
         D_mul = None if mn == 1 else draw(st.sampled_from([None, mn, mn + 1, mn + 3, 2 * mn]))
         mode = draw(st.sampled_from(PADDING_MODES))
         padding = draw(st.one_of(
-            st.sampled_from(["same", "valid"]),
+            st.sampled_from(["same", "valid"] + (["causal"] if rank == 1 else [])),
             st.integers(0, 2),
-            st.tuples(st.integers(0, 2), st.integers(0, 2)),
-            st.tuples(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.tuples(st.integers(0, 2), st.integers(0, 2)))))
-        config = DOConvConfig(cin, cout, (m, n), stride=stride, padding=padding, dilation=dilation,
-                                     groups=groups, bias=draw(st.booleans()), padding_mode=mode, D_mul=D_mul)
-        span = (dilation[0] * (m - 1) + 1, dilation[1] * (n - 1) + 1)
-        h = draw(st.integers(max(span[0], 3), span[0] + 5))
-        w = draw(st.integers(max(span[1], 3), span[1] + 5))
-        return config, (draw(st.integers(1, 2)), cin, h, w)
+            axes(st.integers(0, 2)),
+            axes(st.tuples(st.integers(0, 2), st.integers(0, 2)))))
+        config = DOConvConfig(cin, cout, ksize, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              bias=draw(st.booleans()), padding_mode=mode, D_mul=D_mul, rank=rank)
+        spans = [d * (k - 1) + 1 for k, d in zip(ksize, dilation)]
+        spatial = [draw(st.integers(max(span, 3), span + (5 if rank < 3 else 2))) for span in spans]
+        return config, (draw(st.integers(1, 2)), cin, *spatial)
 
     return configs()
 

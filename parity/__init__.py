@@ -1,16 +1,20 @@
 """doconv.parity: the cross-framework parity report (``doconv-parity``, ``python -m doconv.parity``).
 
 The NumPy core (:mod:`doconv`) is the oracle. Every installed framework -- PyTorch (``doconv.torch``),
-Keras 3/TensorFlow in ``channels_last`` and ``channels_first`` (``doconv.tf``), MXNet Gluon
-(``doconv.mxnet``) -- runs the shared case table (:mod:`doconv.cases`: kernel sizes, strides, dilations,
-every padding mode the framework has, DO-Conv / DO-DConv / DO-GConv, D_mul = MN and > MN, bias on/off,
-both compositions, float64 and float32) with D always randomised, and is compared with the core on:
+the Keras 3 layer (``doconv.tf``) on TensorFlow (``tf``, ``channels_last`` and ``channels_first``), on torch
+(``keras/torch``, both layouts) and on JAX (``keras/jax``, ``channels_last``), MXNet Gluon (``doconv.mxnet``)
+-- runs the shared case table (:mod:`doconv.cases`: 1-D, 2-D and 3-D layers, kernel sizes, strides,
+dilations, every padding form and mode the framework has, DO-Conv / DO-DConv / DO-GConv, D_mul = MN and
+> MN, bias on/off, both compositions, float64 and float32) with D always randomised, and is compared with
+the core on:
 forward output, gradients for input, W, D and bias, the folded kernel and the folded conv's output,
-the canonical-file round trip, the official checkpoint layout, the inference cache after a weight update,
+the canonical-file round trip, the official checkpoint layout (2-D; other ranks must refuse it), a fresh
+kernel after writes no hook sees and inside the explicit ``cached()`` scope,
 and a few SGD steps. Then, for every ordered pair of frameworks, a layer trained in the first is
 exported to the canonical file, imported into the second and must give the same outputs
 (:mod:`doconv.parity.checks`). The core's own self-check (:mod:`doconv.selfcheck`) runs as the ``core``
-rows. MXNet lives in its own environment and joins through files (``export DIR`` / ``check DIR``).
+rows. MXNet and JAX live in environments of their own, and Keras picks its backend once per process, so
+those join through files (``export DIR`` / ``check DIR``); ``nox -s parity`` chains the processes.
 
 Tolerances (:data:`doconv.TOLERANCES`; the error is ``max|a - e| / max(1, max|e|)``, see
 :func:`doconv.max_error`), the same for every check and every framework, never tuned to pass:

@@ -5,8 +5,13 @@ Commands::
     doconv-parity [run]      every installed framework against the core, and against each other
     doconv-parity export DIR the same, and write the trained layers, inputs, outputs and results to DIR
                              (also checks every other environment's layers already in DIR)
-    doconv-parity check DIR  read another environment's layers from DIR into the frameworks here, then
-                             print the combined report of every environment that wrote to DIR
+    doconv-parity check DIR  read the layers other environments wrote to DIR into the frameworks here
+                             (the pairs no earlier run in DIR checked), then print the combined report
+                             of every environment that wrote to DIR
+
+Frameworks that cannot share a process (MXNet's environment; Keras, which runs on one backend per
+process: ``tf``, ``keras/torch``, ``keras/jax``) join through DIR: each environment exports, then every
+one but the last checks (``nox -s parity`` runs that chain).
 
 Exit status: 0 when every check passes, 1 on any failure (or, with ``--strict``, any missing
 framework), 2 on bad usage (checked before the run) or when a report could not be written after it
@@ -30,10 +35,11 @@ from doconv import TOLERANCES, __version__
 from doconv.cases import CASES
 
 from . import checks, report
-from .frameworks import DEFAULT, ENV_VAR, KNOWN, load_frameworks, selection
+from .frameworks import DEFAULT, ENV_VAR, KNOWN, family_of, load_frameworks, selection
 
-#: ``--quick``: one case per family of features (a first look in seconds).
-QUICK = ("k1x1", "k3", "k3-s2-same", "k5-Dmul+3", "dw-x2-k3", "g3-k3-s2-Dmul+3", "k3-reflect", "k3-zeros-asym")
+#: ``--quick``: one case per family of features, in each rank (a first look in seconds).
+QUICK = ("k1x1", "k3", "k3-s2-same", "k5-Dmul+3", "dw-x2-k3", "g3-k3-s2-Dmul+3", "k3-reflect", "k3-zeros-asym",
+         "1d-k3-causal-d2", "1d-k3-reflect", "3d-k3-s2-same", "3d-dw-x2-k3")
 
 
 def seed_value(text: str) -> int:
@@ -189,10 +195,14 @@ def main(argv: Sequence[str] = None) -> int:
             for fw, done in trained:
                 checks.write_manifest(root, fw, done, args.seed)
         manifests = checks.read_manifests(root)
+        done_pairs = set()
         if args.command == "check":
             local = {fw.name for fw in frameworks}
             manifests = [m for m in manifests if m["framework"] not in local]
-        cross = [t for fw in frameworks for t in checks.cross_tasks(fw, manifests, cases, dtypes)]
+            # a pair an earlier run in DIR checked (an export reads what was there before it) is not run twice
+            done_pairs = {r["framework"] for data in previous for r in data["results"] if r["check"] == "cross"}
+        cross = [t for fw in frameworks for t in checks.cross_tasks(
+            fw, [m for m in manifests if f"{m['framework']}→{fw.name}" not in done_pairs], cases, dtypes)]
         results += run_tasks(cross, "across frameworks", show)
 
     elapsed = time.perf_counter() - start
@@ -202,7 +212,8 @@ def main(argv: Sequence[str] = None) -> int:
     mine = report.to_json(results, missing=missing, skipped=skipped, meta=meta)
     writes = []  # (what, path, data): written after the table is printed, so that a failure loses nothing
     if args.dir:
-        tag = "+".join(sorted({fw.family for fw in frameworks} | ({"core"} & set(names)))) or "none"
+        families = sorted({fw.family for fw in frameworks} | ({"core"} & set(names)))
+        tag = "+".join(map(checks.dirname, families)) or "none"  # keras/torch -> keras_torch
         own = os.path.join(args.dir, "results", f"{args.command}-{tag}.json")
         writes.append((f"{args.command} DIR", own, mine))
     if args.command == "check":  # the combined report of every environment that wrote to DIR
@@ -210,7 +221,8 @@ def main(argv: Sequence[str] = None) -> int:
         by_path[own] = json.loads(json.dumps(mine))  # this run, as it will read back from its file
         everything = [by_path[path] for path in sorted(by_path)]
         results = [checks.Result.from_dict(r) for data in everything for r in data["results"]]
-        ran = {r.framework.split("/")[0] for r in results} | {fw.family for fw in frameworks}
+        ran = {fw.family for fw in frameworks} | {family_of(side) for r in results
+                                                   for side in r.framework.split("→")}
         missing = [m for data in everything for m in data["missing"] if m["name"] not in ran]
         missing = list({m["name"]: m for m in missing}.values())
         skipped = {k: v for data in everything for k, v in data["skipped"].items()}

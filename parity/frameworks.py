@@ -1,8 +1,9 @@
 """What the harness asks of a framework, and which frameworks take part (einops' EINOPS_TEST_BACKENDS rule).
 
-A :class:`Framework` is a thin adapter over one backend (``doconv.torch``, ``doconv.tf``,
-``doconv.mxnet``) that speaks NumPy in the canonical layout (NCHW inputs, W ``(C_out, C_in/g, S)``,
-full D ``(C_in, MN, S)``, OIHW kernels). Each method is one call into the backend's public API
+A :class:`Framework` is a thin adapter over one backend (``doconv.torch``, ``doconv.tf`` on each Keras
+backend, ``doconv.mxnet``) that speaks NumPy in the canonical layout (channels-first inputs
+``(N, C, *spatial)``, W ``(C_out, C_in/g, S)``, full D ``(C_in, MN, S)``, kernels ``(C_out, C_in/g, *k)``),
+in every rank. Each method is one call into the backend's public API
 (:mod:`doconv` contract names) plus the framework's own autograd / optimizer / layout transposes;
 everything numeric the harness judges is computed by the core. Gradients come back as the
 framework stores its trainable variables (:meth:`Framework.gradients`); :mod:`doconv.parity.checks`
@@ -10,8 +11,9 @@ maps them to canonical W, D and bias by probing (see :func:`doconv.parity.checks
 adapter never re-states its backend's storage layout.
 
 Selection: ``--frameworks`` / ``DOCONV_PARITY_FRAMEWORKS`` (comma separated). An unknown name is an
-error; a framework that is not installed, or whose backend does not provide the contract yet, is
-reported as missing with the command that installs it, and skipped (``--strict`` makes that a failure).
+error; a framework that is not installed, whose backend does not provide the contract yet, or (Keras)
+that needs another Keras backend than this process runs, is reported as missing with the command that
+gets it, and skipped (``--strict`` makes that a failure).
 """
 
 from __future__ import annotations
@@ -29,15 +31,25 @@ from doconv.contract import missing_names
 
 ENV_VAR = "DOCONV_PARITY_FRAMEWORKS"
 
-#: Selectable names -> (module of the adapter, how to get the framework).
+#: Selectable names -> (``module`` or ``module:factory`` of the adapters (the factory defaults to
+#: ``frameworks``), how to get the framework). ``tf``, ``keras/torch`` and ``keras/jax`` are the one Keras
+#: layer (``doconv.tf``) on Keras' three backends; Keras runs on one backend per process.
 KNOWN = {
     "core": ("doconv.parity.fw_core", "pip install doconv (NumPy only; always available)"),
     "torch": ("doconv.parity.fw_torch", "pip install 'doconv[torch]'  (or: nox -s parity)"),
-    "tf": ("doconv.parity.fw_tf", "pip install 'doconv[tf-cpu]'  (or: nox -s parity)"),
+    "tf": ("doconv.parity.fw_tf:tf_frameworks", "pip install 'doconv[tf-cpu]' and run with KERAS_BACKEND unset "
+                                                "or tensorflow  (or: nox -s parity)"),
+    "keras/torch": ("doconv.parity.fw_tf:keras_torch_frameworks",
+                    "pip install 'doconv[torch]' keras, then in a process of its own: KERAS_BACKEND=torch "
+                    "doconv-parity export DIR -f keras/torch; doconv-parity check DIR  (nox -s parity chains it)"),
+    "keras/jax": ("doconv.parity.fw_tf:keras_jax_frameworks",
+                  "pip install 'doconv[jax]' (no TensorFlow needed), then in a process of its own: "
+                  "KERAS_BACKEND=jax doconv-parity export DIR -f keras/jax; doconv-parity check DIR  "
+                  "(nox -s parity chains it)"),
     "mxnet": ("doconv.parity.fw_mxnet", "pip install 'doconv[mxnet]' in a separate environment "
                                         "(numpy<1.24, no torch); nox -s parity chains it"),
 }
-DEFAULT = ("core", "torch", "tf", "mxnet")
+DEFAULT = ("core", "torch", "tf", "keras/torch", "keras/jax", "mxnet")
 
 class Missing(Exception):
     """A framework that cannot take part here: ``reason`` says why, ``hint`` how to get it."""
@@ -94,12 +106,22 @@ def load_frameworks(names: Sequence[str]) -> Tuple[List["Framework"], List[Missi
     for name in names:
         if name == "core":
             continue  # the core's own self-check is not an adapter (see doconv.parity.checks.core_results)
+        module, _, factory = KNOWN[name][0].partition(":")
         try:
-            module = importlib.import_module(KNOWN[name][0])
-            ready.extend(module.frameworks())
+            ready.extend(getattr(importlib.import_module(module), factory or "frameworks")())
         except Missing as err:
             missing.append(err)
     return ready, missing
+
+
+def family_of(label: str) -> str:
+    """The selection name (:data:`KNOWN`) of a report row's framework label: ``'tf/NHWC'`` -> ``'tf'``,
+    ``'keras/torch/NCHW'`` -> ``'keras/torch'``; a label of no known framework is returned as it is."""
+    parts = label.split("/")
+    for n in range(len(parts), 0, -1):
+        if "/".join(parts[:n]) in KNOWN:
+            return "/".join(parts[:n])
+    return label
 
 
 @dataclasses.dataclass
@@ -116,9 +138,9 @@ class Layer:
 class Framework:
     """Base adapter. Subclasses fill in the framework calls; arrays in and out are NumPy, canonical layout."""
 
-    #: Row label in the report, e.g. ``'torch'`` or ``'tf[channels_first]'``.
+    #: Row label in the report, e.g. ``'torch'``, ``'tf/NCHW'`` or ``'keras/jax/NHWC'``.
     name = "?"
-    #: ``torch``/``tf``/``mxnet``: the official code's flavour and the install hint.
+    #: The selection name (a key of :data:`KNOWN`: ``torch``, ``tf``, ``keras/jax``...) the adapter answers to.
     family = "?"
     dtypes: Tuple[str, ...] = ("float64", "float32")
     unsupported: frozenset = frozenset()
@@ -126,6 +148,9 @@ class Framework:
     official_flavour: Optional[str] = None
     #: Official layer limits (Gluon: D_mul = MN only); a case outside them has no official counterpart.
     official_supports: Callable[[DOConvConfig], bool] = staticmethod(lambda config: True)
+    #: Whether the backend's ``cached()`` scope serves this adapter's inference :meth:`forward` (False where
+    #: the backend documents that every call composes afresh, as Keras on JAX, whose calls may be traced).
+    scope_serves_inference = True
 
     # ---- the layer ----------------------------------------------------------------------------
     def build(self, config: DOConvConfig, dtype: str, composition: str = "kernel") -> Layer:
@@ -138,7 +163,8 @@ class Framework:
         return self.backend.get_params(layer.layer)
 
     def forward(self, layer: Layer, x: np.ndarray, *, training: bool = True) -> np.ndarray:
-        """Output (NCHW) for an NCHW input; ``training=False`` is the framework's inference path."""
+        """Output (channels first) for a channels-first input; ``training=False`` is the framework's inference
+        path."""
         raise NotImplementedError
 
     # ---- autograd and updates, in the framework's own storage ----------------------------------
@@ -169,7 +195,8 @@ class Framework:
 
     # ---- fold, files, official checkpoints ------------------------------------------------------
     def fold(self, layer: Layer) -> Tuple[np.ndarray, Optional[np.ndarray], Callable[[np.ndarray], np.ndarray]]:
-        """Fold with the backend's ``fold``: (OIHW kernel, bias, forward of the plain conv on NCHW input)."""
+        """Fold with the backend's ``fold``: (channels-first kernel, bias, forward of the plain conv on a
+        channels-first input)."""
         raise NotImplementedError
 
     # The backend's contract functions, called as they are (``self.backend`` is the doconv.<fw> module).

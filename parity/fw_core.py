@@ -14,7 +14,7 @@ from typing import Dict
 
 import numpy as np
 
-from doconv import DOConvConfig, DOConvParams, compose, conv2d, forward, load, save
+from doconv import DOConvConfig, DOConvParams, compose, conv, forward, load, save
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 from doconv.selfcheck import layer_vjp
 
@@ -73,8 +73,8 @@ class CoreFramework(Framework):
 
     def plain_conv(self, x, kernel, bias, config: DOConvConfig) -> np.ndarray:
         """The conventional convolution with the layer's geometry."""
-        return conv2d(x, kernel, bias, stride=config.stride, padding=config.padding, dilation=config.dilation,
-                      groups=config.groups, padding_mode=config.padding_mode)
+        return conv(x, kernel, bias, stride=config.stride, padding=config.padding, dilation=config.dilation,
+                    groups=config.groups, padding_mode=config.padding_mode)
 
     def trainables(self, layer: Layer) -> Dict[str, np.ndarray]:
         return {k: v.copy() for k, v in layer.obj.items()}

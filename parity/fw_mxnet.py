@@ -1,4 +1,5 @@
-"""MXNet Gluon adapter: ``doconv.mxnet`` on the CPU context, NCHW (MXNet's Conv2D has no NHWC on CPU).
+"""MXNet Gluon adapter: ``doconv.mxnet`` on the CPU context, channels first (NCW, NCHW, NCDHW: MXNet's CPU
+convolutions run no channels-last layout), every rank (``layer_from_config`` picks DOConv1D/2D/3D by it).
 
 The layer sits in a ``gluon.nn.HybridSequential`` (the model-level functions take a network); gradients
 come from ``autograd.record`` + ``backward(out_grad=u)``, training from ``gluon.Trainer('sgd')`` with
@@ -16,7 +17,7 @@ from .frameworks import Framework, Layer, import_backend
 
 
 def _official_gluon_supports(config) -> bool:
-    return config.S == config.MN  # the official GluonCV layer has D_mul = M*N only
+    return config.rank == 2 and config.S == config.MN  # the official GluonCV layer: 2-D, D_mul = M*N only
 
 
 class GluonFramework(Framework):
@@ -85,8 +86,10 @@ class GluonFramework(Framework):
     def fold(self, layer):
         folded, _ = self.backend.fold(layer.obj)
         plain = [folded[i] for i in range(len(folded))]
-        if len(plain) != 1 or type(plain[0]) is not self.mx.gluon.nn.Conv2D:
-            raise TypeError(f"fold gave {[type(b).__name__ for b in plain]}, expected one plain gluon.nn.Conv2D")
+        want = getattr(self.mx.gluon.nn, f"Conv{layer.config.rank}D")  # the plain convolution of that rank
+        if len(plain) != 1 or type(plain[0]) is not want:
+            raise TypeError(f"fold gave {[type(b).__name__ for b in plain]}, expected one plain "
+                            f"gluon.nn.{want.__name__}")
         conv = plain[0]
         bias = None if conv.bias is None else conv.bias.data(self.ctx).asnumpy()
         return (conv.weight.data(self.ctx).asnumpy(), bias,

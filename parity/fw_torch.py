@@ -70,8 +70,9 @@ class TorchFramework(Framework):
     def fold(self, layer):
         folded, _ = self.backend.fold(layer.obj)
         plain = folded.conv
-        if not isinstance(plain, self.torch.nn.Conv2d) or isinstance(plain, self.backend.DOConv2d):
-            raise TypeError(f"fold left {type(plain).__name__} at 'conv', expected an nn.Conv2d")
+        expected = {1: self.torch.nn.Conv1d, 2: self.torch.nn.Conv2d, 3: self.torch.nn.Conv3d}[layer.config.rank]
+        if not isinstance(plain, expected):  # (nn.ConvNd itself, or the FoldedConvNd subclass for per-side pads)
+            raise TypeError(f"fold left {type(plain).__name__} at 'conv', expected an nn.{expected.__name__}")
         folded.eval()
 
         def run(x):

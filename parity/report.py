@@ -17,16 +17,16 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from doconv.interchange import replacing
 
 from .checks import CHECK_ORDER, Result
-from .frameworks import Missing
+from .frameworks import KNOWN, Missing, family_of
 
 DTYPES = ("float64", "float32")
 FORMAT, VERSION = "doconv-parity-report", 1
 
 
 def _framework_key(name: str):
-    order = ["core", "numpy", "torch", "tf", "mxnet"]
+    order = ["core", "numpy", *(n for n in KNOWN if n != "core")]  # the core's rows, then KNOWN's order
     src, _, dst = name.partition("→")
-    rank = lambda n: order.index(n.split("/")[0]) if n.split("/")[0] in order else len(order)  # noqa: E731
+    rank = lambda n: order.index(family_of(n)) if family_of(n) in order else len(order)  # noqa: E731
     return (bool(dst), rank(src), src, rank(dst) if dst else 0, dst)
 
 
@@ -63,10 +63,12 @@ def _tol(row: dict) -> str:
 def environment() -> dict:
     import numpy
     out = {"python": platform.python_version(), "numpy": numpy.__version__, "platform": platform.platform()}
-    for module in ("torch", "tensorflow", "keras", "mxnet"):
+    for module in ("torch", "tensorflow", "keras", "jax", "mxnet"):
         mod = sys.modules.get(module)
         if mod is not None:
             out[module] = getattr(mod, "__version__", "?")
+    if "keras" in sys.modules:
+        out["keras_backend"] = sys.modules["keras"].config.backend()
     return out
 
 
@@ -174,7 +176,7 @@ def render(results: Sequence[Result], *, title: str, missing: Iterable[dict] = (
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-            console = Console(width=110)
+            console = Console(width=140)  # the widest row: a cross pair of two Keras backends
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(header):
         table.add_column(col, justify="right" if 2 <= i <= 5 else "left", no_wrap=True)

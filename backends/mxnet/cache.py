@@ -1,4 +1,5 @@
-"""``cached(model)``: the one way a ``DOConv2D`` reuses a composed kernel, explicit and scoped.
+"""``cached(model)``: the one way a DO-Conv layer (``DOConv1D`` / ``2D`` / ``3D``) reuses a composed kernel,
+explicit and scoped.
 
 Outside this context every call composes W' = D^T o W from W and D as they are. No implicit cache can be
 correct in Gluon: NDArrays carry no version counter, so raw in-place writes (``W.data()[:] = v``,
@@ -50,7 +51,7 @@ class _Layer:
         return self.kernels[key]
 
 
-_LAYERS = {}  # id(DOConv2D) -> _Layer, while some scope holds the layer
+_LAYERS = {}  # id(layer) -> _Layer, while some scope holds the layer
 _GRAPHS = {}  # id(HybridBlock) -> [block, depth], while some scope holds the block
 _BUILD = threading.local()  # .inputs: {id(layer): _KernelInput} while a held block builds its graph
 
@@ -135,13 +136,13 @@ def _export(block, *args, **kwargs):
 
 def _held(model):
     """The DO-Conv layers of ``model`` that compose (have D) and its hybrid blocks holding one, each once."""
-    from .layer import DOConv2D
+    from .layer import _DOConv
 
     layers, graphs, found = [], [], {}  # found: id(block) -> whether its subtree holds a composing layer
 
     def walk(block):
         if id(block) not in found:  # a block at several paths counts once
-            held = isinstance(block, DOConv2D) and block.D is not None
+            held = isinstance(block, _DOConv) and block.D is not None
             if held:
                 layers.append(block)
             for child in block._children.values():
@@ -157,7 +158,7 @@ def _held(model):
 def check_model(model) -> None:
     """The TypeError of every model-level function of doconv.mxnet for a ``model`` that is no Gluon block."""
     if not isinstance(model, gluon.Block):
-        raise TypeError(f"model must be a mxnet.gluon.Block (a net, a block or a DOConv2D), but got "
+        raise TypeError(f"model must be a mxnet.gluon.Block (a net, a block or a DO-Conv layer), but got "
                         f"{type(model).__name__}")
 
 
@@ -169,7 +170,7 @@ def unscoped(block) -> None:
 
 @contextlib.contextmanager
 def cached(model):
-    """Within the block, every ``DOConv2D`` of ``model`` (a net, any block, or a layer itself) composes W' at
+    """Within the block, every DO-Conv layer of ``model`` (a net, any block, or a layer itself) composes W' at
     most once per context for calls outside ``autograd.record()`` and reuses it; the caller promises not to
     write W or D meanwhile. Hybridized graphs are rebuilt on entry and exit. See the module doc."""
     check_model(model)

@@ -1,11 +1,12 @@
-"""Parameters in and out of ``DOConv2D``: the backend contract, the canonical file, official GluonCV arrays.
+"""Parameters in and out of the DO-Conv layers (``DOConv1D`` / ``2D`` / ``3D``): the backend contract, the
+canonical file, official GluonCV arrays (2-D only, as the official code is).
 
 All conversions go through the core (:mod:`doconv.layouts`, :mod:`doconv.interchange`); this module only
 moves arrays between NumPy (canonical layout, *full* D) and the layer's Parameters (W, delta D', bias).
 
 Layer names are block paths, the keys ``save_parameters`` uses (``"features.0.conv1"``): a
 ``HybridSequential``'s children by index, every other child by its attribute name. A model that is itself
-the layer (a bare ``Conv2D`` or ``DOConv2D``) has the path ``""`` in reports and :data:`doconv.ROOT_NAME` in
+the layer (a bare convolution or DO-Conv layer) has the path ``""`` in reports and :data:`doconv.ROOT_NAME` in
 files, as in PyTorch.
 """
 
@@ -21,69 +22,73 @@ from doconv.layouts import D_to_delta, delta_to_D, from_official
 
 from ._mx import gluon, mx
 from .cache import check_model
-from .layer import DOConv2D
+from .layer import LAYERS, _DOConv
 
 #: Gluon's Convolution pads symmetrically with zeros, fixed at construction: no per-side or non-zero
-#: padding, and no TF-style 'same' at stride > 1 (its pads depend on the input size). 'same' at stride 1
-#: with an odd kernel and 'valid' are translated to symmetric ints by :func:`layer_from_config`.
-UNSUPPORTED_FEATURES = frozenset({"asymmetric_padding", "padding_mode", "same_strided", "same_even_kernel"})
+#: padding (so no 'causal', which pads one side), and no TF-style 'same' at stride > 1 (its pads depend on
+#: the input size). 'same' at stride 1 with an odd kernel and 'valid' are translated to symmetric ints by
+#: :func:`layer_from_config`.
+UNSUPPORTED_FEATURES = frozenset({"asymmetric_padding", "padding_mode", "same_strided", "same_even_kernel",
+                                  "causal_padding"})
 
 
 # ---- one layer ---------------------------------------------------------------------------------------
 
-def symmetric_padding(config: doconv.DOConvConfig) -> Tuple[int, int]:
-    """The Gluon ``padding=(h, w)`` of a config, or ValueError when Gluon cannot express its padding."""
+def symmetric_padding(config: doconv.DOConvConfig) -> Tuple[int, ...]:
+    """The Gluon ``padding`` of a config, one int per spatial axis, or ValueError when Gluon cannot express
+    its padding."""
     if config.padding_mode != "zeros":
         raise ValueError(f"Gluon pads with zeros only, but got padding_mode={config.padding_mode!r}")
-    if config.padding == "same" and config.stride != (1, 1):
+    if config.padding == "same" and max(config.stride) > 1:
         raise ValueError(f"padding='same' with stride={config.stride} depends on the input size; Gluon's padding "
                          f"is fixed at construction: give symmetric ints")
-    (top, bottom), (left, right) = config.pads(0, 0) if config.padding == "same" else config.pads(1, 1)
-    if top != bottom or left != right:
-        raise ValueError(f"Gluon pads symmetrically, but {config!r} needs per-side pads "
-                         f"{((top, bottom), (left, right))}")
-    return (top, left)
+    pads = config.pads(*(1,) * config.rank)  # at stride 1, 'same' pads do not depend on the input size
+    if any(before != after for before, after in pads):
+        raise ValueError(f"Gluon pads symmetrically, but {config!r} needs per-side pads {pads}")
+    return tuple(before for before, _ in pads)
 
 
 def layer_from_config(config: doconv.DOConvConfig, *, dtype="float32", composition="kernel", ctx=None,
-                      **kwargs) -> DOConv2D:
-    """An initialised ``DOConv2D`` for ``config`` on ``ctx`` (default ``mx.cpu()``), cast to ``dtype``."""
-    layer = DOConv2D(config.out_channels, config.kernel_size, strides=config.stride,
-                     padding=symmetric_padding(config), dilation=config.dilation, groups=config.groups,
-                     use_bias=config.bias, in_channels=config.in_channels, D_mul=config.D_mul,
-                     depthwise_separable=config.depthwise_separable, composition=composition, **kwargs)
+                      **kwargs) -> _DOConv:
+    """An initialised ``DOConv1D`` / ``DOConv2D`` / ``DOConv3D`` (by ``config.rank``) for ``config`` on
+    ``ctx`` (default ``mx.cpu()``), cast to ``dtype``."""
+    layer = LAYERS[config.rank](config.out_channels, config.kernel_size, strides=config.stride,
+                                padding=symmetric_padding(config), dilation=config.dilation, groups=config.groups,
+                                use_bias=config.bias, in_channels=config.in_channels, D_mul=config.D_mul,
+                                depthwise_separable=config.depthwise_separable, composition=composition, **kwargs)
     layer.initialize(ctx=ctx or mx.cpu())
     layer.cast(dtype)
     return layer
 
 
-def layer_config(layer: DOConv2D) -> doconv.DOConvConfig:
+def layer_config(layer: _DOConv) -> doconv.DOConvConfig:
     """The layer's :class:`doconv.DOConvConfig` (padding as symmetric per-side pairs)."""
-    if not isinstance(layer, DOConv2D):
-        raise TypeError(f"layer must be a doconv.mxnet.DOConv2D, but got {type(layer).__name__}")
+    if not isinstance(layer, _DOConv):
+        raise TypeError(f"layer must be a doconv.mxnet DO-Conv layer (DOConv1D, DOConv2D or DOConv3D), but got "
+                        f"{type(layer).__name__}")
     return layer.config
 
 
-def get_params(layer: DOConv2D) -> doconv.DOConvParams:
+def get_params(layer: _DOConv) -> doconv.DOConvParams:
     """Canonical NumPy parameters in the layer's dtype: W, the *full* D = I_fill + D', bias."""
     config = layer_config(layer)
     read = lambda p: None if p is None else p.data(p.list_ctx()[0]).asnumpy()  # noqa: E731
     return doconv.DOConvParams(read(layer.W), delta_to_D(read(layer.D), config), read(layer.bias))
 
 
-def set_params(layer: DOConv2D, params: doconv.DOConvParams, *, name: Optional[str] = None) -> None:
+def set_params(layer: _DOConv, params: doconv.DOConvParams, *, name: Optional[str] = None) -> None:
     """Write canonical parameters (full D) into every context's copy; ValueError naming layer, array and shapes."""
     _check_params(layer, params, name)
     _write_params(layer, params)
 
 
-def _check_params(layer: DOConv2D, params: doconv.DOConvParams, name: Optional[str]) -> None:
+def _check_params(layer: _DOConv, params: doconv.DOConvParams, name: Optional[str]) -> None:
     if not isinstance(params, doconv.DOConvParams):
         raise TypeError(f"params must be a doconv.DOConvParams, but got {type(params).__name__}")
     params.check(layer_config(layer), where=f"layer {name or layer.name!r}")
 
 
-def _write_params(layer: DOConv2D, params: doconv.DOConvParams) -> None:
+def _write_params(layer: _DOConv, params: doconv.DOConvParams) -> None:
     layer.invalidate_cache()  # a write doconv makes itself: an open cached() scope must not keep the old W'
     dtype = np.dtype(layer.W.dtype)
     D = None if layer.D is None else D_to_delta(params.D, layer.config)
@@ -114,14 +119,14 @@ def named_blocks(block: gluon.Block, prefix: str = "") -> Iterator[Tuple[str, gl
 # ---- files -------------------------------------------------------------------------------------------
 
 def doconv_layers(model: gluon.Block) -> dict:
-    """``{path: DOConv2D}`` of a model, each layer once (a bare layer is :data:`doconv.ROOT_NAME`, as in
+    """``{path: layer}`` of every DO-Conv layer of a model, each once (a bare layer is :data:`doconv.ROOT_NAME`, as in
     PyTorch: Gluon's own block names come from a process-wide counter)."""
     check_model(model)
-    if isinstance(model, DOConv2D):
+    if isinstance(model, _DOConv):
         return {doconv.ROOT_NAME: model}
     seen, out = set(), {}
     for path, block, _, _ in named_blocks(model):
-        if isinstance(block, DOConv2D) and id(block) not in seen:
+        if isinstance(block, _DOConv) and id(block) not in seen:
             seen.add(id(block))
             out[path] = block
     return out
@@ -130,13 +135,13 @@ def doconv_layers(model: gluon.Block) -> dict:
 def _layers(model: gluon.Block, what: str) -> dict:
     layers = doconv_layers(model)
     if not layers:
-        raise ValueError(f"model has no DOConv2D layer to {what} ({type(model).__name__} holds none): convert it "
+        raise ValueError(f"model has no DO-Conv layer to {what} ({type(model).__name__} holds none): convert it "
                          f"first (doconv.mxnet.convert(model))")
     return layers
 
 
 def export_canonical(model: gluon.Block, path, *, allow_nonfinite: bool = False) -> None:
-    """Write every DOConv2D of ``model`` to the core's interchange file (:func:`doconv.save`), named by block
+    """Write every DO-Conv layer of ``model`` to the core's interchange file (:func:`doconv.save`), named by block
     path. NaN or +-inf in a parameter is a ValueError unless ``allow_nonfinite=True``."""
     layers = _layers(model, "export")
     doconv.save(path, {name: (layer_config(layer), get_params(layer)) for name, layer in layers.items()},
@@ -146,16 +151,17 @@ def export_canonical(model: gluon.Block, path, *, allow_nonfinite: bool = False)
 def import_canonical(model: gluon.Block, path, *, strict: bool = True, allow_nonfinite: bool = False) -> List[str]:
     """Load an interchange file into ``model`` (:func:`doconv.load_matching`); returns the layer names loaded.
 
-    ValueError on a model without DOConv2D layers (convert it first), a layer the model lacks, (``strict``)
+    ValueError on a model without DO-Conv layers (convert it first), a layer the model lacks, (``strict``)
     a model layer missing from the file, a config that differs from the model's layer, a damaged file, or
     NaN / +-inf unless ``allow_nonfinite=True``; every layer is checked before any is written. Configs are
     compared resolved (:meth:`doconv.DOConvConfig.resolved`): a file whose layer pads ``'same'`` (PyTorch,
-    Keras) loads into the Gluon layer holding the equal explicit symmetric pads.
+    Keras) loads into the Gluon layer holding the equal explicit symmetric pads. Each layer's rank is part
+    of its config (a file without ranks holds 2-D layers).
     """
     layers = _layers(model, "load an interchange file into")
     strict = standardize_flag(strict, "strict")
     stored = doconv.load_matching(path, {name: layer_config(layer) for name, layer in layers.items()},
-                                  strict=strict, bare=isinstance(model, DOConv2D), allow_nonfinite=allow_nonfinite)
+                                  strict=strict, bare=isinstance(model, _DOConv), allow_nonfinite=allow_nonfinite)
     for name, params in stored.items():
         _check_params(layers[name], params, name)
     for name, params in stored.items():
@@ -181,6 +187,8 @@ def _official_layer(arrays: dict, where: str) -> dict:
 def import_official(model: gluon.Block, arrays, *, refold: bool = False) -> List[str]:
     """Load the official GluonCV DO-Conv code's arrays into ``model``, exactly (same W'); returns the layers.
 
+    The official code is 2-D only, and so is this: a 1-D or 3-D layer is a ValueError naming it.
+
     A bare ``DOConv2D``: one layer's arrays, ``weight`` (C_out, C_in/g, M, N) as W, the delta ``D``
     (MN, MN, C_in), ``bias``; keys may carry a Gluon prefix (``'conv0_weight'``). A net: a whole official
     net's parameters as ``save_parameters`` names them (``mx.nd.load(file)``), keys ``<block path>.<name>``:
@@ -192,10 +200,15 @@ def import_official(model: gluon.Block, arrays, *, refold: bool = False) -> List
     the paper's pairing (:func:`doconv.layouts.from_official`), which is always possible for this flavour.
     """
     layers = _layers(model, "load official arrays into")
+    for name, layer in layers.items():
+        if layer.rank != 2:
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__}: official DO-Conv checkpoints hold 2-D "
+                             f"layers only (the official code has no other), so import_official takes DOConv2D "
+                             f"layers only")
     if not hasattr(arrays, "items"):
         raise TypeError(f"arrays must be a mapping of names to arrays, but got {type(arrays).__name__}")
     arrays = {key: _numpy(value) for key, value in arrays.items()}
-    if isinstance(model, DOConv2D):
+    if isinstance(model, _DOConv):
         own = {doconv.ROOT_NAME: _official_layer(arrays, "official arrays")}
         rest = {}
     else:
@@ -226,9 +239,9 @@ def import_official(model: gluon.Block, arrays, *, refold: bool = False) -> List
 
 
 def _other_params(model: gluon.Block, layers: dict, arrays: dict) -> list:
-    """``[(Parameter, array)]`` for the parameters of ``model`` outside its DOConv2D layers, by their
+    """``[(Parameter, array)]`` for the parameters of ``model`` outside its DO-Conv layers, by their
     ``save_parameters`` names, checked: every one present, no key left over, shapes agreeing."""
-    if isinstance(model, DOConv2D):
+    if isinstance(model, _DOConv):
         return []
     ours = {id(p) for layer in layers.values() for p in layer.collect_params().values()}
     params = {k: p for k, p in model._collect_params_with_prefix().items() if id(p) not in ours}

@@ -1,12 +1,19 @@
-"""``DOConv2D``: a DO-Conv ``HybridBlock`` with the signature of ``gluon.nn.Conv2D`` (paper Eq. 3 / 4).
+"""``DOConv1D``, ``DOConv2D``, ``DOConv3D``: DO-Conv hybrid blocks with the signatures of ``gluon.nn.Conv1D`` /
+``Conv2D`` / ``Conv3D`` (paper Eq. 3 / 4): thin subclasses of one rank-generic :class:`_DOConv`, as Gluon's own
+convolutions are of its ``_Conv``.
+
+The construction never uses that a kernel is 2-D: M*N below is the patch length, the product of the kernel
+sizes (K in 1-D, M*N in 2-D, T*M*N in 3-D), and W' has the plain convolution's kernel shape
+(C_out, C_in/g, *kernel_size).
 
 Parameters (their names in ``save_parameters`` files, ``collect_params`` and ``hybrid_forward``)::
 
     W     (C_out, C_in/g, D_mul)   the paper's W, canonical layout (trainable)
-    D     (C_in, M*N, D_mul)       the trainable delta D' = D - I_fill, zeros at identity init (absent for 1x1)
-    bias  (C_out,)                 as gluon.nn.Conv2D (absent with use_bias=False)
+    D     (C_in, M*N, D_mul)       the trainable delta D' = D - I_fill, zeros at identity init (absent for a
+                                   single-tap kernel: 1, 1x1 or 1x1x1)
+    bias  (C_out,)                 as the Gluon convolution's (absent with use_bias=False)
 
-``weight`` (C_out, C_in/g, M, N) is W' = D^T o W, composed at each read and read-only; no Parameter
+``weight`` (C_out, C_in/g, *kernel_size) is W' = D^T o W, composed at each read and read-only; no Parameter
 (:class:`ComposedWeight`).
 
 The fixed I_fill (M*N identities tiled along D_mul, :func:`doconv.identity_fill`) is no parameter: the graph
@@ -14,9 +21,9 @@ builds it from ``eye`` (or, for D_mul = M*N, never materialises it at all), so i
 
 Kernel composition (Fig. 3-b) runs as **one batched matrix product**, ``linalg.gemm2`` with ``axis=1``:
 with W viewed as ``(g, C_out/g, C_in/g, S)`` and D = I_fill + D' as ``(g, M*N, C_in/g, S)`` the batch axes are
-``(g, C_in/g)`` and the result is W' directly in OIHW order -- the einsum ``gcms,gjcs->gjcm`` of
+``(g, C_in/g)`` and the result is W' directly in OIHW order (OIW, OIDHW) -- the einsum ``gcms,gjcs->gjcm`` of
 :data:`doconv.COMPOSE_EINSUM` without moving W. The only intermediates are D-sized (D and its transposed copy)
-and W' itself; the official Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
+and W' itself; the official (2-D) Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
 (For D_mul = M*N, ``W + W D'^T`` with W as gemm's accumulator is the same product; its backward is slower.)
 
 **Every call composes W' from W and D as they are** (``composition='kernel'``, M*N > 1): imperatively, or inside
@@ -29,12 +36,12 @@ the composition per call reuses one W' per layer inside an explicit scope, :func
 deployment folds (:func:`doconv.mxnet.fold`).
 
 Feature composition (Fig. 3-a, ``composition='feature'``) is a depthwise conv with D into C_in*D_mul channels
-followed by a grouped 1x1 conv with W. ``'auto'`` picks the cheaper by :func:`doconv.choose_composition` for
+followed by a grouped pointwise conv with W. ``'auto'`` picks the cheaper by :func:`doconv.choose_composition` for
 the first NDArray input the layer sees (fixed from then on; ``'kernel'`` until then). A ``cached()`` scope
 reuses W' only for layers that convolve with it (kernel composition).
 
-Deferred shape inference (``in_channels=0``) works as for ``gluon.nn.Conv2D``: the layer alone infers C_in
-from its first input (:meth:`DOConv2D.infer_shape`); inside a hybridized parent, whose shape inference runs
+Deferred shape inference (``in_channels=0``) works as for Gluon's convolutions: the layer alone infers C_in
+from its first input (:meth:`_DOConv.infer_shape`); inside a hybridized parent, whose shape inference runs
 on the symbol graph, the first graph carries a one-pixel shape probe (two tiny FullyConnected ops whose
 zeros join the bias) because MXNet's matrix products do not infer their operands' shapes backwards. The probe
 adds exactly zero and is left out of every graph built once the shapes are known (hybridize again to drop it).
@@ -49,24 +56,25 @@ import numbers
 
 import numpy as np
 
-from doconv import DOConvConfig, choose_composition, standardize_pair
+from doconv import DOConvConfig, choose_composition
+from doconv.config import standardize_tuple
 from doconv.contract import COMPOSITIONS, D_INITS, LayerSpec, check_choice
 
 from . import cache as _cache
 from ._mx import gluon, mx
 
-LAYOUTS = ("NCHW", "NHWC")
 
-
-def gluon_padding(padding) -> tuple:
-    """Gluon pads symmetrically with zeros: an int or a pair of ints ``(h, w)``; anything else is refused."""
+def gluon_padding(padding, rank: int = 2) -> tuple:
+    """Gluon pads symmetrically with zeros: an int or ``rank`` ints (one per spatial axis, as ``(h, w)`` in 2-D);
+    anything else is refused."""
+    what = "an int" if rank == 1 else f"an int or {rank} ints"
     if isinstance(padding, str):
-        raise ValueError(f"padding must be an int or a pair of ints (Gluon pads symmetrically), but got "
-                         f"padding={padding!r}; use doconv.mxnet.layer_from_config to translate 'same'/'valid'")
+        raise ValueError(f"padding must be {what} (Gluon pads symmetrically), but got padding={padding!r}; use "
+                         f"doconv.mxnet.layer_from_config to translate 'same'/'valid'")
     if isinstance(padding, (tuple, list)) and any(isinstance(p, (tuple, list)) for p in padding):
-        raise ValueError(f"padding must be an int or a pair of ints (Gluon pads symmetrically), but got per-side "
+        raise ValueError(f"padding must be {what} (Gluon pads symmetrically), but got per-side "
                          f"padding={padding!r}")
-    return standardize_pair(padding, "padding", minimum=0)
+    return standardize_tuple(padding, "padding", rank, minimum=0)
 
 
 @mx.init.register
@@ -86,22 +94,22 @@ class DOConvDelta(mx.init.Initializer):
         arr[:] = D - identity_fill(self.MN, self.S)
 
 
-#: What to do instead of writing W' (``DOConv2D.weight``).
+#: What to do instead of writing W' (``layer.weight``); ``{plain}`` names the Gluon convolution fold gives.
 READ_ONLY = ("set W and D (doconv.mxnet.set_params, load_parameters), or fold first (doconv.mxnet.fold) to get a "
-             "gluon.nn.Conv2D whose weight can be set")
+             "gluon.nn.{plain} whose weight can be set")
 
 
 class ComposedWeight:
-    """``DOConv2D.weight``: W' = D^T o W, (C_out, C_in/g, M, N), read as a ``gluon.nn.Conv2D``'s weight
+    """``layer.weight``: W' = D^T o W, (C_out, C_in/g, *kernel_size), read as a Gluon convolution's weight
     Parameter is read (``data(ctx)``, ``list_data()``, ``list_ctx()``, ``shape``, ``dtype``, ``name``) and
     composed from W and D at each read (recorded under ``autograd.record()``, so gradients reach W and D).
 
     It is no Parameter, so that no ``collect_params``, parameter file or Trainer ever holds it: idioms that
-    select parameters by name (``collect_params('.*weight')``) find a DOConv2D's W, D and bias instead.
+    select parameters by name (``collect_params('.*weight')``) find a DO-Conv layer's W, D and bias instead.
     ``set_data`` refuses: W' is no storage of its own.
     """
 
-    def __init__(self, layer: "DOConv2D"):
+    def __init__(self, layer: "_DOConv"):
         self._layer = layer
 
     @property
@@ -110,7 +118,7 @@ class ComposedWeight:
 
     @property
     def shape(self) -> tuple:
-        """As a deferred Conv2D weight's: C_in/g is 0 until C_in is known."""
+        """As a deferred Gluon convolution weight's: C_in/g is 0 until C_in is known."""
         spec = self._layer.spec
         return (spec.out_channels, self._layer.in_channels // spec.groups) + spec.kernel_size
 
@@ -129,8 +137,9 @@ class ComposedWeight:
         return [self._layer._compose_nd(ctx) for ctx in self.list_ctx()]
 
     def set_data(self, data):
-        raise ValueError(f"{self.name} is the composed kernel W' = D^T o W of a DOConv2D, not a Parameter: "
-                         f"{READ_ONLY}")
+        layer = self._layer
+        raise ValueError(f"{self.name} is the composed kernel W' = D^T o W of a {type(layer).__name__}, not a "
+                         f"Parameter: {READ_ONLY.format(plain=layer.plain.__name__)}")
 
     def __repr__(self) -> str:
         return f"ComposedWeight({self.name}, shape={self.shape}, dtype={self.dtype})"
@@ -141,49 +150,52 @@ def _shapes_agree(a, b) -> bool:
     return a is None or b is None or len(a) == len(b) and all(i == j or 0 in (i, j) for i, j in zip(a, b))
 
 
-class DOConv2D(gluon.HybridBlock):
-    r"""Depthwise over-parameterized 2-D convolution, a drop-in for ``gluon.nn.Conv2D``.
+class _DOConv(gluon.HybridBlock):
+    r"""Depthwise over-parameterized convolution over ``rank`` spatial axes: the rank-generic base of
+    :class:`DOConv1D`, :class:`DOConv2D` and :class:`DOConv3D`, each a drop-in for its Gluon convolution.
 
     ``O = (D, W) * P = (D^T o W) * P`` (Eq. 3): ``groups=1`` is DO-Conv, ``groups=in_channels`` DO-DConv
-    (Eq. 4), anything between DO-GConv. Every ``gluon.nn.Conv2D`` argument keeps its meaning; in addition:
+    (Eq. 4), anything between DO-GConv. Every argument of the Gluon convolution keeps its meaning; in addition
+    (keyword-only):
 
     D_mul : int or None
-        The depth multiplier of D (default M*N). ``D_mul < M*N`` only with ``depthwise_separable=True``.
+        The depth multiplier of D (default M*N, the product of the kernel sizes). ``D_mul < M*N`` only with
+        ``depthwise_separable=True``.
     d_init : ``'identity'`` (D' = 0, so W' = W at init, the paper's default) or ``'random'``.
     composition : ``'kernel'`` (default), ``'feature'`` or ``'auto'`` (see the module docstring).
 
-    ``layout='NHWC'`` is accepted where MXNet's own Convolution runs it (GPU): on CPU, MXNet cannot, and the
-    first call says so with a ValueError. ``padding`` is Gluon's symmetric zero padding (int or pair).
+    ``padding`` is Gluon's symmetric zero padding: an int or one int per spatial axis. Channels-last layouts
+    (``'NHWC'``, ``'NDHWC'``) are accepted where MXNet's own Convolution runs them (GPU): on CPU, MXNet
+    cannot, and the first call says so with a ValueError. ``gluon.nn.Conv1D`` takes ``'NCW'`` only, and so
+    does :class:`DOConv1D`.
 
-    Shape (NCHW): input (N, C_in, H, W), output (N, C_out, H_out, W_out) as ``gluon.nn.Conv2D``;
-    ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, M*N, D_mul) holding D' = D - I_fill, ``bias`` (C_out,), and
-    ``weight`` (C_out, C_in/g, M, N), the composed W' (read-only).
-
-    Example::
-
-        layer = DOConv2D(64, 3, padding=1, in_channels=32)
-        layer.initialize()
-        y = layer(mx.nd.ones((8, 32, 56, 56)))      # (8, 64, 56, 56); equal to a Conv2D with W' at init
-        kernel = layer.weight.data()                # W', (64, 32, 3, 3)
+    Shapes (channels first): input (N, C_in, *spatial), output (N, C_out, *spatial_out) as the Gluon
+    convolution's; ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, M*N, D_mul) holding D' = D - I_fill,
+    ``bias`` (C_out,), and ``weight`` (C_out, C_in/g, *kernel_size), the composed W' (read-only).
     """
 
-    def __init__(self, channels, kernel_size, strides=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
-                 layout="NCHW", activation=None, use_bias=True, weight_initializer=None, bias_initializer="zeros",
-                 in_channels=0, *, D_mul=None, d_init="identity", composition="kernel",
-                 depthwise_separable=False, **kwargs):
+    #: Spatial axes, the layouts the Gluon convolution takes (the first is its default) and that convolution,
+    #: which :func:`doconv.mxnet.fold` gives and :func:`doconv.mxnet.convert` replaces: set by each subclass.
+    rank: int
+    LAYOUTS: tuple
+    plain: type
+
+    def __init__(self, channels, kernel_size, strides, padding, dilation, groups, layout, activation, use_bias,
+                 weight_initializer, bias_initializer, in_channels, *, D_mul=None, d_init="identity",
+                 composition="kernel", depthwise_separable=False, **kwargs):
         super().__init__(**kwargs)
-        check_choice(layout, "layout", LAYOUTS)
+        check_choice(layout, "layout", self.LAYOUTS)
         check_choice(composition, "composition", COMPOSITIONS)
         check_choice(d_init, "d_init", D_INITS)
         if not isinstance(in_channels, numbers.Integral) or isinstance(in_channels, bool) or in_channels < 0:
             raise ValueError(f"in_channels must be a positive int, or 0 to infer it from the first input, "
                              f"but got in_channels={in_channels!r}")
-        pad = gluon_padding(padding)
+        pad = gluon_padding(padding, self.rank)
         # Every check that needs no C_in runs now, the rest when C_in is known (given, or at the first input).
         spec = self._spec = LayerSpec(channels, kernel_size, stride=strides, padding=pad, dilation=dilation,
                                       groups=groups, bias=use_bias, D_mul=D_mul,
-                                      depthwise_separable=depthwise_separable)
-        self._padding = pad  # Gluon's (h, w); the spec holds it per side
+                                      depthwise_separable=depthwise_separable, rank=self.rank)
+        self._padding = pad  # Gluon's one int per axis; the spec holds it per side
         self._layout, self._composition, self._auto = layout, composition, None
         self._activation, self.d_init = activation, d_init
         cin = int(in_channels)
@@ -230,14 +242,14 @@ class DOConv2D(gluon.HybridBlock):
 
     @property
     def weight(self) -> "ComposedWeight":
-        """The composed kernel W' = D^T o W (C_out, C_in/g, M, N), read as ``gluon.nn.Conv2D.weight`` is:
-        ``layer.weight.data(ctx)``. Read-only, and no Parameter (see :class:`ComposedWeight`)."""
+        """The composed kernel W' = D^T o W (C_out, C_in/g, *kernel_size), read as the Gluon convolution's
+        ``weight`` is: ``layer.weight.data(ctx)``. Read-only, and no Parameter (see :class:`ComposedWeight`)."""
         return ComposedWeight(self)
 
     def __setattr__(self, name, value):
         if name == "weight":  # before Block.__setattr__, which would register a Parameter under that name
             raise AttributeError(f"{self.name}.weight is the composed kernel W' = D^T o W, computed from W and D "
-                                 f"at each read: {READ_ONLY}")
+                                 f"at each read: {READ_ONLY.format(plain=self.plain.__name__)}")
         super().__setattr__(name, value)
 
     # ---- configuration -----------------------------------------------------------------
@@ -260,7 +272,7 @@ class DOConv2D(gluon.HybridBlock):
 
     @property
     def padding(self) -> tuple:
-        """Gluon's symmetric ``(h, w)`` zero padding."""
+        """Gluon's symmetric zero padding, one int per spatial axis (``(h, w)`` in 2-D)."""
         return self._padding
 
     @property
@@ -284,13 +296,19 @@ class DOConv2D(gluon.HybridBlock):
             self.D.shape = cfg.D_shape
 
     # ---- forward -------------------------------------------------------------------------
+    @property
+    def _channels_last(self) -> bool:
+        return self._layout.endswith("C")
+
     def forward(self, x, *args):
         if isinstance(x, mx.nd.NDArray):
-            if self._layout == "NHWC" and x.context.device_type == "cpu":
-                raise ValueError(f"{self.name}: layout='NHWC' is not supported on {x.context}: MXNet's own "
-                                 f"Convolution runs NHWC only on GPU; use layout='NCHW' on CPU")
-            if x.ndim != 4:
-                raise ValueError(f"{self.name}: input must be 4-D ({self._layout}), but got input shape {x.shape}")
+            if self._channels_last and x.context.device_type == "cpu":
+                raise ValueError(f"{self.name}: layout={self._layout!r} is not supported on {x.context}: MXNet's "
+                                 f"own Convolution runs channels-last layouts only on GPU; use "
+                                 f"layout={self.LAYOUTS[0]!r} on CPU")
+            if x.ndim != self.rank + 2:
+                raise ValueError(f"{self.name}: input must be {self.rank + 2}-D ({self._layout}), but got input "
+                                 f"shape {x.shape}")
             channels = int(x.shape[self._layout.find("C")])
             if self.in_channels and channels != self.in_channels:
                 raise ValueError(f"{self.name}: input has {channels} channels but in_channels={self.in_channels} "
@@ -299,16 +317,22 @@ class DOConv2D(gluon.HybridBlock):
                 self.infer_shape(x)                                           # (feature composition)
             if self._composition == "auto" and self._auto is None:
                 cfg = self._spec.bind(channels)
-                shape = x.shape if self._layout == "NCHW" else (x.shape[0], x.shape[3], *x.shape[1:3])
+                shape = (x.shape[0], x.shape[-1], *x.shape[1:-1]) if self._channels_last else x.shape
                 self._auto = choose_composition(cfg, shape)
                 self._clear_cached_op()
         return super().forward(x, *args)
 
-    def _conv_kwargs(self, kernel=None, stride=None, pad=None, dilate=None, num_filter=None, num_group=None):
-        a = self._spec
-        return dict(kernel=kernel or a.kernel_size, stride=stride or a.stride, pad=pad or self._padding,
-                    dilate=dilate or a.dilation, num_filter=num_filter or a.out_channels,
+    def _conv_kwargs(self, num_filter=None, num_group=None, pointwise=False):
+        """``Convolution``'s arguments: the layer's, or (``pointwise``) a stride-1 single-tap conv's."""
+        a, ones = self._spec, (1,) * self.rank
+        return dict(kernel=ones if pointwise else a.kernel_size, stride=ones if pointwise else a.stride,
+                    pad=(0,) * self.rank if pointwise else self._padding,
+                    dilate=ones if pointwise else a.dilation, num_filter=num_filter or a.out_channels,
                     num_group=num_group or a.groups, layout=self._layout)
+
+    def _channels_last_kernel(self, F, kernel):
+        """A channels-first kernel (O, I, *k) as MXNet's channels-last Convolution takes it, (O, *k, I)."""
+        return F.transpose(kernel, (0, *range(2, self.rank + 2), 1)) if self._channels_last else kernel
 
     def _identity_fill(self, F, dtype):
         """I_fill (1, MN, S) from eye/tile/zeros (see :func:`doconv.identity_fill`)."""
@@ -323,20 +347,20 @@ class DOConv2D(gluon.HybridBlock):
 
     @property
     def _mn(self) -> int:
-        m, n = self._spec.kernel_size
-        return m * n
+        """The patch length M*N: the product of the kernel sizes."""
+        return int(np.prod(self._spec.kernel_size))
 
     def compose(self, F, W, D, dtype=None):
-        """W' = D^T o W in OIHW (Eq. 3), one ``linalg.gemm2``; ``D`` is the stored delta D'."""
+        """W' = D^T o W in OIHW order (OIW, OIDHW; Eq. 3), one ``linalg.gemm2``; ``D`` is the stored delta D'."""
         a = self._spec
         g, cout, s, mn = a.groups, a.out_channels, a.D_mul, self._mn
-        if D is None:  # 1x1: no D, W' is W
+        if D is None:  # single tap: no D, W' is W
             return F.reshape(W, (0, 0) + a.kernel_size)
         wg = F.reshape(W, (g, cout // g, -1, s))                              # (g, C_out/g, C_in/g, S)
         eye = self._identity_fill(F, dtype or self._dtype)                    # (1, MN, S)
         full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (g, -1, mn, s)), 1, 2)  # D, as (g, MN, C_in/g, S)
         kernel = F.linalg.gemm2(wg, full, transpose_b=True, axis=1)         # (g, C_out/g, C_in/g, MN)
-        return F.reshape(kernel, (cout, -1) + a.kernel_size)            # (C_out, C_in/g, M, N)
+        return F.reshape(kernel, (cout, -1) + a.kernel_size)            # (C_out, C_in/g, *kernel_size)
 
     @property
     def _dtype(self):
@@ -352,7 +376,7 @@ class DOConv2D(gluon.HybridBlock):
 
     def _mode(self) -> str:
         """How this call composes: ``'kernel'`` while C_in is unknown (a hybridized parent's first graph) and
-        for 1x1 layers (no D), else the layer's composition (``'auto'``: its choice, ``'kernel'`` before one)."""
+        for single-tap layers (no D), else the layer's composition (``'auto'``: its choice, ``'kernel'`` before one)."""
         if self.D is None or not self.in_channels:
             return "kernel"
         return self._auto or ("kernel" if self._composition == "auto" else self._composition)
@@ -369,27 +393,25 @@ class DOConv2D(gluon.HybridBlock):
             kernel = _cache.kernel(self, F, x)  # the open cached() scope's W', where this call may read it
             if kernel is None:
                 kernel = self._kernel(F, W, D)
-            if self._layout == "NHWC":  # MXNet's NHWC Convolution takes OHWI kernels
-                kernel = F.transpose(kernel, (0, 2, 3, 1))
+            kernel = self._channels_last_kernel(F, kernel)
             extra = (bias,) if bias is not None else ()
             out = F.Convolution(x, kernel, *extra, no_bias=bias is None, **self._conv_kwargs())
         return self.act(out) if self.act is not None else out
 
     def _feature(self, F, x, W, D, bias, compute):
-        """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped 1x1 conv with W."""
+        """Feature composition (Fig. 3-a): depthwise conv with D into C_in*S channels, grouped pointwise conv
+        with W."""
         cin, a = self.in_channels, self._spec  # known: hybrid_forward composes W' while it is not
-        s, (m, n) = a.D_mul, a.kernel_size
+        s = a.D_mul
         full = F.broadcast_add(D, self._identity_fill(F, "float32" if compute else self._dtype))
-        dk = F.reshape(F.swapaxes(full, 1, 2), (cin * s, 1, m, n))
-        wk = F.reshape(W, (a.out_channels, -1, 1, 1))
+        dk = F.reshape(F.swapaxes(full, 1, 2), (cin * s, 1) + a.kernel_size)
+        wk = F.reshape(W, (a.out_channels, -1) + (1,) * self.rank)
         if compute:
             dk, wk = F.cast(dk, self._dtype), F.cast(wk, self._dtype)
-        if self._layout == "NHWC":
-            dk, wk = F.transpose(dk, (0, 2, 3, 1)), F.transpose(wk, (0, 2, 3, 1))
+        dk, wk = self._channels_last_kernel(F, dk), self._channels_last_kernel(F, wk)
         feat = F.Convolution(x, dk, no_bias=True, **self._conv_kwargs(num_filter=cin * s, num_group=cin))
         extra = (bias,) if bias is not None else ()
-        return F.Convolution(feat, wk, *extra, no_bias=bias is None,
-                             **self._conv_kwargs(kernel=(1, 1), stride=(1, 1), pad=(0, 0), dilate=(1, 1)))
+        return F.Convolution(feat, wk, *extra, no_bias=bias is None, **self._conv_kwargs(pointwise=True))
 
     def _shape_probe(self, F, x, W, D, bias):
         """Zeros of shape (C_out,) that tie the unknown C_in of W and D to the input's (symbol graphs only).
@@ -402,9 +424,9 @@ class DOConv2D(gluon.HybridBlock):
         """
         a = self._spec
         g, cout, s, mn = a.groups, a.out_channels, a.D_mul, self._mn
-        channel = self._layout.find("C")
-        end = tuple(None if axis == channel else 1 for axis in range(4))
-        pixel = F.slice(x, begin=(0, 0, 0, 0), end=end)                               # one pixel, all C_in
+        channel, ndim = self._layout.find("C"), self.rank + 2
+        end = tuple(None if axis == channel else 1 for axis in range(ndim))
+        pixel = F.slice(x, begin=(0,) * ndim, end=end)                                # one pixel, all C_in
         pixel = F.cast(F.reshape(pixel, (g, -1)), "float32")                          # (g, C_in/g)
         first = F.slice_axis(pixel, axis=0, begin=0, end=1)                           # (1, C_in/g)
 
@@ -422,10 +444,11 @@ class DOConv2D(gluon.HybridBlock):
         a = self._spec
         shown = [f"{self.in_channels or None} -> {a.out_channels}", f"kernel_size={a.kernel_size}",
                  f"stride={a.stride}"]
-        for key, value, default in (("padding", self._padding, (0, 0)), ("dilation", a.dilation, (1, 1)),
-                                    ("groups", a.groups, 1)):
+        zeros, ones = (0,) * self.rank, (1,) * self.rank
+        for key, value, default in (("padding", self._padding, zeros), ("dilation", a.dilation, ones),
+                                    ("groups", a.groups, 1), ("layout", self._layout, self.LAYOUTS[0])):
             if value != default:
-                shown.append(f"{key}={value}")
+                shown.append(f"{key}={value!r}")
         if a.D_mul != self._mn:
             shown.append(f"D_mul={a.D_mul}")
         if not a.bias:
@@ -435,3 +458,74 @@ class DOConv2D(gluon.HybridBlock):
         if self.act is not None:
             shown.append(repr(self.act))
         return f"{type(self).__name__}({', '.join(shown)})"
+
+
+class DOConv1D(_DOConv):
+    """DO-Conv over one spatial axis (audio, time series), a drop-in for ``gluon.nn.Conv1D``: input
+    (N, C_in, W), ``weight`` W' (C_out, C_in/g, K), D (C_in, K, D_mul). See :class:`_DOConv`.
+
+    Example::
+
+        layer = DOConv1D(64, 3, padding=2, dilation=2, in_channels=40)
+        layer.initialize()
+        y = layer(mx.nd.ones((8, 40, 128)))         # (8, 64, 128); equal to a Conv1D with W' at init
+    """
+
+    rank, LAYOUTS, plain = 1, ("NCW",), gluon.nn.Conv1D
+
+    def __init__(self, channels, kernel_size, strides=1, padding=0, dilation=1, groups=1, layout="NCW",
+                 activation=None, use_bias=True, weight_initializer=None, bias_initializer="zeros", in_channels=0,
+                 *, D_mul=None, d_init="identity", composition="kernel", depthwise_separable=False, **kwargs):
+        super().__init__(channels, kernel_size, strides, padding, dilation, groups, layout, activation, use_bias,
+                         weight_initializer, bias_initializer, in_channels, D_mul=D_mul, d_init=d_init,
+                         composition=composition, depthwise_separable=depthwise_separable, **kwargs)
+
+
+class DOConv2D(_DOConv):
+    """DO-Conv over two spatial axes, a drop-in for ``gluon.nn.Conv2D``: input (N, C_in, H, W) (``'NHWC'``
+    on GPU), ``weight`` W' (C_out, C_in/g, M, N), D (C_in, M*N, D_mul). See :class:`_DOConv`.
+
+    Example::
+
+        layer = DOConv2D(64, 3, padding=1, in_channels=32)
+        layer.initialize()
+        y = layer(mx.nd.ones((8, 32, 56, 56)))      # (8, 64, 56, 56); equal to a Conv2D with W' at init
+        kernel = layer.weight.data()                # W', (64, 32, 3, 3)
+    """
+
+    rank, LAYOUTS, plain = 2, ("NCHW", "NHWC"), gluon.nn.Conv2D
+
+    def __init__(self, channels, kernel_size, strides=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1,
+                 layout="NCHW", activation=None, use_bias=True, weight_initializer=None, bias_initializer="zeros",
+                 in_channels=0, *, D_mul=None, d_init="identity", composition="kernel", depthwise_separable=False,
+                 **kwargs):
+        super().__init__(channels, kernel_size, strides, padding, dilation, groups, layout, activation, use_bias,
+                         weight_initializer, bias_initializer, in_channels, D_mul=D_mul, d_init=d_init,
+                         composition=composition, depthwise_separable=depthwise_separable, **kwargs)
+
+
+class DOConv3D(_DOConv):
+    """DO-Conv over three spatial axes (video, volumes), a drop-in for ``gluon.nn.Conv3D``: input
+    (N, C_in, D, H, W) (``'NDHWC'`` on GPU), ``weight`` W' (C_out, C_in/g, T, M, N), D (C_in, T*M*N, D_mul).
+    See :class:`_DOConv`.
+
+    Example::
+
+        layer = DOConv3D(32, 3, padding=1, in_channels=16)
+        layer.initialize()
+        y = layer(mx.nd.ones((2, 16, 8, 32, 32)))   # (2, 32, 8, 32, 32); equal to a Conv3D with W' at init
+    """
+
+    rank, LAYOUTS, plain = 3, ("NCDHW", "NDHWC"), gluon.nn.Conv3D
+
+    def __init__(self, channels, kernel_size, strides=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1,
+                 layout="NCDHW", activation=None, use_bias=True, weight_initializer=None, bias_initializer="zeros",
+                 in_channels=0, *, D_mul=None, d_init="identity", composition="kernel", depthwise_separable=False,
+                 **kwargs):
+        super().__init__(channels, kernel_size, strides, padding, dilation, groups, layout, activation, use_bias,
+                         weight_initializer, bias_initializer, in_channels, D_mul=D_mul, d_init=d_init,
+                         composition=composition, depthwise_separable=depthwise_separable, **kwargs)
+
+
+#: The DO-Conv layer of each rank (``layer_from_config`` picks by ``config.rank``).
+LAYERS = {cls.rank: cls for cls in (DOConv1D, DOConv2D, DOConv3D)}

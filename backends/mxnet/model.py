@@ -1,4 +1,5 @@
-"""Whole models: ``convert`` every spatial ``gluon.nn.Conv2D`` to ``DOConv2D``, ``fold`` them back.
+"""Whole models: ``convert`` every spatial ``gluon.nn.Conv1D`` / ``Conv2D`` / ``Conv3D`` to ``DOConv1D`` /
+``DOConv2D`` / ``DOConv3D``, ``fold`` them back.
 
 Each converted layer starts at W' = the conv's kernel exactly (:func:`doconv.params_for_kernel`), so the
 converted net computes what the original computed until training moves D; ``fold`` gives the baseline's
@@ -23,7 +24,7 @@ from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport,
 from ._mx import gluon, mx
 from .cache import check_model, unscoped
 from .io import get_params, named_blocks, param_contexts, set_params
-from .layer import DOConv2D
+from .layer import LAYERS, _DOConv
 
 
 # ---- walking a network -------------------------------------------------------------------------------
@@ -98,9 +99,15 @@ def _count(block: gluon.Block) -> int:
     return sum(int(np.prod(p.shape)) for p in block.collect_params().values() if p.shape is not None)
 
 
+def _single_tap(kernel) -> bool:
+    return all(int(k) == 1 for k in kernel)
+
+
 def _kind(block: gluon.Block) -> str:
+    """The report's ``kind``: the block's type, with its kernel when that is a single tap ('Conv2D 1x1')."""
     kernel = getattr(block, "_kwargs", {}).get("kernel")
-    return type(block).__name__ + (" 1x1" if kernel is not None and tuple(kernel) == (1, 1) else "")
+    single = kernel is not None and _single_tap(kernel)
+    return type(block).__name__ + (" " + "x".join(map(str, kernel)) if single else "")
 
 
 def _shared_note(decision, reason: str = "") -> str:
@@ -115,18 +122,23 @@ def _refuse(error: Exception, what: str, path: str, done: str):
 
 # ---- convert -----------------------------------------------------------------------------------------
 
+#: The DO-Conv layer that replaces each Gluon convolution.
+REPLACES = {cls.plain: cls for cls in LAYERS.values()}
+TRANSPOSED = (gluon.nn.Conv1DTranspose, gluon.nn.Conv2DTranspose, gluon.nn.Conv3DTranspose)
 #: The convolution-like blocks every report lists.
-CONVOLUTIONS = (gluon.nn.Conv2D, gluon.nn.Conv2DTranspose)
+CONVOLUTIONS = (*REPLACES, *TRANSPOSED)
 
 
 def _candidate(path: str, block: gluon.Block) -> Candidate:
-    """What ``convert`` may do with the block at ``path``: convert it, keep it (1x1, transposed) or skip it."""
-    if isinstance(block, gluon.nn.Conv2DTranspose):
+    """What ``convert`` may do with the block at ``path``: convert it, keep it (single tap, transposed) or
+    skip it."""
+    if isinstance(block, TRANSPOSED):
         return Candidate(path, id(block), block, "transposed convolution")
-    if type(block) is not gluon.nn.Conv2D:
-        return Candidate(path, id(block), block, "gluon.nn.Conv2D subclass: its hybrid_forward may differ",
+    if type(block) not in REPLACES:
+        base = next(plain for plain in REPLACES if isinstance(block, plain))
+        return Candidate(path, id(block), block, f"gluon.nn.{base.__name__} subclass: its hybrid_forward may differ",
                          "skipped")
-    if tuple(block._kwargs["kernel"]) == (1, 1):
+    if _single_tap(block._kwargs["kernel"]):
         return Candidate(path, id(block), block, "pointwise: DO-Conv has no D")
     return Candidate(path, id(block), block)
 
@@ -143,10 +155,10 @@ def _dumps(init):
 
 @mx.init.register
 class KernelInit(mx.init.Initializer):
-    """Initialiser of W that draws W' as a ``gluon.nn.Conv2D`` draws its weight (what ``convert`` gives W).
+    """Initialiser of W that draws W' as a Gluon convolution draws its weight (what ``convert`` gives W).
 
     ``init`` (the conv weight's own initializer, or None for the one passed to ``initialize()``) fills a
-    (C_out, C_in/g, M, N) kernel under the conv weight's ``name`` -- its shape, so its fan, and its name --
+    (C_out, C_in/g, *kernel_size) kernel under the conv weight's ``name`` -- its shape, so its fan, and its name --
     and W holds that kernel as :func:`doconv.params_for_kernel` does: W' = the kernel at D' = 0.
     """
 
@@ -157,27 +169,28 @@ class KernelInit(mx.init.Initializer):
     def _init_weight(self, desc, arr):
         outer = getattr(desc, "global_init", None) or mx.init.Uniform()
         cout, per_group, s = arr.shape
-        config = doconv.DOConvConfig(per_group * self.groups, cout, self.kernel_size, groups=self.groups, D_mul=s)
+        config = doconv.DOConvConfig(per_group * self.groups, cout, self.kernel_size, groups=self.groups, D_mul=s,
+                                     rank=len(self.kernel_size))
         kernel = mx.nd.zeros(config.kernel_shape, dtype=arr.dtype)
         mx.init.create(outer)(mx.init.InitDesc(self.conv_name, {"__init__": self.conv_init or outer}), kernel)
         arr[:] = doconv.params_for_kernel(kernel.asnumpy(), config).W
 
 
-def _conv_args(conv: gluon.nn.Conv2D) -> dict:
+def _conv_args(conv: gluon.Block) -> dict:
     k = conv._kwargs
     return dict(channels=k["num_filter"], kernel_size=tuple(k["kernel"]), strides=tuple(k["stride"]),
                 padding=tuple(k["pad"]), dilation=tuple(k["dilate"]), groups=k["num_group"], layout=k["layout"],
                 activation=conv.act._act_type if conv.act is not None else None, use_bias=not k["no_bias"])
 
 
-def _carry_settings(new: DOConv2D, conv: gluon.nn.Conv2D) -> None:
+def _carry_settings(new: _DOConv, conv: gluon.Block) -> None:
     """The conv weight's grad_req / lr_mult / wd_mult on W and D (a frozen conv stays frozen), its bias's on bias."""
     for param, old in ((new.W, conv.weight), (new.D, conv.weight), (new.bias, conv.bias)):
         if param is not None and old is not None:
             param.grad_req, param.lr_mult, param.wd_mult = old.grad_req, old.lr_mult, old.wd_mult
 
 
-def _initialise_like(new: DOConv2D, conv: gluon.nn.Conv2D) -> bool:
+def _initialise_like(new: _DOConv, conv: gluon.Block) -> bool:
     """Initialise ``new`` where the conv's weight lives, with its dtype; False if the conv held no data yet.
 
     A conv still deferred (``initialize(init)`` ran, C_in unknown) leaves its pending initializers to ``new``:
@@ -200,15 +213,16 @@ def _initialise_like(new: DOConv2D, conv: gluon.nn.Conv2D) -> bool:
     return conv.weight._deferred_init == ()  # initialised with a known shape: data to copy
 
 
-def _converted(conv: gluon.nn.Conv2D, path: str, shared: Optional[DOConv2D], D_mul, d_init, composition):
-    """The DOConv2D for ``conv`` (sharing ``shared``'s parameters, if any) and whether it holds the conv's data."""
+def _converted(conv: gluon.Block, path: str, shared: Optional[_DOConv], D_mul, d_init, composition):
+    """The DO-Conv layer for ``conv`` (sharing ``shared``'s parameters, if any) and whether it holds the conv's
+    data."""
     args = _conv_args(conv)
     cin = conv.weight.shape[1] * args["groups"]
     bias = {} if conv.bias is None else {"bias_initializer": conv.bias.init}
-    new = DOConv2D(**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
-                   weight_initializer=KernelInit(conv.weight.init, conv.weight.name, args["kernel_size"],
-                                                 args["groups"]),
-                   prefix=conv.prefix, params=None if shared is None else shared.params, **bias)
+    new = REPLACES[type(conv)](**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
+                               weight_initializer=KernelInit(conv.weight.init, conv.weight.name,
+                                                             args["kernel_size"], args["groups"]),
+                               prefix=conv.prefix, params=None if shared is None else shared.params, **bias)
     if shared is not None:
         return new, False
     _carry_settings(new, conv)
@@ -222,7 +236,7 @@ def _converted(conv: gluon.nn.Conv2D, path: str, shared: Optional[DOConv2D], D_m
     return new, with_data
 
 
-def _layer_text(layer: DOConv2D) -> str:
+def _layer_text(layer: _DOConv) -> str:
     """The report's ``layer`` column: the config as ``repr(config)`` with its kind, or the spec while C_in is
     deferred."""
     if layer.in_channels:
@@ -233,16 +247,19 @@ def _layer_text(layer: DOConv2D) -> str:
 
 def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, exclude=None,
             composition="kernel", inplace=False) -> Tuple[gluon.Block, ConversionReport]:
-    """Replace every non-pointwise ``gluon.nn.Conv2D`` of ``model`` by a ``DOConv2D`` keeping its weights.
+    """Replace every non-pointwise ``gluon.nn.Conv1D`` / ``Conv2D`` / ``Conv3D`` of ``model`` by a ``DOConv1D`` /
+    ``DOConv2D`` / ``DOConv3D`` keeping its weights.
 
     Each converted layer starts at W' = the conv's kernel exactly (:func:`doconv.params_for_kernel`), so
     outputs are unchanged. Returns ``(model, report)``, a :class:`doconv.contract.ConversionReport` with a
-    row per ``Conv2D`` / ``Conv2DTranspose`` path: converted, kept (1x1: no D; transposed convolutions; not
-    included / excluded) or skipped (``Conv2D`` subclasses, whose ``hybrid_forward`` may differ).
+    row per convolution or transposed convolution path (any rank): converted, kept (single tap: no D;
+    transposed convolutions; not included / excluded) or skipped (subclasses of the Gluon convolutions, whose
+    ``hybrid_forward`` may differ).
 
     ``inplace=False`` (default) converts a deep copy (own arrays, the original's parameter names) and leaves
     ``model`` as it was; a net that cannot be deep-copied is a ValueError asking for ``inplace=True``, which
-    changes ``model`` and returns it (a bare ``Conv2D`` is returned as a new ``DOConv2D`` either way).
+    changes ``model`` and returns it (a bare ``Conv2D`` is returned as a new ``DOConv2D`` either way, and
+    likewise in 1-D and 3-D).
 
     **Build the Trainer after convert.** The converted layers' W, D and bias are new Parameters: a
     ``gluon.Trainer`` made before ``convert`` holds the conv weights that no longer run and does not train
@@ -251,9 +268,9 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
 
     ``include`` / ``exclude``: glob patterns over block paths (or lists of them, or a callable
     ``(path, block) -> bool``); a pattern that matches no path is a ValueError. Sharing survives: a block
-    used at several paths becomes one DOConv2D at all of them (include / exclude must select all of its paths
-    or none), and blocks sharing parameters (``params=``) become DOConv2Ds sharing W, D and bias. A conv
-    whose weight is not initialised yet becomes a deferred DOConv2D that is initialised as the conv would have
+    used at several paths becomes one DO-Conv layer at all of them (include / exclude must select all of its
+    paths or none), and blocks sharing parameters (``params=``) become DO-Conv layers sharing W, D and bias. A
+    conv whose weight is not initialised yet becomes a deferred DO-Conv layer that is initialised as the conv would have
     been (the conv's initializers, pending or its own, draw W' and bias). W and D take the conv weight's
     ``grad_req``, ``lr_mult`` and ``wd_mult``, bias the conv bias's. ``d_init='random'`` re-initialises D (and
     so changes the outputs). The options and every layer are checked before anything is swapped: an error
@@ -323,14 +340,14 @@ def _check_trainer(trainer) -> None:
     if stale:
         warnings.warn(f"this gluon.Trainer holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}, the "
                       f"weight of {len(stale)} convolution(s) that doconv.mxnet.convert replaced, and no gradient "
-                      f"reached them since: the DOConv2D layers' W, D and bias are new Parameters that this Trainer "
+                      f"reached them since: the DO-Conv layers' W, D and bias are new Parameters that this Trainer "
                       f"does not hold, so it does not train them. Build the Trainer after convert "
                       f"(gluon.Trainer(net.collect_params(), ...))", UserWarning, stacklevel=3)
 
 
 # ---- fold --------------------------------------------------------------------------------------------
 
-def _check_foldable(layer: DOConv2D, path: str) -> None:
+def _check_foldable(layer: _DOConv, path: str) -> None:
     if not layer.in_channels:
         _refuse(ValueError("in_channels is not known yet (in_channels=0 and no input seen)"), "fold", path, "folded")
     if layer.W._data is None:
@@ -338,13 +355,14 @@ def _check_foldable(layer: DOConv2D, path: str) -> None:
                 "fold", path, "folded")
 
 
-def _folded(layer: DOConv2D) -> gluon.nn.Conv2D:
-    """The ``gluon.nn.Conv2D`` holding the layer's W' and bias, on its contexts, in its dtype and prefix."""
+def _folded(layer: _DOConv) -> gluon.HybridBlock:
+    """The plain Gluon convolution of the layer's rank (``layer.plain``) holding its W' and bias, on its
+    contexts, in its dtype and prefix."""
     config, spec = layer.config, layer.spec
-    conv = gluon.nn.Conv2D(spec.out_channels, spec.kernel_size, strides=spec.stride, padding=layer.padding,
-                           dilation=spec.dilation, groups=spec.groups, layout=layer.layout,
-                           activation=layer.activation, use_bias=spec.bias, in_channels=config.in_channels,
-                           prefix=layer.prefix)
+    conv = layer.plain(spec.out_channels, spec.kernel_size, strides=spec.stride, padding=layer.padding,
+                       dilation=spec.dilation, groups=spec.groups, layout=layer.layout,
+                       activation=layer.activation, use_bias=spec.bias, in_channels=config.in_channels,
+                       prefix=layer.prefix)
     conv.cast(layer.W.dtype)
     conv.initialize(ctx=layer.W.list_ctx())
     kernel, bias = doconv.fold(get_params(layer), config)
@@ -356,28 +374,30 @@ def _folded(layer: DOConv2D) -> gluon.nn.Conv2D:
 
 
 def fold(model: gluon.Block, *, inplace=False) -> Tuple[gluon.Block, ConversionReport]:
-    """Replace every ``DOConv2D`` of ``model`` by a plain ``gluon.nn.Conv2D`` holding W' and bias.
+    """Replace every ``DOConv1D`` / ``DOConv2D`` / ``DOConv3D`` of ``model`` by a plain ``gluon.nn.Conv1D`` /
+    ``Conv2D`` / ``Conv3D`` holding W' and bias.
 
     The folded net has the baseline's parameters and cost (paper Section 3). Returns ``(model, report)``
-    (a row 'folded' per DOConv2D path); the model is a deep copy unless ``inplace=True`` (as for
-    :func:`convert`); a bare ``DOConv2D`` gives its ``Conv2D``. A DOConv2D used at several paths becomes one
-    Conv2D held at all of them. Every layer is checked (C_in known, initialised) before any is replaced: an
+    (a row 'folded' per DO-Conv path); the model is a deep copy unless ``inplace=True`` (as for
+    :func:`convert`); a bare ``DOConv2D`` gives its ``Conv2D``. A layer used at several paths becomes one
+    convolution held at all of them. Every layer is checked (C_in known, initialised) before any is replaced: an
     error names the block path and leaves the model as it was.
     """
     model, inplace = _start(model, inplace)
-    for path, layer in _paths(model, DOConv2D):
+    for path, layer in _paths(model, _DOConv):
         _check_foldable(layer, path)
     work = model if inplace else _copy(model)
     places = _places(work)
     report, convs, first, swaps = ConversionReport(), {}, {}, []
-    for path, layer in _paths(work, DOConv2D):
+    for path, layer in _paths(work, _DOConv):
         shared = first.setdefault(id(layer), path)
         if shared == path:
             convs[path] = _folded(layer)
         conv = convs[shared]
         _, parent, key = places[path]
         swaps.append((parent, key, conv))
-        report.append(ReportRow(path, "DOConv2D", "folded", "Conv2D", _count(layer), _count(conv), layer.spec.D_mul,
+        report.append(ReportRow(path, type(layer).__name__, "folded", type(conv).__name__, _count(layer),
+                                _count(conv), layer.spec.D_mul,
                                 "" if shared == path else f"same block as {shared!r} (shared)",
                                 "" if shared == path else shared))
     return _swap(work, swaps), report

@@ -1,4 +1,5 @@
-"""``cached(model)``: the one way a ``DOConv2D`` reuses a composed kernel, explicit and scoped.
+"""``cached(model)``: the one way a DO-Conv layer (``DOConv1D``/``2D``/``3D``) reuses a composed kernel, explicit
+and scoped.
 
 Outside this context every call composes W' = D^T o W from the variables as they are at that call.
 No implicit cache is correct in Keras: ``layer.stateless_call`` (and ``Model.stateless_call``) computes
@@ -84,12 +85,12 @@ def held_for_call(layer, training) -> Optional[_Held]:
     """``layer``'s entry when an open scope holds it and this call may read the kernel, else None.
 
     A call may read it when it needs no gradient and is not traced: see the module doc."""
+    # The layer's identity last: a compiler tracing the call (torch.compile) then guards on none of it,
+    # and one compiled graph serves every layer of a shape.
+    if not _HELD or training or in_stateless_scope() or in_symbolic_scope() or _traced_or_differentiated():
+        return None
     held = _HELD.get(id(layer))
-    if held is None or held.layer is not layer or training:
-        return None
-    if in_stateless_scope() or in_symbolic_scope() or _traced_or_differentiated():
-        return None
-    return held
+    return held if held is not None and held.layer is layer else None
 
 
 def drop(layer) -> None:
@@ -102,7 +103,7 @@ def drop(layer) -> None:
 @contextlib.contextmanager
 def cached(model):
     """Within the block, every DO-Conv layer of ``model`` (a model, a layer containing some, or a
-    ``DOConv2D``) composes its kernel once and reuses it; the caller promises not to write W or D
+    DO-Conv layer) composes its kernel once and reuses it; the caller promises not to write W or D
     meanwhile. Leaving the outermost scope (also by an exception) drops the kernels.
 
     Only eager calls that need no gradient read the kept kernel: ``training`` not true, no recording

@@ -1,7 +1,8 @@
-"""The initializers of ``DOConv2D``'s variables, in the layer's storage layout.
+"""The initializers of a DO-Conv layer's variables (any rank), in the layer's storage layout.
 
 - :class:`DeltaInitializer`: the delta D' = D - I_fill (zeros for the paper's identity init);
-- :class:`ChannelMajorInitializer`: W from a Conv2D-style ``kernel_initializer``, stored input-channel major.
+- :class:`ChannelMajorInitializer`: W from a ``Conv{rank}D``-style ``kernel_initializer``, stored input-channel
+  major.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ class DeltaInitializer(initializers.Initializer):
 
 
 class ChannelMajorInitializer(initializers.Initializer):
-    """``initializer`` called with W's Conv2D-like shape (S, C_in/g, filters), stored as (C_in/g, S, filters).
+    """``initializer`` called with W's convolution-like shape (S, C_in/g, filters), stored as (C_in/g, S, filters).
 
     Its result is cast to the variable's dtype (a plain callable may return float64 NumPy, as
-    ``Conv2D`` accepts). A Conv2D-shaped kernel (M, N, C_in/g, filters), e.g. from
+    ``Conv2D`` accepts). A convolution-shaped kernel (*kernel_size, C_in/g, filters), e.g. from
     ``keras.initializers.Constant(conv.kernel)``, is accepted when D_mul = M*N: reshaped to
     (M*N, C_in/g, filters), so that at identity D init W' is that kernel (``W[i*N + j] = kernel[i, j]``).
     Any other shape is a ValueError naming ``kernel_initializer`` and the shapes it may return.
@@ -43,7 +44,7 @@ class ChannelMajorInitializer(initializers.Initializer):
     def __call__(self, shape, dtype=None):
         cin, S, filters = shape
         want, conv_shape = (S, cin, filters), (*self.kernel_size, cin, filters)
-        conv_maps = S == int(np.prod(self.kernel_size))  # a Conv2D-shaped kernel is W itself (D_mul = M*N)
+        conv_maps = S == int(np.prod(self.kernel_size))  # a conv-shaped kernel is W itself (D_mul = MN)
         call_shape = want
         array = isinstance(self.initializer, initializers.Constant) and np.ndim(self.initializer.value) > 0
         if array:  # Constant broadcasts its value to the shape it is asked for: ask for the value's own shape
@@ -60,8 +61,9 @@ class ChannelMajorInitializer(initializers.Initializer):
         return ops.transpose(value, (1, 0, 2))
 
     def _shape_error(self, got, want, conv_shape, conv_maps):
-        conv = (f" or Conv2D's kernel shape {conv_shape}" if conv_maps else
-                f" (a Conv2D kernel of shape {conv_shape} maps onto W only when D_mul = M*N)")
-        return ValueError(f"Invalid `kernel_initializer` for DOConv2D: it must produce W of shape "
+        name = f"Conv{len(self.kernel_size)}D"
+        conv = (f" or {name}'s kernel shape {conv_shape}" if conv_maps else
+                f" (a {name} kernel of shape {conv_shape} maps onto W only when D_mul = M*N)")
+        return ValueError(f"Invalid `kernel_initializer` for DO{name}: it must produce W of shape "
                           f"(D_mul, C_in/groups, filters) = {want}{conv}, but it produced shape {tuple(got)}. "
                           f"Received: kernel_initializer={self.initializer!r}")

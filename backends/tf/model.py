@@ -7,16 +7,18 @@ copied from their config (Keras' ``get_config`` / ``from_config``, as ``clone_mo
 and changed through the attributes that hold their layers (``self.conv``, lists, tuples and dicts of
 layers); ``inplace=True`` changes such a model itself.
 
-- :func:`convert`: every ``Conv2D`` (not 1x1) becomes a :class:`DOConv2D`, every ``DepthwiseConv2D`` a
-  DO-DConv (``groups = C_in``) and every ``SeparableConv2D`` a DO-DConv followed by its pointwise 1x1
-  ``Conv2D`` (its depthwise part is DO-DConv's case, paper Section 3), each carrying the original kernel
-  exactly (:func:`doconv.params_for_kernel`: W = kernel, D = I_fill; Section 4), so outputs are identical
-  at identity init. The report (:class:`doconv.contract.ConversionReport`) has a row for every
-  convolution-like layer: converted, kept (1x1, transposed, 1-D and 3-D convolutions, include/exclude)
-  or skipped (subclasses, whose ``call`` may differ).
-- :func:`fold`: every :class:`DOConv2D` becomes the plain ``Conv2D`` / ``DepthwiseConv2D`` holding its
-  composed kernel W' (Section 3, "Training and inference"): the baseline's parameter count and inference
-  cost, savable as ``.keras`` and exportable with ``model.export()``.
+- :func:`convert`: every ``Conv1D`` / ``Conv2D`` / ``Conv3D`` (not 1x1) becomes a :class:`DOConv1D` /
+  :class:`DOConv2D` / :class:`DOConv3D`, every ``DepthwiseConv1D`` / ``DepthwiseConv2D`` a DO-DConv
+  (``groups = C_in``) and every ``SeparableConv1D`` / ``SeparableConv2D`` a DO-DConv followed by its
+  pointwise 1x1 convolution (its depthwise part is DO-DConv's case, paper Section 3), each carrying the
+  original kernel exactly (:func:`doconv.params_for_kernel`: W = kernel, D = I_fill; Section 4), so outputs
+  are identical at identity init. The report (:class:`doconv.contract.ConversionReport`) has a row for
+  every convolution-like layer: converted, kept (1x1, transposed convolutions, include/exclude) or skipped
+  (subclasses, whose ``call`` may differ).
+- :func:`fold`: every DO-Conv layer becomes the plain convolution of its rank (``Conv1D``/``Conv2D``/
+  ``Conv3D``, or the depthwise one) holding its composed kernel W' (Section 3, "Training and inference"):
+  the baseline's parameter count and inference cost, savable as ``.keras`` and exportable with
+  ``model.export()``.
 """
 
 from __future__ import annotations
@@ -30,20 +32,21 @@ from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport,
                              check_convert_D_mul, check_D_mul, plan)
 
 from .folded import SPLICE, build_shape, spliceable
-from .layer import DOConv2D, get_params, layer_config, set_params
+from .layer import LAYERS, BaseDOConv, get_params, layer_config, set_params
 
 L = keras.layers
 #: What ``convert`` reports: every convolution-like layer of Keras, and DO-Conv's own.
 CONV_LIKE = (L.Conv1D, L.Conv2D, L.Conv3D, L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose,
-             L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D, DOConv2D)
-#: The layers ``convert`` replaces (exactly these types: a subclass's ``call`` may differ).
-CONVERTIBLE = (L.Conv2D, L.DepthwiseConv2D, L.SeparableConv2D)
+             L.DepthwiseConv1D, L.DepthwiseConv2D, L.SeparableConv1D, L.SeparableConv2D, BaseDOConv)
+#: The plain, depthwise and separable convolutions ``convert`` replaces (exactly these types: a subclass's
+#: ``call`` may differ). Keras has no 3-D depthwise or separable layer.
+CONVS, DEPTHWISE, SEPARABLE = (L.Conv1D, L.Conv2D, L.Conv3D), (L.DepthwiseConv1D, L.DepthwiseConv2D), \
+    (L.SeparableConv1D, L.SeparableConv2D)
+CONVERTIBLE = CONVS + DEPTHWISE + SEPARABLE
 #: Convolution-like layers kept by design, and why.
-KEPT = ((DOConv2D, "already DO-Conv"),
+KEPT = ((BaseDOConv, "already DO-Conv"),
         ((L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose),
-         "transposed convolution: DO-Conv over-parameterizes forward convolutions"),
-        ((L.Conv1D, L.DepthwiseConv1D, L.SeparableConv1D), "1-D convolution: doconv.tf has 2-D layers"),
-        (L.Conv3D, "3-D convolution: doconv.tf has 2-D layers"))
+         "transposed convolution: DO-Conv over-parameterizes forward convolutions"))
 
 
 def check_model(model, what: str = "model"):
@@ -147,10 +150,11 @@ def _paths(model) -> list:
 
 
 def doconv_layers(model) -> dict:
-    """``{path: DOConv2D}`` of ``model``, each layer once (a bare layer under its name)."""
+    """``{path: layer}`` of the DO-Conv layers (any rank) of ``model``, each layer once (a bare layer under its
+    name)."""
     out, seen = {}, set()
     for path, layer in _paths(check_model(model)):
-        if isinstance(layer, DOConv2D) and id(layer) not in seen:
+        if isinstance(layer, BaseDOConv) and id(layer) not in seen:
             seen.add(id(layer))
             out[path] = layer
     return out
@@ -273,7 +277,8 @@ def _transform(model, replacements: dict, inplace: bool):
 
 def _kind(layer) -> str:
     size = getattr(layer, "kernel_size", None)
-    return type(layer).__name__ + (" 1x1" if size is not None and all(k == 1 for k in size) else "")
+    pointwise = size is not None and all(k == 1 for k in size)
+    return type(layer).__name__ + (" " + "x".join("1" * len(size)) if pointwise else "")
 
 
 def _candidate(path: str, layer) -> Candidate:
@@ -293,24 +298,25 @@ def _candidate(path: str, layer) -> Candidate:
 
 def _in_channels(layer) -> int:
     shape = tuple((layer.depthwise_kernel if hasattr(layer, "depthwise_kernel") else layer.kernel).shape)
-    return shape[2] * getattr(layer, "groups", 1)
+    return shape[-2] * getattr(layer, "groups", 1)  # kernels are (*kernel_size, C_in/g, filters) or (..., C_in, m)
 
 
 def _do_layer(layer, *, name, filters, groups, kernel_oihw, bias, prefix, use_bias, activation, activity_regularizer,
               D_mul, d_init, composition):
-    """A built DOConv2D with ``layer``'s geometry holding ``kernel_oihw`` (+ ``bias``) at identity D."""
-    new = DOConv2D(filters, layer.kernel_size, layer.strides, layer.padding, layer.data_format, layer.dilation_rate,
-                   groups, activation=activation, use_bias=use_bias,
-                   kernel_initializer=getattr(layer, f"{prefix}_initializer"),
-                   bias_initializer=layer.bias_initializer,
-                   kernel_regularizer=getattr(layer, f"{prefix}_regularizer"),
-                   bias_regularizer=layer.bias_regularizer,
-                   activity_regularizer=activity_regularizer,
-                   kernel_constraint=getattr(layer, f"{prefix}_constraint"), bias_constraint=layer.bias_constraint,
-                   D_mul=D_mul, d_init=d_init, composition=composition, name=name, dtype=layer.dtype_policy,
-                   trainable=layer.trainable)
+    """A built DO-Conv layer of ``layer``'s rank and geometry holding ``kernel_oihw`` (+ ``bias``) at identity D."""
+    cls = LAYERS[layer.rank]
+    new = cls(filters, layer.kernel_size, layer.strides, layer.padding, layer.data_format, layer.dilation_rate,
+              groups, activation=activation, use_bias=use_bias,
+              kernel_initializer=getattr(layer, f"{prefix}_initializer"),
+              bias_initializer=layer.bias_initializer,
+              kernel_regularizer=getattr(layer, f"{prefix}_regularizer"),
+              bias_regularizer=layer.bias_regularizer,
+              activity_regularizer=activity_regularizer,
+              kernel_constraint=getattr(layer, f"{prefix}_constraint"), bias_constraint=layer.bias_constraint,
+              D_mul=D_mul, d_init=d_init, composition=composition, name=name, dtype=layer.dtype_policy,
+              trainable=layer.trainable)
     cin = _in_channels(layer)
-    new.build(build_shape(layer.data_format, cin))
+    new.build(build_shape(layer.data_format, cin, layer.rank))
     params = doconv.params_for_kernel(kernel_oihw, layer_config(new), bias)
     if d_init == "random":
         params.D = get_params(new).D  # the new layer's own He-normal draw; W and bias stay the original's
@@ -323,38 +329,39 @@ def _numpy(variable):
 
 
 def replacement(layer, *, D_mul=None, d_init="identity", composition="kernel"):
-    """The built DO-Conv layer (a Sequential for ``SeparableConv2D``) computing what ``layer`` computes at
-    identity init: ``Conv2D`` -> :class:`DOConv2D`, ``DepthwiseConv2D`` -> DO-DConv, ``SeparableConv2D`` ->
-    ``Sequential([DO-DConv (its depthwise part), Conv2D 1x1 (its pointwise part, bias, activation)])``."""
+    """The built DO-Conv layer (a Sequential for a separable one) computing what ``layer`` computes at
+    identity init: ``Conv{r}D`` -> ``DOConv{r}D``, ``DepthwiseConv{r}D`` -> DO-DConv, ``SeparableConv{r}D`` ->
+    ``Sequential([DO-DConv (its depthwise part), Conv{r}D 1x1 (its pointwise part, bias, activation)])``."""
     options = dict(D_mul=D_mul, d_init=d_init, composition=composition)
     last = dict(use_bias=layer.use_bias, activation=layer.activation, activity_regularizer=layer.activity_regularizer)
     bias = _numpy(layer.bias) if layer.use_bias else None
     cin = _in_channels(layer)
-    if isinstance(layer, L.Conv2D):
+    if isinstance(layer, CONVS):
         return _do_layer(layer, name=layer.name, filters=layer.filters, groups=layer.groups, prefix="kernel",
                          kernel_oihw=layouts.hwio_to_oihw(_numpy(layer.kernel)), bias=bias, **last, **options)
-    separable = isinstance(layer, L.SeparableConv2D)
+    separable = isinstance(layer, SEPARABLE)
     depthwise = layouts.depthwise_hwcm_to_oihw(_numpy(layer.depthwise_kernel if separable else layer.kernel))
-    if isinstance(layer, L.DepthwiseConv2D):
+    if isinstance(layer, DEPTHWISE):
         return _do_layer(layer, name=layer.name, filters=cin * layer.depth_multiplier, groups=cin,
                          prefix="depthwise", kernel_oihw=depthwise, bias=bias, **last, **options)
     first = _do_layer(layer, name=f"{layer.name}_depthwise", filters=cin * layer.depth_multiplier, groups=cin,
                       prefix="depthwise", kernel_oihw=depthwise, bias=None, use_bias=False, activation=None,
                       activity_regularizer=None, **options)
-    pointwise = L.Conv2D(layer.filters, 1, data_format=layer.data_format, activation=layer.activation,
-                         use_bias=layer.use_bias, kernel_initializer=layer.pointwise_initializer,
-                         bias_initializer=layer.bias_initializer, kernel_regularizer=layer.pointwise_regularizer,
-                         bias_regularizer=layer.bias_regularizer, activity_regularizer=layer.activity_regularizer,
-                         kernel_constraint=layer.pointwise_constraint, bias_constraint=layer.bias_constraint,
-                         name=f"{layer.name}_pointwise", dtype=layer.dtype_policy, trainable=layer.trainable)
-    pointwise.build(build_shape(layer.data_format, first.filters))
+    conv = getattr(L, f"Conv{layer.rank}D")
+    pointwise = conv(layer.filters, 1, data_format=layer.data_format, activation=layer.activation,
+                     use_bias=layer.use_bias, kernel_initializer=layer.pointwise_initializer,
+                     bias_initializer=layer.bias_initializer, kernel_regularizer=layer.pointwise_regularizer,
+                     bias_regularizer=layer.bias_regularizer, activity_regularizer=layer.activity_regularizer,
+                     kernel_constraint=layer.pointwise_constraint, bias_constraint=layer.bias_constraint,
+                     name=f"{layer.name}_pointwise", dtype=layer.dtype_policy, trainable=layer.trainable)
+    pointwise.build(build_shape(layer.data_format, first.filters, layer.rank))
     pointwise.set_weights([_numpy(layer.pointwise_kernel)] + ([bias] if layer.use_bias else []))
-    return spliceable([first, pointwise], layer.name, cin, layer.data_format)
+    return spliceable([first, pointwise], layer.name, cin, layer.data_format, layer.rank)
 
 
 def _describe(new) -> str:
     """The report's ``layer`` cell: the DO-Conv config (kind instead of 'DOConvConfig'), or the plain layers."""
-    if isinstance(new, DOConv2D):
+    if isinstance(new, BaseDOConv):
         return repr(layer_config(new)).replace("DOConvConfig", layer_config(new).kind)
     if isinstance(new, keras.Sequential):
         return " + ".join(_describe(sub) for sub in new.layers)
@@ -380,7 +387,7 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
         include, exclude: layer paths or glob patterns (``'conv*'``, ``'block.*'``; ``fnmatch`` rules), a
             collection of them, or a callable ``(path, layer) -> bool``. A pattern that matches no path of
             the model is a ValueError (a typo would otherwise be silently ignored).
-        composition: passed to every :class:`DOConv2D` (default ``'kernel'``).
+        composition: passed to every DO-Conv layer made (default ``'kernel'``).
         inplace: False (the default) leaves ``model`` untouched. True changes a subclassed model or custom
             layer itself; for a Sequential or functional model it is a ValueError (Keras rebuilds those).
 
@@ -410,7 +417,7 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
             except (TypeError, ValueError) as error:
                 raise type(error)(f"layer {d.path!r} ({type(layer).__name__}): {error}") from error
         new = made[d.first]
-        do = next(sub for sub in new._flatten_layers(include_self=True) if isinstance(sub, DOConv2D))
+        do = next(sub for sub in new._flatten_layers(include_self=True) if isinstance(sub, BaseDOConv))
         report.append(ReportRow(d.path, kind, "converted", _describe(new), layer.count_params(), new.count_params(),
                                 layer_config(do).D_mul, _note(d), d.shared_with))
     replacements = {d.path: made[d.first] for d in decisions if d.action == "converted"}
@@ -420,7 +427,7 @@ def convert(model, *, D_mul=None, d_init="identity", include=None, exclude=None,
 # ---- fold -------------------------------------------------------------------------------------
 
 def fold(model, *, inplace=False):
-    """Every :class:`DOConv2D` of ``model`` replaced by its folded plain convolution (:meth:`DOConv2D.fold`);
+    """Every DO-Conv layer of ``model`` replaced by its folded plain convolution (:meth:`BaseDOConv.fold`);
     returns ``(new_model, report)``, a row per folded layer path. ``inplace`` as in :func:`convert`.
 
     A ``channels_first`` layer on the TensorFlow backend folds to ``Permute``, the plain layer in
@@ -430,15 +437,15 @@ def fold(model, *, inplace=False):
     inplace = _check_inplace(check_model(model), inplace)
     report, made, first = ConversionReport(), {}, {}
     for path, layer in _paths(model):
-        if not isinstance(layer, DOConv2D):
+        if not isinstance(layer, BaseDOConv):
             continue
         earlier = first.setdefault(id(layer), path)
         if earlier == path:
             made[path] = layer.fold()
         new = made[earlier]
         shared = "" if earlier == path else earlier
-        report.append(ReportRow(path, "DOConv2D", "folded", _describe(new), layer.count_params(), new.count_params(),
-                                layer_config(layer).D_mul, f"same layer as {earlier!r} (shared)" if shared else "",
-                                shared))
+        report.append(ReportRow(path, type(layer).__name__, "folded", _describe(new), layer.count_params(),
+                                new.count_params(), layer_config(layer).D_mul,
+                                f"same layer as {earlier!r} (shared)" if shared else "", shared))
     replacements = {row.path: made[row.shared_with or row.path] for row in report}
     return _transform(model, replacements, inplace), report

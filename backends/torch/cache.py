@@ -1,4 +1,4 @@
-"""``cached(model)``: the one way a ``DOConv2d`` reuses a composed kernel, explicit and scoped.
+"""``cached(model)``: the one way a DO-Conv layer (``DOConv1d/2d/3d``) reuses a composed kernel, explicit and scoped.
 
 Outside this context every forward composes W' = D^T o W from the parameters as they are at that call.
 No implicit cache is correct: writes through ``.data`` (``p.data.mul_(m).add_(...)``, the teacher update
@@ -72,7 +72,7 @@ def kernel_caches(model: nn.Module) -> Iterator[KernelCache]:
 
 @contextlib.contextmanager
 def cached(model: nn.Module):
-    """Within the block, every ``DOConv2d`` of ``model`` composes its kernel once for calls that need no
+    """Within the block, every DO-Conv layer of ``model`` composes its kernel once for calls that need no
     gradient, and reuses it; the caller promises not to write W or D meanwhile. See the module doc."""
     caches = list(dict.fromkeys(kernel_caches(model)))  # a module at several paths is one layer
     for cache in caches:

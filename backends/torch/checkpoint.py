@@ -1,12 +1,13 @@
-"""Checkpoints that name a ``DOConv2d``'s state otherwise: translated, or refused with what to do instead.
+"""Checkpoints that name a DO-Conv layer's state otherwise: translated, or refused with what to do instead.
 
-``DOConv2d._load_from_state_dict`` hands every ``load_state_dict`` through :func:`translate` before torch
+``DOConv{1,2,3}d._load_from_state_dict`` hands every ``load_state_dict`` through :func:`translate` before torch
 reads the layer's own keys (``W``, ``D``, ``bias``):
 
 - the official DO-Conv code's layer also stores ``W`` and ``D``, with ``d_diag`` (or ``D_diag``) beside them,
   and for 1 < groups pairs D with W differently: loading its tensors by name would compute another kernel,
   so it is refused, naming :func:`doconv.torch.import_official`, which converts it;
-- a plain convolution's ``weight`` (no ``W``) loads as :func:`doconv.torch.convert` converts a conv:
+- a plain convolution's ``weight`` (no ``W``; ``nn.Conv1d/2d/3d`` of the layer's rank) loads as
+  :func:`doconv.torch.convert` converts a conv:
   W[..., :M*N] = the kernel, the other D_mul - M*N columns zero, D' = 0, so W' is that kernel.
 """
 
@@ -27,7 +28,7 @@ def translate(state_dict: dict, prefix: str, config: DOConvConfig, error_msgs: L
     official = [prefix + k for k in OFFICIAL_KEYS if prefix + k in state_dict]
     if official:
         error_msgs.append(
-            f"{prefix.rstrip('.') or 'DOConv2d'}: the checkpoint holds the official DO-Conv layer's "
+            f"{prefix.rstrip('.') or 'the layer'}: the checkpoint holds the official DO-Conv layer's "
             f"{', '.join(map(repr, official))}; its D pairs channels differently for 1 < groups, so loading its "
             f"tensors by name computes another kernel. Load it with doconv.torch.import_official(model, state_dict)")
         return False

@@ -1,4 +1,5 @@
-"""The plain convolution a ``DOConv2d`` folds into: ``nn.Conv2d``, or :class:`FoldedConv2d` for the pads it lacks."""
+"""The plain convolution a DO-Conv layer folds into: ``nn.Conv1d/2d/3d``, or a ``FoldedConv{1,2,3}d`` for the pads
+they lack."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from doconv import DOConvConfig
 
 from . import functional as DF
 
+#: torch's convolution class for each rank (``config.rank``).
+PLAIN_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
-class FoldedConv2d(nn.Conv2d):
-    """A folded layer whose padding ``nn.Conv2d`` cannot express (per-side pads, 'same' with stride > 1).
 
-    An ``nn.Conv2d`` (same parameters, same ``state_dict`` keys) that pads per ``config.pads`` with its
-    padding mode first, then convolves without padding. ONNX and ``torch.export`` see F.pad + conv.
+class _PrePadded:
+    """A folded layer whose padding ``nn.ConvNd`` cannot express (per-side pads, 'same' with stride > 1,
+    'causal').
+
+    Mixed into ``nn.Conv1d/2d/3d`` (same parameters, same ``state_dict`` keys): it pads per ``config.pads``
+    with its padding mode first, then convolves without padding. ONNX and ``torch.export`` see F.pad + conv.
     """
 
     def __init__(self, config: DOConvConfig, device=None, dtype=None):
@@ -28,29 +33,55 @@ class FoldedConv2d(nn.Conv2d):
         return DF.conv(x, self.weight, self.bias, self.config)
 
     def __prepare_scriptable__(self):
+        plain = PLAIN_CONVS[self.config.rank].__name__
         raise NotImplementedError(
-            f"torch.jit.script cannot compile FoldedConv2d (padding={self.config.padding!r}, which nn.Conv2d "
-            "cannot express); use torch.jit.trace or torch.export instead")
+            f"torch.jit.script cannot compile {type(self).__name__} (padding={self.config.padding!r}, which "
+            f"nn.{plain} cannot express); use torch.jit.trace or torch.export instead")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", per-side padding={self.config.padding!r}, " \
                                       f"padding_mode={self.config.padding_mode!r}"
 
 
-def folded_conv(config: DOConvConfig, kernel: torch.Tensor, bias: Optional[torch.Tensor], *,
-                requires_grad: bool = True, bias_requires_grad: Optional[bool] = None) -> nn.Conv2d:
-    """The plain convolution for ``config`` holding ``kernel`` (OIHW) and ``bias``; its weight trains if
-    ``requires_grad``, its bias if ``bias_requires_grad`` (default: ``requires_grad``)."""
+class FoldedConv1d(_PrePadded, nn.Conv1d):
+    __doc__ = _PrePadded.__doc__
+
+
+class FoldedConv2d(_PrePadded, nn.Conv2d):
+    __doc__ = _PrePadded.__doc__
+
+
+class FoldedConv3d(_PrePadded, nn.Conv3d):
+    __doc__ = _PrePadded.__doc__
+
+
+FOLDED_CONVS = {1: FoldedConv1d, 2: FoldedConv2d, 3: FoldedConv3d}
+
+
+def plain_padding(config: DOConvConfig):
+    """The ``padding`` argument of ``nn.ConvNd`` for ``config``, or None where it has none: per-side pads that
+    differ, 'same' with stride > 1 (TF's rule, the odd pixel at the end), 'causal'."""
     padding = config.padding
-    if padding == "same" and max(config.stride) > 1 or padding not in ("same", "valid") and any(
-            lo != hi for lo, hi in padding):
-        conv = FoldedConv2d(config, device=kernel.device, dtype=kernel.dtype)
+    if padding == "valid" or padding == "same" and all(s == 1 for s in config.stride):
+        return padding
+    if isinstance(padding, str) or any(lo != hi for lo, hi in padding):
+        return None
+    return tuple(lo for lo, _ in padding)
+
+
+def folded_conv(config: DOConvConfig, kernel: torch.Tensor, bias: Optional[torch.Tensor], *,
+                requires_grad: bool = True, bias_requires_grad: Optional[bool] = None) -> nn.Module:
+    """The plain convolution for ``config`` (``nn.Conv{rank}d``, or ``FoldedConv{rank}d``, a subclass of it,
+    for pads it cannot express) holding ``kernel`` (OIHW) and ``bias``; its weight trains if ``requires_grad``,
+    its bias if ``bias_requires_grad`` (default: ``requires_grad``)."""
+    padding = plain_padding(config)
+    factory = dict(device=kernel.device, dtype=kernel.dtype)
+    if padding is None:
+        conv = FOLDED_CONVS[config.rank](config, **factory)
     else:
-        if padding not in ("same", "valid"):
-            padding = (padding[0][0], padding[1][0])
-        conv = nn.Conv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, padding,
-                         config.dilation, config.groups, config.bias, config.padding_mode,
-                         device=kernel.device, dtype=kernel.dtype)
+        conv = PLAIN_CONVS[config.rank](config.in_channels, config.out_channels, config.kernel_size, config.stride,
+                                        padding, config.dilation, config.groups, config.bias, config.padding_mode,
+                                        **factory)
     with torch.no_grad():
         conv.weight.copy_(kernel)
         if bias is not None:

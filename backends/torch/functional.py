@@ -1,8 +1,10 @@
 """Torch arithmetic of DO-Conv: the composition W' = D^T o W (paper Eq. 3) and both convolution routes.
 
-Pure functions over tensors (no module state), so the layer, :func:`doconv.torch.parametrize`, the
-fold and the benchmark share one implementation. Shapes are the core's canonical layout
-(:mod:`doconv.compose`): W ``(C_out, C_in/g, S)``, full D ``(C_in, MN, S)``, kernel OIHW.
+Pure functions over tensors (no module state), so the layers of every rank, :func:`doconv.torch.parametrize`,
+the fold and the benchmark share one implementation. Shapes are the core's canonical layout
+(:mod:`doconv.compose`): W ``(C_out, C_in/g, S)``, full D ``(C_in, MN, S)``, kernel ``(C_out, C_in/g, *k)``
+("OIHW" below, whatever the rank), MN = prod(kernel_size). Nothing here depends on the number of spatial
+axes except the choice of ``F.conv1d/2d/3d`` (and their transposes), made by ``config.rank``.
 
 The composition is the core's :data:`doconv.COMPOSE_EINSUM` (``"gcms,gjcs->gjcm"``, the paper's
 channel pairing). :class:`ComposeKernel` evaluates the same einsum with an explicit backward: the
@@ -10,13 +12,13 @@ forward is one batched product over the C_in input channels ``(C_out/g, S) x (S,
 backward computes dW as the mirror product and dD as one product whose reduction runs over the
 C_out/g output channels of each group, instead of letting autograd transpose the einsum.
 
-The fast layout (groups=1, what :class:`~doconv.torch.DOConv2d` allocates): W keeps its canonical
+The fast layout (groups=1, what the layers (:class:`~doconv.torch.DOConv2d` ...) allocate): W keeps its canonical
 *shape* (C_out, C_in, S) but is stored c-major, ``X = W.permute(1, 2, 0)`` a contiguous (C_in, S, C_out).
 Then every product has C_out, the long side, as its contiguous output dimension, the one shape MKL's
 batched GEMM runs fast here (an output 9 floats wide runs 3-5x slower, bench/torch_results.md), and
-dW comes out in the parameter's own strides. Training at stride 1 convolves with
-``conv_transpose2d``, whose weight (C_in, C_out, M, N) takes the product per input channel with
-one small transpose instead of the two (C_in, MN, C_out) -> OIHW needs.
+dW comes out in the parameter's own strides. Training at stride 1 (from :data:`MIN_TRANSPOSED_IN_CHANNELS`
+input channels on) convolves with ``conv_transpose{1,2,3}d``, whose weight (C_in, C_out, *k) takes the product
+per input channel with one small transpose instead of the two (C_in, MN, C_out) -> OIHW needs.
 """
 
 from __future__ import annotations
@@ -142,8 +144,9 @@ class ComposeCMajor(torch.autograd.Function):
         backward  dX_k = D_k^T @ dY_k       (S, MN) x (MN, C_out)
                   dD_k = dY_k @ X_k^T       (MN, C_out) x (C_out, S)   reduction over C_out
 
-    ``transposed=False`` returns OIHW (C_out, C_in, MN) for conv2d; ``True`` returns the taps reversed
-    in (C_in, C_out, MN), i.e. ``conv_transpose2d``'s weight for the same correlation at stride 1.
+    ``transposed=False`` returns OIHW (C_out, C_in, MN) for the convolution; ``True`` returns the taps
+    reversed in (C_in, C_out, MN), i.e. the transposed convolution's weight for the same correlation at
+    stride 1 (reversing the flattened tap index reverses every spatial axis at once, in any rank).
     """
 
     generate_vmap_rule = True
@@ -208,7 +211,7 @@ def _apply(function, *args) -> torch.Tensor:
 
 
 def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:
-    """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, M, N)``.
+    """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, *kernel_size)``.
 
     Through :class:`ComposeCMajor` when W is stored c-major, else :class:`ComposeKernel` (any layout);
     under ``torch.jit.trace`` through :func:`compose_einsum`, because a custom Function would be recorded
@@ -224,55 +227,77 @@ def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvCon
 
 
 def depthwise_kernel(D: torch.Tensor, config: DOConvConfig) -> torch.Tensor:
-    """D as the (C_in*S, 1, M, N) kernel of feature composition (core: :func:`doconv.depthwise_kernel`)."""
+    """D as the (C_in*S, 1, *kernel_size) kernel of feature composition (core: :func:`doconv.depthwise_kernel`)."""
     return D.transpose(1, 2).reshape(config.in_channels * config.S, 1, *config.kernel_size)
 
 
 def pointwise_kernel(W: torch.Tensor, config: DOConvConfig) -> torch.Tensor:
-    """W as the grouped 1x1 kernel (C_out, C_in/g * S, 1, 1) of feature composition."""
-    return W.reshape(config.out_channels, config.in_per_group * config.S, 1, 1)
+    """W as the grouped 1x1 kernel (C_out, C_in/g * S, 1, ..., 1) of feature composition."""
+    return W.reshape(config.out_channels, config.in_per_group * config.S, *(1,) * config.rank)
 
 
-def conv_padding(config: DOConvConfig, height: int, width: int):
-    """``(pre_pad, conv_padding)``: F.pad's per-side tuple (or None) and the padding to give F.conv2d.
+def conv_nd(rank: int):
+    """``F.conv1d`` / ``F.conv2d`` / ``F.conv3d`` for ``rank`` spatial axes (looked up at each call)."""
+    return (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
+
+
+def conv_transpose_nd(rank: int):
+    """``F.conv_transpose1d`` / ``2d`` / ``3d`` for ``rank`` spatial axes (looked up at each call)."""
+    return (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
+
+
+def conv_padding(config: DOConvConfig, spatial):
+    """``(pre_pad, conv_padding)`` for an input of spatial size ``spatial``: F.pad's per-side tuple (or None)
+    and the padding to give the convolution.
 
     Zero padding that is symmetric per axis goes to the convolution itself (no copy of the input);
-    everything else (other padding modes, per-side pads, 'same' with stride > 1) is padded first.
+    everything else (other padding modes, per-side pads, 'same' with stride > 1, 'causal') is padded first.
+    F.pad takes the last axis first: ``(left, right, top, bottom, front, back)`` in 3-D.
     """
-    (top, bottom), (left, right) = config.pads(height, width)
-    if config.padding_mode == "zeros" and top == bottom and left == right:
-        return None, (top, left)
-    return (left, right, top, bottom), (0, 0)
+    pads = config.pads(*spatial)
+    if config.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
+        return None, tuple(lo for lo, _ in pads)
+    return tuple(p for pair in reversed(pads) for p in pair), (0,) * config.rank
 
 
 def conv(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], config: DOConvConfig, *,
          groups: Optional[int] = None, geometry: bool = True) -> torch.Tensor:
-    """F.conv2d with the layer's stride/padding/padding mode/dilation (``geometry=False``: a plain 1x1)."""
+    """The layer's convolution (F.conv1d/2d/3d by ``config.rank``) with its stride, padding, padding mode and
+    dilation (``geometry=False``: a plain 1x1)."""
+    groups = config.groups if groups is None else groups
     if not geometry:
-        return F.conv2d(x, kernel, bias, groups=config.groups if groups is None else groups)
-    pre, padding = conv_padding(config, x.shape[-2], x.shape[-1])
+        return conv_nd(config.rank)(x, kernel, bias, groups=groups)
+    pre, padding = conv_padding(config, x.shape[-config.rank:])
     if pre is not None and any(pre):
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
-    return F.conv2d(x, kernel, bias, config.stride, padding, config.dilation,
-                    config.groups if groups is None else groups)
+    return conv_nd(config.rank)(x, kernel, bias, config.stride, padding, config.dilation, groups)
 
 
-def transposed_padding(config: DOConvConfig, height: int, width: int):
+#: The fewest input channels for which a c-major W trains through :func:`transposed_forward`; below, it composes
+#: and convolves. What the transposed route saves is two transposes of kernel-sized tensors (C_in * C_out * MN
+#: elements), nothing for a 3- or 4-channel stem, while the transposed convolution of a layer with so few input
+#: channels runs well below the convolution, forward and backward, in 1-D, 2-D and 3-D alike
+#: (bench/torch_models_results.md).
+MIN_TRANSPOSED_IN_CHANNELS = 8
+
+
+def transposed_padding(config: DOConvConfig, spatial):
     """``(pre_pad, padding)`` for :func:`transposed_forward`, or None where it does not apply.
 
-    At stride 1, ``conv2d(x, K, padding=p)`` equals ``conv_transpose2d(x, K', padding=d*(k-1) - p)``
-    with ``K'[c, o] = K[o, c]`` spatially reversed; that needs groups=1 and ``p <= d*(k-1)``.
+    At stride 1, ``conv(x, K, padding=p)`` equals ``conv_transpose(x, K', padding=d*(k-1) - p)`` per axis,
+    with ``K'[c, o] = K[o, c]`` spatially reversed; that needs groups=1 and ``p <= d*(k-1)``. Layers with
+    fewer than :data:`MIN_TRANSPOSED_IN_CHANNELS` input channels do not take it (None).
     """
-    if config.groups != 1 or config.stride != (1, 1):
+    if config.groups != 1 or any(s != 1 for s in config.stride) or config.in_channels < MIN_TRANSPOSED_IN_CHANNELS:
         return None
-    pre, padding = conv_padding(config, height, width)
+    pre, padding = conv_padding(config, spatial)
     q = tuple(d * (k - 1) - p for d, k, p in zip(config.dilation, config.kernel_size, padding))
     return None if min(q) < 0 else (pre, q)
 
 
 def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
                        config: DOConvConfig, pads) -> torch.Tensor:
-    """The layer's convolution at stride 1 with a c-major W: ``conv_transpose2d`` of the reversed taps.
+    """The layer's convolution at stride 1 with a c-major W: ``conv_transpose{1,2,3}d`` of the reversed taps.
 
     Same values as ``conv(x, compose_kernel(W, D, config), bias, config)``, one transpose cheaper in
     the forward and two in the backward (``pads`` from :func:`transposed_padding`).
@@ -281,15 +306,16 @@ def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: 
     if pre is not None and any(pre):
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
     kernel = _apply(ComposeCMajor, W, D, True).reshape(config.in_channels, config.out_channels, *config.kernel_size)
-    return F.conv_transpose2d(x, kernel, bias, 1, q, 0, 1, config.dilation)
+    return conv_transpose_nd(config.rank)(x, kernel, bias, 1, q, 0, 1, config.dilation)
 
 
 def feature_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
                     config: DOConvConfig) -> torch.Tensor:
     """Feature composition (Fig. 3-a): depthwise conv of x with D into C_in*S channels, then W as a 1x1 conv."""
     features = conv(x, depthwise_kernel(D, config), None, config, groups=config.in_channels)
-    if c_major(W, config.groups):  # W^T is a contiguous (C_in*S, C_out): conv_transpose2d's 1x1 weight
-        return F.conv_transpose2d(features, W.permute(1, 2, 0).reshape(-1, config.out_channels, 1, 1), bias)
+    if c_major(W, config.groups):  # W^T is a contiguous (C_in*S, C_out): the transposed conv's 1x1 weight
+        return conv_transpose_nd(config.rank)(
+            features, W.permute(1, 2, 0).reshape(-1, config.out_channels, *(1,) * config.rank), bias)
     return conv(features, pointwise_kernel(W, config), bias, config, geometry=False)
 
 
@@ -308,12 +334,13 @@ def training_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Op
     if composition == "feature":
         return feature_forward(x, W, D, bias, config)
     if c_major(W, config.groups):
-        pads = transposed_padding(config, x.shape[-2], x.shape[-1])
+        pads = transposed_padding(config, x.shape[-config.rank:])
         if pads is not None:
             return transposed_forward(x, W, D, bias, config, pads)
     return conv(x, compose_kernel(W, D, config), bias, config)
 
 
-def pair_of_one(value):
-    """``(v, v)`` for a one-element tuple or list: ``nn.Conv2d`` takes ``stride=(2,)``, its conv broadcasting it."""
-    return (value[0], value[0]) if isinstance(value, (tuple, list)) and len(value) == 1 else value
+def ntuple_of_one(value, rank: int):
+    """``(v,) * rank`` for a one-element tuple or list: ``nn.Conv2d`` / ``nn.Conv3d`` take ``stride=(2,)``, their
+    convolution broadcasting it; anything else unchanged (the config checks it)."""
+    return (value[0],) * rank if isinstance(value, (tuple, list)) and len(value) == 1 else value

@@ -1,4 +1,4 @@
-"""Parameters in and out of ``DOConv2d``: the backend contract, the canonical file, official checkpoints.
+"""Parameters in and out of ``DOConv1d/2d/3d``: the backend contract, the canonical file, official checkpoints.
 
 All conversions go through the core (:mod:`doconv.layouts`, :mod:`doconv.interchange`); this module
 only moves arrays between NumPy (canonical layout, *full* D) and the layer's tensors (W, delta D', bias).
@@ -16,29 +16,30 @@ from torch import nn
 from doconv import ROOT_NAME, DOConvConfig, DOConvParams, load_matching, save, standardize_flag
 from doconv.layouts import D_to_delta, delta_to_D, from_official
 
-from .layer import DOConv2d
+from .layer import LAYERS, _DOConvNd
 
 
-def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "kernel", **kwargs) -> DOConv2d:
-    """A ready ``DOConv2d`` for ``config`` (``kwargs``: ``device``, ``d_init``)."""
+def layer_from_config(config: DOConvConfig, *, dtype="float32", composition: str = "kernel", **kwargs) -> _DOConvNd:
+    """A ready ``DOConv1d`` / ``DOConv2d`` / ``DOConv3d`` (by ``config.rank``) for ``config`` (``kwargs``:
+    ``device``, ``d_init``)."""
     if not isinstance(config, DOConvConfig):
         raise TypeError(f"config must be a doconv.DOConvConfig, but got {type(config).__name__}")
     torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype or its name, but got dtype={dtype!r}")
-    return DOConv2d(config.in_channels, config.out_channels, config.kernel_size, config.stride, config.padding,
-                    config.dilation, config.groups, config.bias, config.padding_mode, dtype=torch_dtype,
-                    D_mul=config.D_mul, composition=composition, depthwise_separable=config.depthwise_separable,
-                    **kwargs)
+    return LAYERS[config.rank](config.in_channels, config.out_channels, config.kernel_size, config.stride,
+                               config.padding, config.dilation, config.groups, config.bias, config.padding_mode,
+                               dtype=torch_dtype, D_mul=config.D_mul, composition=composition,
+                               depthwise_separable=config.depthwise_separable, **kwargs)
 
 
-def _check_layer(layer) -> DOConv2d:
-    if not isinstance(layer, DOConv2d):
-        raise TypeError(f"layer must be a doconv.torch.DOConv2d, but got {type(layer).__name__}")
+def _check_layer(layer) -> _DOConvNd:
+    if not isinstance(layer, _DOConvNd):
+        raise TypeError(f"layer must be a doconv.torch.DOConv1d, DOConv2d or DOConv3d, but got {type(layer).__name__}")
     return layer
 
 
-def layer_config(layer: DOConv2d) -> DOConvConfig:
+def layer_config(layer: _DOConvNd) -> DOConvConfig:
     return _check_layer(layer).config
 
 
@@ -47,7 +48,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype in (torch.bfloat16,) else t).numpy().copy()
 
 
-def get_params(layer: DOConv2d) -> DOConvParams:
+def get_params(layer: _DOConvNd) -> DOConvParams:
     """Canonical NumPy parameters (full D = I_fill + D'), in the layer's dtype (bfloat16 as float32)."""
     c = _check_layer(layer).config
     bias = None if layer.bias is None else _numpy(layer.bias)
@@ -58,13 +59,13 @@ def get_params(layer: DOConv2d) -> DOConvParams:
     return DOConvParams(_numpy(layer.W), D, bias)
 
 
-def set_params(layer: DOConv2d, params: DOConvParams, *, name: str = None) -> None:
+def set_params(layer: _DOConvNd, params: DOConvParams, *, name: str = None) -> None:
     """Load canonical parameters (full D); a shape mismatch raises ValueError naming layer, array and shapes."""
     _check_params(layer, params, name)
     _write_params(layer, params)
 
 
-def _check_params(layer: DOConv2d, params: DOConvParams, name) -> None:
+def _check_params(layer: _DOConvNd, params: DOConvParams, name) -> None:
     c = _check_layer(layer).config
     if not isinstance(params, DOConvParams):
         raise TypeError(f"params must be a doconv.DOConvParams, but got {type(params).__name__}")
@@ -73,41 +74,42 @@ def _check_params(layer: DOConv2d, params: DOConvParams, name) -> None:
     params.check(c, where=f"layer {name or repr(c)}")
 
 
-def _write_params(layer: DOConv2d, params: DOConvParams) -> None:
+def _write_params(layer: _DOConvNd, params: DOConvParams) -> None:
     layer.invalidate_cache()  # a write doconv makes itself: an open cached() scope must not keep the old kernel
     with torch.no_grad():
         for name, value in _state_of(layer, params).items():
             getattr(layer, name).copy_(value)  # into the stored layout (c-major W keeps its strides)
 
 
-def doconv_layers(model: nn.Module) -> Dict[str, DOConv2d]:
-    """Every ``DOConv2d`` of ``model`` by module path (a bare layer is named ``'self'``)."""
-    return {name or ROOT_NAME: m for name, m in model.named_modules() if isinstance(m, DOConv2d)}
+def doconv_layers(model: nn.Module) -> Dict[str, _DOConvNd]:
+    """Every DO-Conv layer (``DOConv1d/2d/3d``) of ``model`` by module path (a bare layer is named ``'self'``)."""
+    return {name or ROOT_NAME: m for name, m in model.named_modules() if isinstance(m, _DOConvNd)}
 
 
 def export_canonical(model: nn.Module, path, *, allow_nonfinite: bool = False) -> None:
-    """Write every ``DOConv2d`` of ``model`` to the core's canonical safetensors file, named by module path.
+    """Write every DO-Conv layer of ``model`` (any rank) to the core's canonical safetensors file, named by module path.
 
     NaN or +-inf in a parameter is a ValueError unless ``allow_nonfinite=True`` (:func:`doconv.save`)."""
     layers = _doconv_layers_of(model, "export")
     save(path, {name: (m.config, get_params(m)) for name, m in layers.items()}, allow_nonfinite=allow_nonfinite)
 
 
-def _doconv_layers_of(model: nn.Module, what: str) -> Dict[str, DOConv2d]:
+def _doconv_layers_of(model: nn.Module, what: str) -> Dict[str, _DOConvNd]:
     """The model's layers for ``what`` (export, import ...), or a TypeError / ValueError saying what is wrong.
     Paths are those of the model inside its wrappers (:func:`unwrap`), so files move between them."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     layers = doconv_layers(unwrap(model))
     if not layers:
-        raise ValueError(f"model has no DOConv2d layer to {what} ({type(model).__name__}): convert it first "
+        raise ValueError(f"model has no DO-Conv layer (DOConv1d/2d/3d) to {what} ({type(model).__name__}): "
+                         f"convert it first "
                          f"(doconv.torch.convert(model))")
     return layers
 
 
 def import_canonical(model: nn.Module, path, *, strict: bool = True, allow_nonfinite: bool = False) -> List[str]:
-    """Load a canonical file into ``model``: every layer of the file must be a ``DOConv2d`` of the model and,
-    with ``strict=True``, every ``DOConv2d`` must be in the file.
+    """Load a canonical file into ``model``: every layer of the file must be a DO-Conv layer of the model (of
+    the file's rank) and, with ``strict=True``, every DO-Conv layer must be in the file.
 
     Matching is the core's :func:`doconv.load_matching` (``strict=True``): configs are compared
     resolved, so a file whose 'same' padding was written explicitly (Keras/Gluon, or ``padding=1``)
@@ -117,7 +119,7 @@ def import_canonical(model: nn.Module, path, *, strict: bool = True, allow_nonfi
     """
     layers = _doconv_layers_of(model, "import a canonical file into")
     params = load_matching(path, {name: m.config for name, m in layers.items()},
-                           strict=standardize_flag(strict, "strict"), bare=isinstance(unwrap(model), DOConv2d),
+                           strict=standardize_flag(strict, "strict"), bare=isinstance(unwrap(model), _DOConvNd),
                            allow_nonfinite=allow_nonfinite)
     for name in params:  # every layer checked before any is written
         _check_params(layers[name], params[name], repr(name))
@@ -157,7 +159,8 @@ def import_official(model: nn.Module, arrays: Mapping[str, np.ndarray], *, refol
     the paper's pairing, which reproduces the official composed kernel exactly when ``groups == 1`` or
     ``C_out/groups == 1``. Otherwise (official DO-GConv, DO-DConv with a channel multiplier) no
     paper-pairing D exists and a ValueError says so; ``refold=True`` then imports the composed kernel itself
-    (W = W', D = I_fill): identical outputs, the D/W split reset.
+    (W = W', D = I_fill): identical outputs, the D/W split reset. The official code has 2-D layers only:
+    a ``DOConv1d`` / ``DOConv3d`` in ``model`` is a ValueError saying so, before anything is written.
     """
     model = unwrap(model) if isinstance(model, nn.Module) else model
     layers = _doconv_layers_of(model, "import an official checkpoint into")
@@ -166,9 +169,14 @@ def import_official(model: nn.Module, arrays: Mapping[str, np.ndarray], *, refol
                         f"{type(arrays).__name__}")
     strict = standardize_flag(strict, "strict")
     tensors = {WRAPPER_PREFIX.sub("", k): v for k, v in arrays.items()}
-    bare = isinstance(model, DOConv2d)
+    bare = isinstance(model, _DOConvNd)
     out = dict(tensors)
     for name, layer in layers.items():
+        if layer.config.rank != 2:
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__}: the official DO-Conv code has only 2-D "
+                             f"layers (DOConv2d), so an official checkpoint holds none of rank {layer.config.rank}; "
+                             f"load 1-D / 3-D weights from a canonical file (import_canonical) or a plain "
+                             f"nn.Conv{layer.config.rank}d state dict (load_state_dict)")
         prefix = "" if bare else name + "."
         own = {k[len(prefix):]: k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]}
         if not own:
@@ -193,7 +201,7 @@ def import_official(model: nn.Module, arrays: Mapping[str, np.ndarray], *, refol
     return list(layers)
 
 
-def _state_of(layer: DOConv2d, params: DOConvParams) -> Dict[str, torch.Tensor]:
+def _state_of(layer: _DOConvNd, params: DOConvParams) -> Dict[str, torch.Tensor]:
     """``params`` (canonical, full D) as ``layer``'s state_dict entries (W, the delta D', bias)."""
     like = dict(dtype=layer.W.dtype, device=layer.W.device)
     state = {"W": torch.as_tensor(np.asarray(params.W), **like)}

@@ -1,6 +1,12 @@
-"""``DOConv2d``: a DO-Conv / DO-DConv / DO-GConv layer with the signature of ``torch.nn.Conv2d``.
+"""``DOConv1d`` / ``DOConv2d`` / ``DOConv3d``: DO-Conv / DO-DConv / DO-GConv layers with the signatures of
+``torch.nn.Conv1d`` / ``Conv2d`` / ``Conv3d``.
 
-The layer is an explicit ``nn.Module`` (not a subclass of ``nn.Conv2d``, not a parametrization of
+The construction never uses that a kernel is 2-D: D is, per input channel, a (prod(kernel_size) x D_mul)
+matrix and W' = D^T o W. So one rank-generic base, :class:`_DOConvNd` (as torch's ``_ConvNd``), holds
+everything, and the three classes only name their rank. "M*N" below is prod(kernel_size) in any rank
+(K in 1-D, T*M*N in 3-D).
+
+The layer is an explicit ``nn.Module`` (not a subclass of ``nn.ConvNd``, not a parametrization of
 its ``weight``): its trainable state *is* the paper's, under the core's names.
 
 state_dict keys (canonical layout, :mod:`doconv.compose`)
@@ -17,7 +23,7 @@ With ``groups=1`` the parameter W keeps that shape but is *stored* c-major (stri
 asks for ``.contiguous()`` tensors. ``load_state_dict`` copies into the stored layout, and a W of any
 layout (e.g. through ``torch.func.functional_call``) is correct.
 
-Why not a subclass of ``nn.Conv2d``: a model-zoo init loop ``if isinstance(m, nn.Conv2d):
+Why not a subclass of ``nn.ConvNd``: a model-zoo init loop ``if isinstance(m, nn.Conv2d):
 nn.init.kaiming_normal_(m.weight)`` would silently write into a freshly computed tensor and change
 nothing. As a separate class the loop skips the layer visibly (``isinstance`` is False), and
 ``layer.weight`` is documented as a read-only *computed* kernel. Initialise a model before
@@ -46,16 +52,15 @@ W_STORAGES = ("c-major", "contiguous")
 FAST_KERNEL_MARGIN = 0.05
 
 
-class DOConv2d(nn.Module):
-    r"""Depthwise over-parameterized 2-D convolution (Cao et al., Eq. 3), a drop-in for ``nn.Conv2d``.
+_DOC = r"""Depthwise over-parameterized {rank}-D convolution (Cao et al., Eq. 3), a drop-in for ``nn.Conv{rank}d``.
 
     ``O = (D, W) * P = (D^T o W) * P``: the layer trains D and W and convolves with the composed
-    kernel ``W'[o, c, m] = sum_s D[(o // (C_out/g)) * (C_in/g) + c, m, s] * W[o, c, s]``.
+    kernel ``W'[o, c, m] = sum_s D[(o // (C_out/g)) * (C_in/g) + c, m, s] * W[o, c, s]``, m running over
+    the M*N = prod(kernel_size) taps of the kernel flattened in C order.
     ``groups=1`` is DO-Conv, ``groups=in_channels`` DO-DConv, anything else DO-GConv.
 
-    Args: every ``nn.Conv2d`` argument (``padding`` also takes per-side
-    ``((top, bottom), (left, right))`` with every padding mode, and ``'same'`` with any stride, TF's
-    rule), plus
+    Args: every ``nn.Conv{rank}d`` argument, same order and defaults (``padding`` also takes per-side
+    pairs {sides} with every padding mode, and ``'same'`` with any stride, TF's rule{causal}), plus
 
     - ``D_mul``: the depth multiplier S >= M*N (default M*N); ``depthwise_separable=True`` allows
       S < M*N (a rank-S kernel per input channel, trained by kernel composition on purpose);
@@ -73,33 +78,59 @@ class DOConv2d(nn.Module):
 
     Storage and routes (same values everywhere, see :mod:`doconv.torch.functional`): with ``groups=1``
     W is stored c-major (its shape stays (C_out, C_in, S), and ``state_dict()`` shares it). A
-    training step at stride 1 convolves with ``conv_transpose2d`` of the reversed taps, every other
-    call with ``conv2d`` of the OIHW kernel.
+    training step at stride 1 convolves with ``conv_transpose{rank}d`` of the reversed taps (from
+    ``MIN_TRANSPOSED_IN_CHANNELS`` input channels on), every other call with ``conv{rank}d`` of the
+    composed kernel.
 
     Arguments are validated by :class:`doconv.DOConvConfig` (the error names the argument).
     Every call composes W' from W and D as they are at that call, whatever wrote them (``.data``,
     fused optimizers, EMA loops); :func:`doconv.torch.cached` reuses one kernel within a scope in
-    which the caller promises not to write them, and :func:`doconv.torch.fold` deploys.
+    which the caller promises not to write them, and :func:`doconv.torch.fold` deploys (into an
+    ``nn.Conv{rank}d``).
 
-    Shape: input (N, C_in, H, W) or (C_in, H, W); output (N, C_out, H_out, W_out) with H_out, W_out
-    as ``nn.Conv2d``'s (or TF's rule for ``'same'`` with stride > 1).
+    Shape: input (N, C_in, {spatial}) or (C_in, {spatial}); output (N, C_out, {spatial_out}) with
+    sizes as ``nn.Conv{rank}d``'s (or TF's rule for ``'same'`` with stride > 1).
 
     Example::
 
-        >>> layer = DOConv2d(16, 32, 3, padding=1, groups=2)
-        >>> layer(torch.randn(8, 16, 28, 28)).shape
-        torch.Size([8, 32, 28, 28])
+        >>> layer = DOConv{rank}d(16, 32, 3, padding=1, groups=2)
+        >>> layer(torch.randn({example})).shape
+        torch.Size([{example_out}])
     """
+
+#: Per rank: (per-side padding form, spatial axes, output axes, example input, its output shape)
+_DOC_FIELDS = {
+    1: ("``((left, right),)``", "L", "L_out", "8, 16, 50", "8, 32, 50"),
+    2: ("``((top, bottom), (left, right))``", "H, W", "H_out, W_out", "8, 16, 28, 28", "8, 32, 28, 28"),
+    3: ("``((front, back), (top, bottom), (left, right))``", "D, H, W", "D_out, H_out, W_out",
+        "2, 16, 4, 14, 14", "2, 32, 4, 14, 14"),
+}
+
+
+def _doc(rank: int) -> str:
+    sides, spatial, spatial_out, example, example_out = _DOC_FIELDS[rank]
+    causal = ", and ``'causal'``: the left pad d*(k-1), Keras' Conv1D" if rank == 1 else ""
+    return _DOC.format(rank=rank, sides=sides, causal=causal, spatial=spatial, spatial_out=spatial_out,
+                       example=example, example_out=example_out)
+
+
+class _DOConvNd(nn.Module):
+    """The rank-generic DO-Conv layer (the subclasses set ``_rank``); see :class:`DOConv2d`."""
+
+    _rank: int = 0  # spatial axes: 1, 2 or 3, set by each subclass
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
                  D_mul: Optional[int] = None, d_init: str = "identity", composition: str = "kernel",
                  W_storage: str = "c-major", depthwise_separable: bool = False):
         super().__init__()
-        bias = False if bias is None else bias  # nn.Conv2d reads bias=None as no bias
-        stride, padding, dilation = (DF.pair_of_one(v) for v in (stride, padding, dilation))
+        if self._rank not in (1, 2, 3):
+            raise TypeError(f"{type(self).__name__} is abstract: use DOConv1d, DOConv2d or DOConv3d")
+        bias = False if bias is None else bias  # nn.ConvNd reads bias=None as no bias
+        stride, padding, dilation = (DF.ntuple_of_one(v, self._rank) for v in (stride, padding, dilation))
         self.config = DOConvConfig(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                                   bias, padding_mode, D_mul, depthwise_separable=depthwise_separable)
+                                   bias, padding_mode, D_mul, depthwise_separable=depthwise_separable,
+                                   rank=self._rank)
         self.d_init = check_choice(d_init, "d_init", D_INITS)
         self.composition = check_choice(composition, "composition", COMPOSITIONS)
         check_choice(W_storage, "W_storage", W_STORAGES)
@@ -120,17 +151,18 @@ class DOConv2d(nn.Module):
         self._valid_shapes = set()  # input shapes checked by config.output_shape
         self.reset_parameters()
 
-    # ---- nn.Conv2d-compatible attributes -----------------------------------------------------
+    # ---- nn.ConvNd-compatible attributes -----------------------------------------------------
     in_channels = property(lambda self: self.config.in_channels)
     out_channels = property(lambda self: self.config.out_channels)
     kernel_size = property(lambda self: self.config.kernel_size)
     stride = property(lambda self: self.config.stride)
     @property
     def padding(self):
-        """As ``nn.Conv2d.padding``: ``'same'``/``'valid'`` or ``(pad_h, pad_w)``; per-side pads, which
-        ``nn.Conv2d`` cannot hold, as ``((top, bottom), (left, right))``."""
+        """As ``nn.ConvNd.padding``: ``'same'``/``'valid'`` or one int per axis (``(pad_h, pad_w)`` in 2-D);
+        per-side pads, which ``nn.ConvNd`` cannot hold, as pairs (``((top, bottom), (left, right))``), and
+        ``'causal'`` (1-D) as given."""
         p = self.config.padding
-        return p if isinstance(p, str) or any(lo != hi for lo, hi in p) else (p[0][0], p[1][0])
+        return p if isinstance(p, str) or any(lo != hi for lo, hi in p) else tuple(lo for lo, _ in p)
 
     dilation = property(lambda self: self.config.dilation)
     groups = property(lambda self: self.config.groups)
@@ -141,13 +173,14 @@ class DOConv2d(nn.Module):
         """The core's init (:func:`doconv.init_params`), drawn from torch's RNG.
 
         W and bias ~ U(+-1/sqrt(fan_in)) with fan_in = C_in/g * M * N, so at identity init W' = W[..., :MN]
-        is distributed as a fresh ``nn.Conv2d`` kernel; D' = 0 ('identity') or D ~ N(0, 2/MN) ('random').
+        is distributed as a fresh ``nn.ConvNd`` kernel; D' = 0 ('identity') or D ~ N(0, 2/MN) ('random').
         """
         bound = kaiming_bound(self.config.fan_in())
         self._kernel_cache.clear()  # (a write the layer makes itself: a scope must not keep the old kernel)
         with torch.no_grad():
             if self.deployed:
-                raise RuntimeError("reset_parameters() on a deployed (folded) DOConv2d: fold a fresh layer instead")
+                raise RuntimeError(f"reset_parameters() on a deployed (folded) {type(self).__name__}: fold a fresh "
+                                   f"layer instead")
             self.W.copy_(torch.empty(self.W.shape, dtype=self.W.dtype, device=self.W.device).uniform_(-bound, bound))
             # (drawn contiguous, then copied: the same seed gives the same W whatever the storage)
             if self.bias is not None:
@@ -192,7 +225,8 @@ class DOConv2d(nn.Module):
     def __setattr__(self, name, value):
         if name == "weight" and not self.__dict__.get("deployed", True):
             raise AttributeError(
-                "DOConv2d.weight is the composed kernel W' = D^T o W, computed from W and D on every read; "
+                f"{type(self).__name__}.weight is the composed kernel W' = D^T o W, computed from W and D on every "
+                "read; "
                 "set W and D (set_params, load_state_dict), or fold first (fuse(), switch_to_deploy(), "
                 "doconv.torch.fold) to get a plain convolution whose weight can be replaced")
         super().__setattr__(name, value)
@@ -214,7 +248,7 @@ class DOConv2d(nn.Module):
         return "c-major" if self.W is not None and DF.c_major(self.W, self.config.groups) and \
             not self.W.is_contiguous() else "contiguous"
 
-    def contiguous_W(self) -> "DOConv2d":
+    def contiguous_W(self) -> "_DOConvNd":
         """Store W contiguous in place (same values, same Parameter object, so optimizers keep it)."""
         self._c_major = False
         if self.W is not None and not self.W.is_contiguous():
@@ -240,10 +274,11 @@ class DOConv2d(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def _check_input(self, x, dtype: torch.dtype) -> None:
         if isinstance(x, torch.fx.Proxy):
-            raise TypeError("torch.fx.symbolic_trace traces into DOConv2d, whose forward branches on its input "
-                            "and route; fold the model first (doconv.torch.fold), or trace with DOConv2d as a leaf "
-                            "module (a torch.fx.Tracer whose is_leaf_module says so; torchvision's "
-                            "create_feature_extractor: tracer_kwargs={'leaf_modules': [DOConv2d]})")
+            name = type(self).__name__
+            raise TypeError(f"torch.fx.symbolic_trace traces into {name}, whose forward branches on its input "
+                            f"and route; fold the model first (doconv.torch.fold), or trace with {name} as a leaf "
+                            f"module (a torch.fx.Tracer whose is_leaf_module says so; torchvision's "
+                            f"create_feature_extractor: tracer_kwargs={{'leaf_modules': [{name}]}})")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
         if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
@@ -252,8 +287,9 @@ class DOConv2d(nn.Module):
                 if len(self._valid_shapes) >= 64:
                     self._valid_shapes.clear()
                 self._valid_shapes.add(x.shape)
-        elif x.dim() not in (3, 4):
-            raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), but got input shape {tuple(x.shape)}")
+        elif x.dim() not in (self._rank + 1, self._rank + 2):
+            raise ValueError(f"input must be {self._rank + 1}-D (unbatched) or {self._rank + 2}-D (batched), but "
+                             f"got input shape {tuple(x.shape)}")
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
@@ -263,7 +299,7 @@ class DOConv2d(nn.Module):
         calls it only for layers with D, and does not read D again (a parametrization of D runs once)."""
         if self.composition != "auto":
             return self.composition
-        shape = tuple(x.shape) if x.dim() == 4 else (1, *x.shape)
+        shape = tuple(x.shape) if x.dim() == self._rank + 2 else (1, *x.shape)
         margin = FAST_KERNEL_MARGIN if c_major else 0.0
         if torch.compiler.is_compiling():
             return choose_composition(self.config, shape, margin)
@@ -276,9 +312,9 @@ class DOConv2d(nn.Module):
             kernel = self.compose()
             self._check_input(x, kernel.dtype)
             return DF.conv(x, kernel, self.bias, self.config)
-        W, D = self.W, self.D  # read once: a parametrization of W or D runs once per call, as on nn.Conv2d's weight
+        W, D = self.W, self.D  # read once: a parametrization of W or D runs once per call, as on nn.ConvNd's weight
         self._check_input(x, W.dtype)
-        # Inference, and every trace (its checks re-run it without grad): one kernel, one conv2d.
+        # Inference, and every trace (its checks re-run it without grad): one kernel, one convolution.
         if D is None or self.composition != "feature" and (not needs_grad(W, D) or torch.jit.is_tracing()):
             return DF.conv(x, self._kernel(W, D), self.bias, self.config)
         route = self._route(x, DF.c_major(W, self.config.groups))
@@ -304,16 +340,16 @@ class DOConv2d(nn.Module):
 
     def __prepare_scriptable__(self):
         raise NotImplementedError(
-            "torch.jit.script cannot compile DOConv2d (its composition is a custom autograd.Function); "
+            f"torch.jit.script cannot compile {type(self).__name__} (its composition is a custom autograd.Function); "
             "fold the model first (doconv.torch.fold(model)), or use torch.jit.trace, torch.export or "
             "torch.compile, which all take the layer as it is")
 
     # ---- folding --------------------------------------------------------------------------------
-    def fuse(self) -> nn.Conv2d:
+    def fuse(self) -> nn.Module:
         """A plain convolution holding W' (timm's ``reparameterize_model`` calls this): same outputs.
 
-        An ``nn.Conv2d`` when it can express the padding, else a :class:`FoldedConv2d` (an
-        ``nn.Conv2d`` that pads per side first): per-side pads, or ``'same'`` with stride > 1.
+        An ``nn.Conv1d/2d/3d`` (the layer's rank) when it can express the padding, else a ``FoldedConv1d/2d/3d``
+        (a subclass of it that pads per side first): per-side pads, ``'same'`` with stride > 1, ``'causal'``.
         """
         with torch.no_grad():
             kernel = self.compose().detach().clone()
@@ -330,7 +366,7 @@ class DOConv2d(nn.Module):
     def switch_to_deploy(self) -> None:
         """Fold in place (idempotent): W, D and I_fill are replaced by one ``weight`` = W'.
 
-        The state_dict then holds ``weight`` and ``bias``, as a plain ``nn.Conv2d``'s.
+        The state_dict then holds ``weight`` and ``bias``, as a plain ``nn.ConvNd``'s.
         """
         if self.deployed:
             return
@@ -342,7 +378,7 @@ class DOConv2d(nn.Module):
         self._kernel_cache.clear()
         self.deployed = True
         # register_parameter would refuse the name: the class's ``weight`` property already answers it.
-        bias = self._parameters.pop("bias", None)  # keep nn.Conv2d's key order: weight, bias
+        bias = self._parameters.pop("bias", None)  # keep nn.ConvNd's key order: weight, bias
         self._parameters["weight"] = nn.Parameter(kernel, requires_grad=requires_grad)
         if bias is not None:
             self._parameters["bias"] = bias
@@ -350,9 +386,9 @@ class DOConv2d(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         s = f"{c.in_channels}, {c.out_channels}, kernel_size={c.kernel_size}, stride={c.stride}"
-        if c.padding != ((0, 0), (0, 0)):
+        if c.padding != ((0, 0),) * c.rank:
             s += f", padding={self.padding!r}"
-        if c.dilation != (1, 1):
+        if c.dilation != (1,) * c.rank:
             s += f", dilation={c.dilation}"
         if c.groups != 1:
             s += f", groups={c.groups}"
@@ -368,3 +404,22 @@ class DOConv2d(nn.Module):
         if self.deployed:
             s += ", deployed=True"
         return s
+
+
+class DOConv1d(_DOConvNd):
+    __doc__ = _doc(1)
+    _rank = 1
+
+
+class DOConv2d(_DOConvNd):
+    __doc__ = _doc(2)
+    _rank = 2
+
+
+class DOConv3d(_DOConvNd):
+    __doc__ = _doc(3)
+    _rank = 3
+
+
+#: The layer class of each rank (``config.rank``).
+LAYERS = {1: DOConv1d, 2: DOConv2d, 3: DOConv3d}

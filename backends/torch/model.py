@@ -1,4 +1,4 @@
-"""Whole models: ``convert`` every spatial ``nn.Conv2d`` to ``DOConv2d``, ``fold`` them back.
+"""Whole models: ``convert`` every spatial ``nn.Conv1d/2d/3d`` to ``DOConv1d/2d/3d``, ``fold`` them back.
 
 The paper's protocol (Section 4): replacing the conventional layers is the *only* change. With
 ``d_init='identity'`` the converted layer holds ``W[..., :MN] = kernel``, the other D_mul - MN columns
@@ -9,6 +9,7 @@ original computed until training moves D.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -19,9 +20,14 @@ from doconv.contract import (Candidate, ConversionReport, ReportRow, check_choic
                              plan)
 
 from . import functional as DF
-from .layer import COMPOSITIONS, D_INITS, W_STORAGES, DOConv2d
+from .folded import PLAIN_CONVS
+from .layer import COMPOSITIONS, D_INITS, LAYERS, W_STORAGES, _DOConvNd
 
 Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+#: The convolutions ``convert`` replaces (exactly these classes, by rank) and the transposed ones it reports kept.
+CONVS = tuple(PLAIN_CONVS.values())
+TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _check_options(D_mul, d_init: str, composition: str, W_storage: str) -> None:
@@ -56,11 +62,20 @@ def _start(model, inplace: bool):
                          f"({type(error).__name__}: {error}): pass inplace=True") from error
 
 
-def config_of(conv: nn.Conv2d, D_mul) -> DOConvConfig:
+def rank_of(conv: nn.Module) -> int:
+    """The number of spatial axes of an ``nn.Conv1d/2d/3d`` (or a subclass), by its class."""
+    for rank, kind in PLAIN_CONVS.items():
+        if isinstance(conv, kind):
+            return rank
+    raise TypeError(f"conv must be a torch.nn.Conv1d, Conv2d or Conv3d, but got {type(conv).__name__}")
+
+
+def config_of(conv: nn.Module, D_mul) -> DOConvConfig:
+    rank = rank_of(conv)
     padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
-    stride, padding, dilation = (DF.pair_of_one(v) for v in (conv.stride, padding, conv.dilation))
+    stride, padding, dilation = (DF.ntuple_of_one(v, rank) for v in (conv.stride, padding, conv.dilation))
     return DOConvConfig(conv.in_channels, conv.out_channels, conv.kernel_size, stride, padding, dilation,
-                        conv.groups, conv.bias is not None, conv.padding_mode, D_mul)
+                        conv.groups, conv.bias is not None, conv.padding_mode, D_mul, rank=rank)
 
 
 #: The hooks a replaced module hands on to its replacement (torch.ao.quantization's module swap does the
@@ -79,7 +94,7 @@ def _carry_over(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _weight_hook(conv: nn.Conv2d) -> Optional[str]:
+def _weight_hook(conv: nn.Module) -> Optional[str]:
     """The name of a forward pre-hook that recomputes ``weight`` (the hook forms of weight_norm and spectral_norm,
     torch.nn.utils.prune), which DO-Conv would silently drop, since it composes the kernel itself."""
     from torch.nn.utils.prune import BasePruningMethod
@@ -92,17 +107,18 @@ def _weight_hook(conv: nn.Conv2d) -> Optional[str]:
     return None
 
 
-def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "identity",
-              composition: str = "kernel", W_storage: str = "c-major") -> DOConv2d:
-    """A ``DOConv2d`` with ``conv``'s configuration, device, dtype and weights (W[..., :MN] = kernel).
+def from_conv(conv: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity",
+              composition: str = "kernel", W_storage: str = "c-major") -> _DOConvNd:
+    """A ``DOConv{1,2,3}d`` with ``conv``'s (an ``nn.Conv{1,2,3}d``) configuration, device, dtype and weights
+    (W[..., :MN] = kernel).
 
     With ``d_init='identity'`` it computes exactly what ``conv`` computes; ``'random'`` keeps the kernel
     in W but draws D ~ N(0, 2/MN), so the outputs change (Table 7's random-init protocol).
     """
     c = config_of(conv, D_mul)
-    layer = DOConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
-                     c.bias, c.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype, D_mul=c.D_mul,
-                     d_init=d_init, composition=composition, W_storage=W_storage)
+    layer = LAYERS[c.rank](c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
+                           c.bias, c.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                           D_mul=c.D_mul, d_init=d_init, composition=composition, W_storage=W_storage)
     with torch.no_grad():
         layer.W.zero_()
         layer.W[..., :c.MN].copy_(conv.weight.reshape(c.out_channels, c.in_per_group, c.MN))
@@ -116,15 +132,20 @@ def from_conv(conv: nn.Conv2d, *, D_mul: Optional[int] = None, d_init: str = "id
     return _carry_over(conv, layer)
 
 
-def _candidate(name: str, module: nn.Conv2d) -> Candidate:
-    """What ``convert`` may do with the conv at ``name``: convert it, keep it (1x1) or skip it (unsafe)."""
-    if type(module) is not nn.Conv2d:
-        return Candidate(name, id(module), module, "nn.Conv2d subclass: its forward may differ", "skipped")
+def _candidate(name: str, module: nn.Module) -> Candidate:
+    """What ``convert`` may do with the conv at ``name``: convert it, keep it (1x1, transposed) or skip it
+    (unsafe)."""
+    if isinstance(module, TRANSPOSED):
+        return Candidate(name, id(module), module, "transposed convolution: DO-Conv over-parameterizes the kernel "
+                                                   "of a forward convolution")
+    base = PLAIN_CONVS[rank_of(module)]
+    if type(module) is not base:
+        return Candidate(name, id(module), module, f"nn.{base.__name__} subclass: its forward may differ", "skipped")
     hook = _weight_hook(module)
     if hook is not None:
         return Candidate(name, id(module), module, f"{hook} hook: it recomputes weight, which DO-Conv composes",
                          "skipped")
-    if module.kernel_size == (1, 1):
+    if math.prod(module.kernel_size) == 1:
         return Candidate(name, id(module), module, "pointwise: DO-Conv has no D")
     return Candidate(name, id(module), module)
 
@@ -135,28 +156,33 @@ def _paths(model: nn.Module, kind) -> list:
 
 
 def _kind(module: nn.Module) -> str:
-    return type(module).__name__ + (" 1x1" if getattr(module, "kernel_size", None) == (1, 1) else "")
+    size = getattr(module, "kernel_size", None)
+    pointwise = isinstance(size, tuple) and math.prod(size) == 1
+    return type(module).__name__ + (" " + "x".join("1" * len(size)) if pointwise else "")
 
 
 def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "identity", include: Selector = None,
             exclude: Selector = None, inplace: bool = False, composition: str = "kernel", W_storage: str = "c-major"):
-    """Replace every non-pointwise ``nn.Conv2d`` of ``model`` by a ``DOConv2d`` keeping its weights.
+    """Replace every non-pointwise ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` of ``model`` by a ``DOConv1d`` /
+    ``DOConv2d`` / ``DOConv3d`` keeping its weights.
 
     ``include``/``exclude``: glob patterns over module paths (``'layer1.*'``), lists of them, or a callable
     ``(name, module) -> bool``; ``include=None`` means every candidate. A pattern that matches no module
-    path is refused (ValueError), as a typo. 1x1 convolutions (no D, paper Section 4) are kept and
-    ``nn.Conv2d`` subclasses (their ``forward`` may differ) skipped, and reported. A conv used at several
-    paths (weight sharing) becomes one ``DOConv2d`` held at all of them, with a report row per path; include /
+    path is refused (ValueError), as a typo. 1x1 convolutions (no D, paper Section 4) and transposed
+    convolutions are kept and subclasses of the ``nn.ConvNd`` classes (their ``forward`` may differ) skipped,
+    and reported. A conv used at several
+    paths (weight sharing) becomes one DO-Conv layer held at all of them, with a report row per path; include /
     exclude must then select all of its paths or none (:func:`doconv.contract.plan`). Returns
     ``(model, report)`` (a :class:`doconv.contract.ConversionReport`); the model is a deep copy unless
     ``inplace=True``. ``D_mul``, ``d_init``, ``composition`` and ``W_storage`` are passed to every
-    :class:`DOConv2d`; they and every layer's configuration are checked before the model changes (an error
+    DO-Conv layer; they and every layer's configuration are checked before the model changes (an error
     names the layer's path).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     _check_options(D_mul, d_init, composition, W_storage)
-    decisions = plan([_candidate(name, m) for name, m in _paths(model, nn.Conv2d)], include=include, exclude=exclude,
+    decisions = plan([_candidate(name, m) for name, m in _paths(model, CONVS + TRANSPOSED)], include=include,
+                     exclude=exclude,
                      names=[name for name, _ in model.named_modules(remove_duplicate=False)], noun="module path")
     model = _start(model, inplace)
     modules = dict(model.named_modules(remove_duplicate=False))  # the copy's modules at the decided paths
@@ -197,8 +223,8 @@ def _shared_note(decision, reason: str = "") -> str:
     return "; ".join(text for text in (reason, note) if text)
 
 
-def _ties(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> list:
-    """``[(('W', 'D') or ('bias',), path of the earlier layer)]``: what the DOConv2d for ``conv`` takes from an
+def _ties(name: str, conv: nn.Module, config: DOConvConfig, owners: dict) -> list:
+    """``[(('W', 'D') or ('bias',), path of the earlier layer)]``: what the DO-Conv layer for ``conv`` takes from an
     earlier one because the two convs hold one weight (or bias) Parameter. Checked before the model changes:
     the tied tensors must have one shape each (``owners``: id of a Parameter -> (first path, config))."""
     ties = []
@@ -213,28 +239,30 @@ def _ties(name: str, conv: nn.Conv2d, config: DOConvConfig, owners: dict) -> lis
         for key in mine:
             if mine[key] != theirs[key]:
                 raise ValueError(f"layer {name!r} shares its {'weight' if key != 'bias' else 'bias'} with {path!r}, "
-                                 f"but their DOConv2d {key} shapes differ ({mine[key]} vs {theirs[key]}): they "
-                                 f"cannot stay tied")
+                                 f"but their {LAYERS[config.rank].__name__} {key} shapes differ ({mine[key]} vs "
+                                 f"{theirs[key]}): they cannot stay tied")
         ties.append((tuple(mine), path))
     return ties
 
 
 def fold(model: nn.Module, *, inplace: bool = False):
-    """Replace every ``DOConv2d`` by the plain convolution holding its composed kernel (``layer.fuse()``).
+    """Replace every DO-Conv layer (``DOConv1d/2d/3d``) by the plain convolution holding its composed kernel
+    (``layer.fuse()``: an ``nn.Conv1d/2d/3d``).
 
     Same outputs, the parameter count of the never-converted model. Returns ``(model, report)``: the model
-    is a deep copy unless ``inplace=True``; a ``DOConv2d`` used at several paths becomes one plain
+    is a deep copy unless ``inplace=True``; a DO-Conv layer used at several paths becomes one plain
     convolution held at all of them (a report row per path).
     """
     model = _start(model, inplace)
     report, convs = ConversionReport(), {}
     first = {}
-    for name, module in _paths(model, DOConv2d):
+    for name, module in _paths(model, _DOConvNd):
         shared = first.setdefault(id(module), name)
         if shared == name:
             convs[name] = _carry_over(module, module.fuse())
         conv = convs[shared]
-        report.append(ReportRow(name, "DOConv2d", "folded", type(conv).__name__, _count(module), _count(conv),
+        report.append(ReportRow(name, type(module).__name__, "folded", type(conv).__name__, _count(module),
+                                _count(conv),
                                 module.config.D_mul, "" if shared == name else f"same module as {shared!r} (shared)",
                                 "" if shared == name else shared))
         model = _set_submodule(model, name, conv)

@@ -1,9 +1,9 @@
-"""Opt-in retrofit: DO-Conv on an existing ``nn.Conv2d`` through ``torch.nn.utils.parametrize``.
+"""Opt-in retrofit: DO-Conv on an existing ``nn.Conv1d/2d/3d`` through ``torch.nn.utils.parametrize``.
 
 ``parametrize(conv)`` replaces ``conv.weight`` by the composed kernel D^T o W of two new tensors,
 ``conv.parametrizations.weight.original0`` (W) and ``...original1`` (the delta D'), initialised so the
-kernel is unchanged. Prefer :class:`doconv.torch.DOConv2d`: the parametrized conv has torch's generated
-state_dict keys and nn.Conv2d's padding options only, and :func:`doconv.torch.cached` does not reach it
+kernel is unchanged. Prefer :class:`doconv.torch.DOConv2d` (or 1d / 3d): the parametrized conv has torch's generated
+state_dict keys and nn.ConvNd's padding options only, and :func:`doconv.torch.cached` does not reach it
 (torch's own ``torch.nn.utils.parametrize.cached()`` does, for every parametrization in the process). ``torch.nn.utils.parametrize.remove_parametrizations(conv, "weight")`` folds it.
 """
 
@@ -41,13 +41,12 @@ class DOConvKernel(nn.Module):
         return W, kernel.new_zeros(c.D_shape)
 
 
-def parametrize(conv: nn.Conv2d, *, D_mul: Optional[int] = None) -> nn.Conv2d:
+def parametrize(conv: nn.Module, *, D_mul: Optional[int] = None) -> nn.Module:
     """Turn ``conv`` (in place) into a DO-Conv whose ``weight`` is composed; returns ``conv``."""
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"conv must be a torch.nn.Conv2d, but got {type(conv).__name__}")
-    config = config_of(conv, D_mul)
+    config = config_of(conv, D_mul)  # TypeError unless an nn.Conv1d / Conv2d / Conv3d
     if not config.has_D:
-        raise ValueError(f"conv has kernel_size={conv.kernel_size}: a 1x1 convolution has no D to parametrize")
+        raise ValueError(f"conv has kernel_size={conv.kernel_size}: a pointwise (1x1) convolution has no D to "
+                         f"parametrize")
     if torch_parametrize.is_parametrized(conv, "weight"):
         raise ValueError("conv.weight is already parametrized")
     kernel = DOConvKernel(config, device=conv.weight.device, dtype=conv.weight.dtype)

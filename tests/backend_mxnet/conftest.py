@@ -6,6 +6,10 @@ filtered below, and so is mxnet's use of SciPy's deprecated ``scipy.sparse.csr``
 ``mx.nd.array``; every other warning still shows.
 """
 
+import importlib
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -75,25 +79,37 @@ def randomise_D(net, seed):
 
 
 def core_chain(net, x):
-    """The core's output of a Sequential of DOConv2D layers, from their parameters as they are."""
+    """The core's output of a Sequential of DO-Conv layers, from their parameters as they are."""
     for block in net:
         x = doconv.forward(x, get_params(block), block.config)
     return x
 
 
-def small_net(hybridize=True):
-    """Every kind of convolution-like block: a 3x3 conv at two paths, a 1x1, a transposed conv, a subclass."""
-    class MyConv(gluon.nn.Conv2D):
+def small_net(hybridize=True, rank=2):
+    """Every kind of convolution-like block of one rank: a 3-tap conv at two paths, a single-tap one, a
+    transposed conv, a subclass (in 2-D: 3x3, 1x1, Conv2DTranspose, a Conv2D subclass)."""
+    conv, transposed = getattr(gluon.nn, f"Conv{rank}D"), getattr(gluon.nn, f"Conv{rank}DTranspose")
+
+    class MyConv(conv):
         pass
-    shared = gluon.nn.Conv2D(4, 3, padding=1, in_channels=4)
+    shared = conv(4, 3, padding=1, in_channels=4)
     net = gluon.nn.HybridSequential()
-    net.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=3), shared, gluon.nn.Conv2D(4, 1, in_channels=4),
-            gluon.nn.Conv2DTranspose(4, 3, padding=1, in_channels=4), MyConv(4, 3, padding=1, in_channels=4),
+    net.add(conv(4, 3, padding=1, in_channels=3), shared, conv(4, 1, in_channels=4),
+            transposed(4, 3, padding=1, in_channels=4), MyConv(4, 3, padding=1, in_channels=4),
             gluon.nn.BatchNorm(in_channels=4), shared)
     net.initialize(mx.init.Xavier())
     if hybridize:
         net.hybridize()
     return net
+
+
+def bench_module(name):
+    """A script of bench/ as a module (its directory on sys.path, as when it runs): the benchmarked networks
+    are the ones the whole-model tests check."""
+    bench = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module(name)
 
 
 @pytest.fixture
@@ -106,4 +122,5 @@ def h():
     """The helpers above, for test modules (importlib mode: a conftest is not importable by name)."""
     import types
     return types.SimpleNamespace(build=build, run_with_grads=run_with_grads, reference=reference, nd=nd,
-                                 randomise_D=randomise_D, core_chain=core_chain, small_net=small_net)
+                                 randomise_D=randomise_D, core_chain=core_chain, small_net=small_net,
+                                 bench_module=bench_module)

@@ -40,3 +40,12 @@ def test_unknown_model_names_the_flag_and_value():
     proc = run("--tiny", "--models", "resnet999")
     assert proc.returncode == 2
     assert "--models" in proc.stderr and "resnet999" in proc.stderr
+
+
+def test_tiny_run_of_the_1d_and_3d_networks():
+    """The TCN (1-D) and C3D (3-D) networks: every Conv1D / Conv3D of their tiny forms becomes a DO-Conv layer
+    (stem + 2 blocks of 2 in the TCN, 3 in the C3D) and a training step runs for the plain net and the twin."""
+    proc = run("--tiny", "--models", "tcn,c3d", "--scenarios", "train", "--reps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| tcn | 2, 32 | 5 | DO-Conv twin |" in out and "| c3d | 1, 4x16x16 | 3 | DO-Conv twin |" in out, out

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import doconv
-from doconv.mxnet import DOConv2D, cached, convert, get_params, layer_config, set_params
+from doconv.mxnet import DOConv1D, DOConv2D, DOConv3D, cached, convert, get_params, layer_config, set_params
 from doconv.mxnet._mx import gluon, mx
+from doconv.mxnet.layer import _DOConv
 
 GLUON_CASES = doconv.cases.select(doconv.mxnet.UNSUPPORTED_FEATURES)
 KERNEL_CASES = [c for c in GLUON_CASES if c.config.has_D]
@@ -18,9 +19,13 @@ MODES = [False, True]
 MODE_IDS = ["imperative", "hybridized"]
 
 
-def two_layer_net(hybridize, ctx=(0,), seed=0):
+LAYERS = {1: DOConv1D, 2: DOConv2D, 3: DOConv3D}
+
+
+def two_layer_net(hybridize, ctx=(0,), seed=0, rank=2):
     net = gluon.nn.HybridSequential()
-    net.add(DOConv2D(6, 3, padding=1, in_channels=4), DOConv2D(5, 3, strides=2, D_mul=12, in_channels=6))
+    cls = LAYERS[rank]
+    net.add(cls(6, 3, padding=1, in_channels=4), cls(5, 3, strides=2, D_mul=3 ** rank + 3, in_channels=6))
     net.initialize(mx.init.Xavier(), ctx=[mx.cpu(i) for i in ctx])
     rng = np.random.default_rng(seed)
     for layer in net:  # randomise D, so that W' != W
@@ -47,14 +52,15 @@ def check(net, x, what, ctx=mx.cpu(0)):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """The names of the layers that composed a scope's W' (``DOConv2D._compose_nd``), one entry per call."""
+    """The names of the layers that composed a scope's W' (``_DOConv._compose_nd``, every rank's), one entry per
+    call."""
     calls = []
-    original = DOConv2D._compose_nd
+    original = _DOConv._compose_nd
 
     def compose(self, ctx):
         calls.append(self.name)
         return original(self, ctx)
-    monkeypatch.setattr(DOConv2D, "_compose_nd", compose)
+    monkeypatch.setattr(_DOConv, "_compose_nd", compose)
     return calls
 
 
@@ -188,6 +194,26 @@ def test_every_write_path_is_seen(path, hybridize, counted, tmp_path):
 
 
 # ---- the scope ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("rank", [1, 3])
+def test_a_scope_over_1d_and_3d_layers_composes_once_and_follows_writes_after(rank, hybridize, counted):
+    net = two_layer_net(hybridize, rank=rank)
+    layers = [layer.name for layer in net]
+    x = np.random.default_rng(1).normal(size=(2, 4) + (7,) * rank).astype("float32")
+    check(net, x, "default path")
+    counted.clear()
+    with cached(net):
+        for call in range(3):
+            check(net, x, f"inside a scope, call {call}")
+        if hybridize:
+            assert _kernel_inputs(net) == [f"{layer.prefix}cached_kernel" for layer in net]
+    assert counted == layers, "inside a scope each layer composes W' exactly once"
+    _random_out(net, x)
+    check(net, x, "after the scope and a raw write")
+    if hybridize:
+        assert _kernel_inputs(net) == []
+
 
 @pytest.mark.parametrize("hybridize", MODES, ids=MODE_IDS)
 def test_a_write_inside_the_scope_is_the_callers_promise_and_invalidate_cache_drops_the_kernel(hybridize, counted):

@@ -15,7 +15,8 @@ from doconv.mxnet import (UNSUPPORTED_FEATURES, DOConv2D, convert, export_canoni
                           import_official, layer_config, layer_from_config, set_params)
 from doconv.mxnet._mx import gluon, mx
 
-CASES = [c for c in doconv.cases.select(UNSUPPORTED_FEATURES) if c.config.D_mul == c.config.MN]
+#: The official code is 2-D with D_mul = M*N only.
+CASES = [c for c in doconv.cases.select(UNSUPPORTED_FEATURES) if c.rank == 2 and c.config.D_mul == c.config.MN]
 
 
 def official_gluon_kernel(weight, D_delta, config):
@@ -140,6 +141,26 @@ def test_a_whole_official_net_that_does_not_match_changes_nothing(flaw, match):
         np.testing.assert_array_equal(p.data().asnumpy(), before[k], err_msg=k)
 
 
+@pytest.mark.parametrize("rank", [1, 3])
+def test_import_official_refuses_1d_and_3d_layers_naming_them(rank):
+    """Official checkpoints hold 2-D layers only: a 1-D or 3-D layer, bare or in a net, is a clear error."""
+    config = doconv.DOConvConfig(4, 6, 3, padding=1, rank=rank)
+    layer = layer_from_config(config)
+    arrays = {"weight": np.zeros(config.kernel_shape), "D": np.zeros((config.MN, config.MN, 4)), "bias": np.zeros(6)}
+    before = get_params(layer)
+    name = f"DOConv{rank}D"
+    with pytest.raises(ValueError, match=rf"layer '{doconv.ROOT_NAME}' is a {name}: official DO-Conv checkpoints "
+                                         rf"hold 2-D layers only"):
+        import_official(layer, arrays)
+    np.testing.assert_array_equal(get_params(layer).W, before.W)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=4), getattr(gluon.nn, f"Conv{rank}D")(6, 3, in_channels=4))
+    net.initialize()
+    net, _ = convert(net)
+    with pytest.raises(ValueError, match=rf"layer '1' is a {name}: official"):
+        import_official(net, {})
+
+
 def test_import_official_refuses_what_is_no_mapping():
     with pytest.raises(TypeError, match="arrays must be a mapping of names to arrays, but got list"):
         import_official(_converted_net(), [np.zeros(3)])
@@ -170,9 +191,60 @@ def test_layer_from_config_refuses_what_gluon_cannot_pad():
     for kwargs, match in ((dict(padding=((0, 1), (1, 1))), "symmetrically"),
                           (dict(padding=1, padding_mode="reflect"), "zeros only"),
                           (dict(padding="same", stride=2), "depends on the input size"),
-                          (dict(kernel_size=2, padding="same"), "symmetrically")):
+                          (dict(kernel_size=2, padding="same"), "symmetrically"),
+                          (dict(padding="causal", dilation=2, rank=1), r"symmetrically, .* needs per-side pads "
+                                                                       r"\(\(4, 0\),\)"),
+                          (dict(padding=((1, 1), (0, 0), (2, 1)), rank=3), "symmetrically"),
+                          (dict(padding="same", stride=(1, 2, 1), rank=3), "depends on the input size")):
         with pytest.raises(ValueError, match=match):
             layer_from_config(doconv.DOConvConfig(**{"in_channels": 2, "out_channels": 2, "kernel_size": 3, **kwargs}))
+
+
+@pytest.mark.parametrize("case_id", ["1d-k3-d4-same", "k3-same", "3d-k2-valid-2MN", "3d-k3-same-nobias"])
+def test_layer_from_config_picks_the_layer_of_the_configs_rank(case_id, h):
+    """``layer_from_config`` builds DOConv1D / 2D / 3D by ``config.rank``, 'same' / 'valid' as symmetric ints; its
+    config and parameters come back as they went in, and it computes the core's output."""
+    case = doconv.cases.case(case_id)
+    layer, params = h.build(case, "float64", seed=2)
+    assert type(layer).__name__ == f"DOConv{case.rank}D" and layer.rank == case.rank
+    assert layer_config(layer) == case.config.resolved()
+    assert len(layer.padding) == case.rank and all(isinstance(p, int) for p in layer.padding)
+    back = get_params(layer)
+    for name in ("W", "D", "bias"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(params, name))
+    x = case.input(2, np.float64)
+    doconv.assert_close(layer(mx.nd.array(x, dtype="float64")).asnumpy(), doconv.forward(x, params, case.config),
+                        "float64", case_id)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_canonical_export_import_of_1d_and_3d_nets(tmp_path, rank, h):
+    """A converted Conv1D / Conv3D net writes the core's interchange file with its rank in each layer's config;
+    another converted net loads it exactly; a net of another rank refuses it."""
+    def converted():
+        net = gluon.nn.HybridSequential()
+        conv = getattr(gluon.nn, f"Conv{rank}D")
+        net.add(conv(4, 3, padding=1, in_channels=3, groups=1), conv(6, 3, strides=2, groups=2, in_channels=4))
+        net.initialize(mx.init.Xavier())
+        return convert(net)[0]
+    twin = converted()
+    h.randomise_D(twin, 2)
+    path = tmp_path / f"net{rank}d.safetensors"
+    export_canonical(twin, path)
+    stored = doconv.load(path)
+    assert sorted(stored) == ["0", "1"] and {config.rank for config, _ in stored.values()} == {rank}
+    np.testing.assert_array_equal(stored["1"][1].D, get_params(twin[1]).D)
+    other = converted()
+    assert import_canonical(other, path) == ["0", "1"]
+    x = mx.nd.array(np.random.default_rng(1).normal(size=(2, 3) + (7,) * rank))
+    np.testing.assert_array_equal(other(x).asnumpy(), twin(x).asnumpy())
+    doconv.assert_close(other(x).asnumpy(), h.core_chain(other, x.asnumpy()), "float32", "imported")
+    flat = gluon.nn.HybridSequential()
+    flat.add(gluon.nn.Conv2D(4, 3, padding=1, in_channels=3), gluon.nn.Conv2D(6, 3, strides=2, groups=2, in_channels=4))
+    flat.initialize()
+    flat, _ = convert(flat)
+    with pytest.raises(ValueError, match="the model's layer is"):
+        import_canonical(flat, path)
 
 
 @pytest.mark.parametrize("padding, dilation", [("same", (1, 1)), ("same", (2, 1)), ("valid", (1, 1))])
@@ -223,7 +295,7 @@ def test_import_canonical_into_a_model_without_doconv_layers_says_convert_first(
     export_canonical(twin, tmp_path / "twin.safetensors")
     net = plain()
     before = [p.data().asnumpy() for p in net.collect_params().values()]
-    with pytest.raises(ValueError, match=r"model has no DOConv2D layer .*HybridSequential.*: convert it first "
+    with pytest.raises(ValueError, match=r"model has no DO-Conv layer .*HybridSequential.*: convert it first "
                                          r"\(doconv.mxnet.convert\(model\)\)"):
         import_canonical(net, tmp_path / "twin.safetensors")
     for p, b in zip(net.collect_params().values(), before):
@@ -239,7 +311,7 @@ def test_import_canonical_into_a_model_without_doconv_layers_says_convert_first(
 
 def test_exporting_an_unconverted_net_says_convert_first(tmp_path, h):
     net = h.small_net()
-    with pytest.raises(ValueError, match=r"model has no DOConv2D layer to export \(HybridSequential holds none\): "
+    with pytest.raises(ValueError, match=r"model has no DO-Conv layer to export \(HybridSequential holds none\): "
                                          r"convert it first \(doconv.mxnet.convert\(model\)\)"):
         export_canonical(net, tmp_path / "empty.safetensors")
     assert not (tmp_path / "empty.safetensors").exists()

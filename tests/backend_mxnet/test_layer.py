@@ -5,19 +5,29 @@ import contextlib
 import numpy as np
 import pytest
 import doconv
-from doconv.mxnet import UNSUPPORTED_FEATURES, DOConv2D, get_params, layer_from_config
+from doconv.mxnet import UNSUPPORTED_FEATURES, DOConv1D, DOConv2D, DOConv3D, get_params, layer_from_config
 from doconv.mxnet._mx import gluon, mx
 
 GLUON_CASES = doconv.cases.select(UNSUPPORTED_FEATURES)
 IDS = [c.id for c in GLUON_CASES]
+LAYERS = {1: DOConv1D, 2: DOConv2D, 3: DOConv3D}
+RANKS = [1, 2, 3]
+#: A spatial input size per rank for the nets below.
+SPATIAL = {1: (7,), 2: (7, 6), 3: (5, 7, 6)}
 
 
 def test_the_gluon_case_selection_is_what_we_expect():
-    # 'same' at stride 1 and symmetric explicit padding stay; per-side, non-zero modes and strided 'same' go.
+    # 'same' at stride 1 and symmetric explicit padding stay; per-side (causal included), non-zero modes and
+    # strided 'same' go; every rank is covered.
     ids = set(IDS)
     assert {"k3-same", "k3-valid", "dw-x3-k5-same", "k3-s2-d2", "k5-s2-2MN", "g3-k3-s2-Dmul+3"} <= ids
     assert not ids & {"k3-reflect", "k3-zeros-asym", "k3-s2-same", "k2x2-same", "g2-k3-reflect-asym"}
-    assert {"k3-dsep-Dmul4", "g2-k3-dsep-Dmul5"} <= ids and len(ids) == 26
+    assert {"k3-dsep-Dmul4", "g2-k3-dsep-Dmul5"} <= ids
+    assert {"1d-k3-d4-same", "1d-dw-x2-k5-s2", "1d-k3-dsep-Dmul2", "3d-k1x3x3-s2", "3d-k2-valid-2MN", "3d-g2-k3-s2",
+            "3d-dw-x2-k3"} <= ids
+    assert not ids & {"1d-k3-causal-d2", "1d-k4-same", "1d-k3-s2-same", "1d-k3-reflect", "3d-k2-same",
+                      "3d-k3-reflect-asym", "3d-k3-circular"}
+    assert [sum(c.rank == r for c in GLUON_CASES) for r in (1, 2, 3)] == [10, 26, 10]
 
 
 @pytest.mark.parametrize("composition", ["kernel", "feature"])
@@ -53,23 +63,33 @@ def test_random_d_init_draws_D_with_he_variance():
     assert abs(D.std() - np.sqrt(2 / 9)) < 0.02 and abs(D.mean()) < 0.02
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(padding="same"), "padding must be an int or a pair"),
-    (dict(padding=((0, 1), (1, 1))), "padding must be an int or a pair"),
-    (dict(D_mul=4), "D_mul must be >= M\\*N = 9"),
-    (dict(groups=4, in_channels=6), "in_channels must be divisible by groups"),
-    (dict(groups=5), "out_channels must be divisible by groups"),
-    (dict(in_channels=-1), "in_channels must be a positive int"),
-    (dict(groups=0), "groups must be a positive int, but got groups=0"),  # not in_channels (unknown here)
-    (dict(groups=-2, in_channels=4), "groups must be a positive int, but got groups=-2"),
-    (dict(layout="NCW"), "layout must be one of"),
-    (dict(composition="fast"), "composition must be one of"),
-    (dict(d_init="ones"), "d_init must be one of"),
-    (dict(strides=0), "stride must be >= 1"),
+@pytest.mark.parametrize("cls, kwargs, match", [
+    (DOConv2D, dict(padding="same"), "padding must be an int or 2 ints \\(Gluon pads symmetrically\\), but got "
+                                     "padding='same'; use doconv.mxnet.layer_from_config"),
+    (DOConv2D, dict(padding=((0, 1), (1, 1))), "padding must be an int or 2 ints .*per-side"),
+    (DOConv2D, dict(D_mul=4), "D_mul must be >= M\\*N = 9"),
+    (DOConv2D, dict(groups=4, in_channels=6), "in_channels must be divisible by groups"),
+    (DOConv2D, dict(groups=5), "out_channels must be divisible by groups"),
+    (DOConv2D, dict(in_channels=-1), "in_channels must be a positive int"),
+    (DOConv2D, dict(groups=0), "groups must be a positive int, but got groups=0"),  # not in_channels (unknown)
+    (DOConv2D, dict(groups=-2, in_channels=4), "groups must be a positive int, but got groups=-2"),
+    (DOConv2D, dict(layout="NCW"), "layout must be one of \\('NCHW', 'NHWC'\\), but got layout='NCW'"),
+    (DOConv2D, dict(composition="fast"), "composition must be one of"),
+    (DOConv2D, dict(d_init="ones"), "d_init must be one of"),
+    (DOConv2D, dict(strides=0), "stride must be >= 1"),
+    (DOConv1D, dict(layout="NWC"), "layout must be one of \\('NCW',\\), but got layout='NWC'"),
+    (DOConv1D, dict(padding=(1, 1)), "padding must be an int, but got padding=\\(1, 1\\) of length 2"),
+    (DOConv1D, dict(padding="causal"), "padding must be an int .*but got padding='causal'"),
+    (DOConv1D, dict(kernel_size=(3, 3)), "kernel_size must be an int, but got kernel_size=\\(3, 3\\)"),
+    (DOConv1D, dict(D_mul=2), "D_mul must be >= M\\*N = 3"),
+    (DOConv3D, dict(layout="NCHW"), "layout must be one of \\('NCDHW', 'NDHWC'\\), but got layout='NCHW'"),
+    (DOConv3D, dict(padding=(1, 1)), "padding must be an int or 3 ints, but got padding=\\(1, 1\\) of length 2"),
+    (DOConv3D, dict(strides=(1, 2)), "stride must be an int or 3 ints"),
+    (DOConv3D, dict(D_mul=9), "D_mul must be >= M\\*N = 27"),
 ])
-def test_bad_arguments_raise_clear_errors(kwargs, match):
+def test_bad_arguments_raise_clear_errors(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        DOConv2D(**{"channels": 8, "kernel_size": 3, **kwargs})
+        cls(**{"channels": 8, "kernel_size": 3, **kwargs})
 
 
 def test_deferred_channels_not_divisible_by_groups():
@@ -79,31 +99,38 @@ def test_deferred_channels_not_divisible_by_groups():
         layer(mx.nd.ones((1, 4, 5, 5)))
 
 
-def test_nhwc_on_cpu_is_a_clear_error():
-    layer = DOConv2D(4, 3, layout="NHWC", in_channels=3)
+CHANNELS_LAST = {2: "NHWC", 3: "NDHWC"}
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_channels_last_on_cpu_is_a_clear_error(rank):
+    layout = CHANNELS_LAST[rank]
+    layer = LAYERS[rank](4, 3, layout=layout, in_channels=3)
     layer.initialize()
-    with pytest.raises(ValueError, match="layout='NHWC' is not supported on cpu"):
-        layer(mx.nd.ones((1, 5, 5, 3)))
+    with pytest.raises(ValueError, match=f"layout='{layout}' is not supported on cpu.*use layout='NC"):
+        layer(mx.nd.ones((1, *SPATIAL[rank], 3)))
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_nhwc_deferred_in_a_hybridized_parent_infers_c_in_from_the_channel_axis(use_bias):
-    """The graph's shape probe reads NHWC's last axis: shapes come out right, and the CPU then fails exactly
-    as MXNet's own NHWC Conv2D does (not with a shape inconsistency)."""
+@pytest.mark.parametrize("rank", [2, 3])
+def test_channels_last_deferred_in_a_hybridized_parent_infers_c_in_from_the_channel_axis(rank, use_bias):
+    """The graph's shape probe reads NHWC's (NDHWC's) last axis: shapes come out right, and the CPU then fails
+    exactly as MXNet's own channels-last Conv2D / Conv3D does (not with a shape inconsistency)."""
     def run(block):
         net = gluon.nn.HybridSequential()
         net.add(block)
         net.initialize()
         net.hybridize()
         with pytest.raises(mx.base.MXNetError) as info:
-            net(mx.nd.ones((1, 7, 6, 3))).wait_to_read()
+            net(mx.nd.ones((1, *SPATIAL[rank], 3))).wait_to_read()
         return str(info.value).strip().splitlines()[0]
-    ours = DOConv2D(4, 3, layout="NHWC", use_bias=use_bias)
-    theirs = gluon.nn.Conv2D(4, 3, layout="NHWC", use_bias=use_bias)
+    ours = LAYERS[rank](4, 3, layout=CHANNELS_LAST[rank], use_bias=use_bias)
+    theirs = getattr(gluon.nn, f"Conv{rank}D")(4, 3, layout=CHANNELS_LAST[rank], use_bias=use_bias)
     error = run(ours)
     assert error == run(theirs) and "Shape inconsistent" not in error
-    assert (ours.in_channels, ours.W.shape, ours.D.shape) == (3, (4, 3, 9), (3, 9, 9))
-    assert theirs.weight.shape == (4, 3, 3, 3)
+    mn = 3 ** rank
+    assert (ours.in_channels, ours.W.shape, ours.D.shape) == (3, (4, 3, mn), (3, mn, mn))
+    assert theirs.weight.shape == (4, 3) + (3,) * rank
 
 
 def test_float16_fails_on_cpu_exactly_as_conv2d_does():
@@ -117,10 +144,21 @@ def test_float16_fails_on_cpu_exactly_as_conv2d_does():
     assert "FP16 gemm on cpu not implemented" in ours and "FP16 gemm on cpu not implemented" in theirs
 
 
-def _deferred_net(hybridize):
+#: The second layer of the nets below, per rank: a kernel with a 1-wide axis (2-D, 3-D) and D_mul = 2 M*N.
+SECOND = {1: dict(kernel_size=2, padding=0, D_mul=4), 2: dict(kernel_size=(3, 1), padding=(1, 0), D_mul=6),
+          3: dict(kernel_size=(3, 1, 2), padding=(1, 0, 0), D_mul=12)}
+
+
+def _deferred_layers(rank, second_in_channels=0, **kwargs):
+    """A grouped 3-tap layer and a layer with a 1-wide axis and ReLU, both with in_channels deferred."""
+    cls = LAYERS[rank]
+    return (cls(6, 3, padding=1, groups=2, **kwargs),
+            cls(8, use_bias=False, activation="relu", in_channels=second_in_channels, **SECOND[rank], **kwargs))
+
+
+def _deferred_net(hybridize, rank=2):
     net = gluon.nn.HybridSequential()
-    net.add(DOConv2D(6, 3, padding=1, groups=2, d_init="random"),
-            DOConv2D(8, (3, 1), padding=(1, 0), use_bias=False, D_mul=6, d_init="random", activation="relu"))
+    net.add(*_deferred_layers(rank, d_init="random"))
     net.initialize(mx.init.Uniform(0.5))
     if hybridize:
         net.hybridize()
@@ -137,38 +175,41 @@ def _core_forward(net, x):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("recorded", [False, True], ids=["first-call-inference", "first-call-recorded"])
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized-parent"])
-def test_deferred_in_channels_inferred_from_first_input(hybridize, recorded, dtype, h):
+@pytest.mark.parametrize("rank", RANKS)
+def test_deferred_in_channels_inferred_from_first_input(rank, hybridize, recorded, dtype, h):
     """The first call may be a training step (the usual loop) and the net may be cast first."""
-    net = _deferred_net(hybridize)
+    net = _deferred_net(hybridize, rank)
     net.cast(dtype)
-    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype(dtype)
+    x = np.random.default_rng(0).normal(size=(2, 4, *SPATIAL[rank])).astype(dtype)
     with mx.autograd.record() if recorded else contextlib.nullcontext():
         out = net(h.nd(x, dtype))
     if recorded:
         out.backward()
         assert all(abs(b.W.grad().asnumpy()).sum() > 0 for b in net)
     out = out.asnumpy()
-    assert [b.W.shape for b in net] == [(6, 2, 9), (8, 6, 6)]
-    assert [b.D.shape for b in net] == [(4, 9, 9), (6, 3, 6)]
+    mn, s = 3 ** rank, SECOND[rank]["D_mul"]
+    assert [b.W.shape for b in net] == [(6, 2, mn), (8, 6, s)]
+    assert [b.D.shape for b in net] == [(4, mn, mn), (6, s // 2, s)]
     doconv.assert_close(out, _core_forward(net, x), dtype, "deferred net")
     net.hybridize()  # a graph built with known shapes (no shape probe) gives the same numbers
     doconv.assert_close(net(h.nd(x, dtype)).asnumpy(), out, dtype, "rebuilt graph")
 
 
 @pytest.mark.parametrize("where", ["layer", "parent"], ids=["layer-hybridized", "in-hybridized-parent"])
-def test_feature_composition_with_deferred_in_channels_hybridizes(where):
+@pytest.mark.parametrize("rank", RANKS)
+def test_feature_composition_with_deferred_in_channels_hybridizes(rank, where):
     """composition='feature' with in_channels=0 and hybridize(): the layer infers C_in from its first NDArray
     before building its graph; a hybridized parent's first graph composes W' (C_in unknown), the next one,
     built with C_in known, composes features. Both give the core's outputs (randomised D)."""
-    layer = DOConv2D(6, 3, padding=1, groups=2, composition="feature")
+    layer = LAYERS[rank](6, 3, padding=1, groups=2, composition="feature")
     net = layer if where == "layer" else gluon.nn.HybridSequential()
     if where == "parent":
         net.add(layer)
     net.initialize()
     net.hybridize()
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 4, 7, 6)).astype("float32")
-    assert net(mx.nd.array(x)).shape == (2, 6, 7, 6) and layer.W.shape == (6, 2, 9)
+    x = rng.normal(size=(2, 4, *SPATIAL[rank])).astype("float32")
+    assert net(mx.nd.array(x)).shape == (2, 6, *SPATIAL[rank]) and layer.W.shape == (6, 2, 3 ** rank)
     for param in (layer.W, layer.D, layer.bias):
         param.set_data(mx.nd.array(rng.normal(0, 0.5, size=param.shape)))
     want = doconv.forward(x, get_params(layer), layer.config)
@@ -192,11 +233,12 @@ def test_auto_composition_follows_the_cost_model(deferred, hybridize):
         doconv.assert_close(out, doconv.forward(x, get_params(layer), layer.config), "float32", want)
 
 
-def test_save_and_load_parameters_with_stable_names(tmp_path, h):
-    case = doconv.cases.case("g3-k3-s2-Dmul+3")
+@pytest.mark.parametrize("case_id", ["g3-k3-s2-Dmul+3", "1d-dw-x2-k5-s2", "3d-g2-k3-s2"])
+def test_save_and_load_parameters_with_stable_names(tmp_path, case_id, h):
+    case = doconv.cases.case(case_id)
     layer, params = h.build(case, "float32", seed=5)
     layer.save_parameters(str(tmp_path / "layer.params"))
-    assert sorted(mx.nd.load(str(tmp_path / "layer.params"))) == ["D", "W", "bias"]
+    assert sorted(mx.nd.load(str(tmp_path / "layer.params"))) == ["D", "W"] + ["bias"] * case.config.bias
     other = layer_from_config(case.config)
     other.load_parameters(str(tmp_path / "layer.params"))
     x = h.nd(case.input(5, np.float32))
@@ -206,15 +248,15 @@ def test_save_and_load_parameters_with_stable_names(tmp_path, h):
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
-def test_load_parameters_initialises_a_fresh_net(tmp_path, hybridize, h):
+@pytest.mark.parametrize("rank", RANKS)
+def test_load_parameters_initialises_a_fresh_net(tmp_path, rank, hybridize, h):
     """Gluon's pattern: build, load_parameters (no initialize()), run -- deferred in_channels too."""
-    saved = _deferred_net(hybridize=False)
-    x = np.random.default_rng(0).normal(size=(2, 4, 7, 6)).astype("float32")
+    saved = _deferred_net(hybridize=False, rank=rank)
+    x = np.random.default_rng(0).normal(size=(2, 4, *SPATIAL[rank])).astype("float32")
     saved(h.nd(x))
     saved.save_parameters(str(tmp_path / "net.params"))
     fresh = gluon.nn.HybridSequential()
-    fresh.add(DOConv2D(6, 3, padding=1, groups=2), DOConv2D(8, (3, 1), padding=(1, 0), use_bias=False, D_mul=6,
-                                                             activation="relu", in_channels=6))
+    fresh.add(*_deferred_layers(rank, second_in_channels=6))
     fresh.load_parameters(str(tmp_path / "net.params"), ctx=mx.cpu())
     if hybridize:
         fresh.hybridize()
@@ -223,22 +265,26 @@ def test_load_parameters_initialises_a_fresh_net(tmp_path, hybridize, h):
 
 @pytest.mark.filterwarnings("ignore:Cannot decide type for the following arguments:UserWarning")
 @pytest.mark.parametrize("folded", [False, True], ids=["unfolded", "folded"])
-def test_export_and_symbolblock_imports(tmp_prefix, folded, h):
+@pytest.mark.parametrize("rank", RANKS)
+def test_export_and_symbolblock_imports(tmp_prefix, rank, folded, h):
     from doconv.mxnet import fold
-    net = _deferred_net(hybridize=True)
-    x = h.nd(np.random.default_rng(1).normal(size=(2, 4, 6, 6)))
-    want = net(x).asnumpy()
+    net = _deferred_net(hybridize=True, rank=rank)
+    x = np.random.default_rng(1).normal(size=(2, 4, *SPATIAL[rank]))
+    want = net(h.nd(x)).asnumpy()
+    doconv.assert_close(want, _core_forward(net, x), "float32", "the net exported")
+    x = h.nd(x)
     if folded:
         net, _ = fold(net)
-        assert all(type(b) is gluon.nn.Conv2D for b in net)
+        assert all(type(b) is getattr(gluon.nn, f"Conv{rank}D") for b in net)
         net.hybridize()
         net(x)
     net.export(tmp_prefix)
     loaded = gluon.SymbolBlock.imports(tmp_prefix + "-symbol.json", ["data"], tmp_prefix + "-0000.params")
     doconv.assert_close(loaded(x).asnumpy(), want, "float32", "SymbolBlock")
     if folded:
+        second = int(np.prod(SECOND[rank]["kernel_size"]))
         assert sum(v.size for v in mx.nd.load(tmp_prefix + "-0000.params").values()) == \
-            6 * 2 * 9 + 6 + 8 * 6 * 3
+            6 * 2 * 3 ** rank + 6 + 8 * 6 * second
 
 
 @pytest.mark.parametrize("kvstore", ["local", "device"])
@@ -266,14 +312,17 @@ def test_trainer_over_two_contexts_matches_one(kvstore, h):
         doconv.assert_close(two[name], one[name], "float32", f"{kvstore} {name}")
 
 
-def test_accepts_every_conv2d_argument_with_its_default():
-    """A drop-in: every parameter of gluon.nn.Conv2D is a parameter of DOConv2D, same position and default."""
+@pytest.mark.parametrize("rank", RANKS)
+def test_accepts_every_conv_argument_with_its_default(rank):
+    """A drop-in: every parameter of gluon.nn.Conv1D / Conv2D / Conv3D is a parameter of DOConv1D / 2D / 3D,
+    same position and default; the DO-Conv ones are keyword-only."""
     import inspect
-    from mxnet import gluon
-    ours = list(inspect.signature(DOConv2D).parameters.values())
-    theirs = [p for p in inspect.signature(gluon.nn.Conv2D).parameters.values() if p.kind != p.VAR_KEYWORD]
-    for mine, p in zip(ours, theirs):
-        assert (mine.name, mine.default) == (p.name, p.default)
+    ours = list(inspect.signature(LAYERS[rank]).parameters.values())
+    theirs = [p for p in inspect.signature(getattr(gluon.nn, f"Conv{rank}D")).parameters.values()
+              if p.kind != p.VAR_KEYWORD]
+    assert [(p.name, p.default) for p in ours[:len(theirs)]] == [(p.name, p.default) for p in theirs]
+    assert [p.name for p in ours[len(theirs):] if p.kind == p.KEYWORD_ONLY] == \
+        ["D_mul", "d_init", "composition", "depthwise_separable"]
     assert any(p.kind == p.VAR_KEYWORD for p in ours)
 
 
@@ -308,16 +357,19 @@ def test_params_sharing_as_gluon_does(hybridize, h):
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
-def test_bad_inputs_name_the_channels(hybridize):
-    layer = DOConv2D(4, 3, in_channels=3)
+@pytest.mark.parametrize("rank", RANKS)
+def test_bad_inputs_name_the_channels(rank, hybridize):
+    layer = LAYERS[rank](4, 3, in_channels=3)
     layer.initialize()
     if hybridize:
         layer.hybridize()
-    with pytest.raises(ValueError, match=r"input has 5 channels but in_channels=3 \(input shape \(1, 5, 6, 6\)"):
-        layer(mx.nd.ones((1, 5, 6, 6)))
-    with pytest.raises(ValueError, match=r"input must be 4-D \(NCHW\), but got input shape \(3, 6, 6\)"):
-        layer(mx.nd.ones((3, 6, 6)))
-    assert layer(mx.nd.ones((1, 3, 6, 6))).shape == (1, 4, 4, 4)
+    spatial = (6,) * rank
+    with pytest.raises(ValueError, match=rf"input has 5 channels but in_channels=3 \(input shape \(1, 5, 6"):
+        layer(mx.nd.ones((1, 5, *spatial)))
+    with pytest.raises(ValueError, match=rf"input must be {rank + 2}-D \({layer.layout}\), but got input shape "
+                                         rf"\(3, 6"):
+        layer(mx.nd.ones((3, *spatial)))
+    assert layer(mx.nd.ones((1, 3, *spatial))).shape == (1, 4) + (4,) * rank
 
 
 def test_summary_counts_W_D_and_bias_only(capsys):
@@ -342,11 +394,13 @@ def test_summary_counts_W_D_and_bias_only(capsys):
 
 # ---- weight: W', read-only -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", [doconv.cases.case(i) for i in ("k3-same", "g3-k3-s2-Dmul+3", "k1x1")],
-                         ids=["k3-same", "g3-k3-s2-Dmul+3", "k1x1"])
+WEIGHT_CASES = ("k3-same", "g3-k3-s2-Dmul+3", "k1x1", "1d-k5-2MN", "1d-k1", "3d-k1x3x3-s2", "3d-k1")
+
+
+@pytest.mark.parametrize("case", [doconv.cases.case(i) for i in WEIGHT_CASES], ids=WEIGHT_CASES)
 def test_weight_is_the_kernel_composed_now(case, h):
     """``layer.weight.data()`` is doconv.compose of the parameters as they are at the read (randomised D),
-    also after a raw in-place write; its shape, dtype and name are a Conv2D weight's."""
+    also after a raw in-place write; its shape, dtype and name are a Gluon convolution weight's."""
     layer, params = h.build(case, "float64", seed=5)
     c = case.config
     weight = layer.weight

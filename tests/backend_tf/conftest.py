@@ -9,9 +9,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -19,37 +21,43 @@ import pytest  # noqa: E402
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import doconv  # noqa: E402
 import doconv.tf as dtf  # noqa: E402
-from doconv import cases, layouts  # noqa: E402
-from doconv.selfcheck import layer_vjp  # noqa: E402
+from doconv import cases  # noqa: E402
 
 #: The shared table minus what Keras cannot express (explicit/asymmetric pads, padding modes, stride+dilation).
 TF_CASES = cases.select(dtf.UNSUPPORTED_FEATURES)
 TF_CASE_IDS = [c.id for c in TF_CASES]
 #: A representative subset for the slow modes (tf.function tracing, XLA compilation): 1x1, 'same' with
-#: stride 2, D_mul > MN, depthwise with a multiplier, DO-GConv strided with 2MN, grouped dilated.
+#: stride 2, D_mul > MN, depthwise with a multiplier, DO-GConv strided with 2MN, grouped dilated; in 1-D
+#: causal and dilated, and depthwise; in 3-D 'same' with stride 2, and depthwise with a multiplier (Keras'
+#: grouped Conv3D).
 SUBSET = [cases.case(i) for i in ("k1x1-g2-s2", "k3-s2-same", "k5-Dmul+3", "dw-x2-k3", "g3-k3-s2-same-2MN",
-                                  "g2-k5-d2-same")]
+                                  "g2-k5-d2-same", "1d-k3-causal-d2", "1d-dw-k3", "3d-k3-s2-same", "3d-dw-x2-k3")]
 DTYPES = ("float32", "float64")
 FORMATS = ("channels_last", "channels_first")
 
 
-def to_layout(x_nchw, data_format):
-    return layouts.nchw_to_nhwc(x_nchw) if data_format == "channels_last" else np.ascontiguousarray(x_nchw)
+def config_case(id, config, input_shape):
+    """A :class:`doconv.cases.Case` for ``config`` (its kwargs carry no rank: the input shape gives it)."""
+    kwargs = {k: v for k, v in config.to_dict().items() if k != "rank"}
+    case = cases.Case(id, kwargs, tuple(input_shape))
+    assert case.config == config, (case.config, config)
+    return case
 
 
-def from_layout(y, data_format):
-    y = np.asarray(y)
-    return layouts.nhwc_to_nchw(y) if data_format == "channels_last" else y
+def keras_testing():
+    """tests/backend_keras/conftest.py, the helpers of the Keras tests on every backend (pytest registers it as
+    ``doconv_keras_testing`` when it collects that folder; loaded here when tests/backend_tf runs alone)."""
+    if "doconv_keras_testing" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "backend_keras" / "conftest.py"
+        spec = importlib.util.spec_from_file_location("doconv_keras_testing", path)
+        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["doconv_keras_testing"]
 
 
-def make_layer(case, dtype="float32", data_format="channels_last", composition="kernel", seed=0):
-    """A built layer holding ``case.params(seed)`` (D randomised), with those params."""
-    params = case.params(seed, dtype)
-    layer = dtf.layer_from_config(case.config, dtype=dtype, data_format=data_format, composition=composition)
-    dtf.set_params(layer, params)
-    return layer, params
+#: Layouts and a layer holding a case's parameters, as every Keras backend's tests make them.
+to_layout, from_layout, make_layer = (getattr(keras_testing(), n) for n in ("to_layout", "from_layout", "make_layer"))
 
 
 def layer_grads(layer, x, u, training=True):
@@ -65,28 +73,23 @@ def layer_grads(layer, x, u, training=True):
     return y, dict(zip(["x"] + list(variables), grads))
 
 
-def canonical_grads(grads, data_format):
-    out = {"x": from_layout(grads["x"], data_format), "W": np.asarray(grads["W"]).transpose(dtf.W_TO_CANONICAL)}
-    if "D" in grads:
-        out["D"] = np.asarray(grads["D"]).transpose(2, 0, 1)
-    if "bias" in grads:
-        out["bias"] = np.asarray(grads["bias"])
-    return out
-
-
 def check_forward_and_grads(case, dtype, data_format, run):
-    """``run(layer, x, u) -> (y, grads)``: compare with the core's forward and :func:`layer_vjp`."""
-    layer, params = make_layer(case, dtype, data_format)
-    c = case.config
-    x = case.input(0, dtype)
-    u = np.random.default_rng(7).normal(size=c.output_shape(x.shape)).astype(dtype)
-    y, grads = run(layer, to_layout(x, data_format), to_layout(u, data_format))
-    doconv.assert_close(from_layout(y, data_format), doconv.forward(x, params, c), dtype, f"{case.id} forward")
-    want = layer_vjp(u.astype(np.float64), x.astype(np.float64), params.astype(np.float64), c)
-    got = canonical_grads(grads, data_format)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        doconv.assert_close(got[name], want[name], dtype, f"{case.id} d{name}")
+    """``run(layer, x, u) -> (y, grads)``: the backend-neutral suite's comparison with the core's forward and
+    VJP, here with TensorFlow's runners (eager tape, ``tf.function``, XLA)."""
+    keras_testing().check_forward_and_grads(case, dtype, data_format, run=run)
+
+
+def bench_models():
+    """``bench/tf_models.py``, where the whole models of the benchmark (``tcn``, ``c3d``, ...) are defined once:
+    the tests build the same networks, smaller."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if "tf_models" not in sys.modules:
+        sys.path.insert(0, str(bench))  # tf_models imports its neighbour harness.py
+        spec = importlib.util.spec_from_file_location("tf_models", bench / "tf_models.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["tf_models"] = module
+    return sys.modules["tf_models"]
 
 
 sys.modules["doconv_tf_testing"] = sys.modules[__name__]

@@ -4,17 +4,17 @@ Every call outside a scope composes W' from the variables as they are; a scope c
 for eager calls without a gradient and drops the kernel when it closes. Each write path is checked
 against ``doconv.forward`` of the parameters read back (``get_params``), with D randomised, after every
 kind of call an implicit cache would have filled (eager, ``predict``, a traced ``tf.function``, a scope).
+TensorFlow's own write paths and compiled functions are here; what every Keras backend shares (``fit``
+between ``predict`` calls, ``stateless_call``, the torch backend's writes) is in tests/backend_keras.
 """
 
-import collections
-import contextlib
 import copy
 import pickle
 import zipfile
 
 import numpy as np
 import pytest
-from doconv_tf_testing import check_forward_and_grads, from_layout, make_layer, run_python, to_layout
+from doconv_tf_testing import check_forward_and_grads, config_case, from_layout, keras_testing, make_layer, to_layout
 
 import doconv
 import doconv.tf as dtf
@@ -60,26 +60,10 @@ def _params(model):
     return [(p.W.copy(), p.D.copy()) for p in map(dtf.get_params, _doconv_layers(model))]
 
 
-class Compositions:
-    """Counts ``DOConv2D._compose`` calls per layer name (a spy on the class)."""
-
-    def __init__(self, monkeypatch):
-        self.counts = collections.Counter()
-        original = dtf.DOConv2D._compose
-
-        def spy(layer, *weights):
-            self.counts[layer.name] += 1
-            return original(layer, *weights)
-        monkeypatch.setattr(dtf.DOConv2D, "_compose", spy)
-
-    def take(self):
-        counts, self.counts = dict(self.counts), collections.Counter()
-        return counts
-
-
 @pytest.fixture
 def compositions(monkeypatch):
-    return Compositions(monkeypatch)
+    """Counts of W' compositions per layer name (``Compositions`` of the backend-neutral suite)."""
+    return keras_testing().Compositions(monkeypatch)
 
 
 def _fill(model, x, infer):
@@ -124,7 +108,7 @@ def _set_weights(model, data, tmp_path):
 
 def _set_params(model, data, tmp_path):
     a, b = _doconv_layers(model)
-    other = [cases.Case(layer.name, layer.doconv_config.to_dict(), (1, layer.doconv_config.in_channels, 6, 6))
+    other = [config_case(layer.name, layer.doconv_config, (1, layer.doconv_config.in_channels, 6, 6))
              .params(7, "float32") for layer in (a, b)]
     return lambda: [dtf.set_params(layer, p) for layer, p in zip((a, b), other)]
 
@@ -217,192 +201,6 @@ def test_use_ema_overwrite_at_the_end_of_fit_equals_the_ema_weights(compositions
     doconv.assert_close(np.concatenate([w.ravel() for w in model.get_weights()]),
                         np.concatenate([w.ravel() for w in ema]), "float32", "weights are the averages")
     _check_fresh(model, x, tf.function(lambda x: model(x, training=False)), compositions, "use_ema")
-
-
-def test_predict_between_fit_epochs(compositions):
-    """``predict`` after each ``fit`` epoch, and from a callback in the middle of ``fit``."""
-    model, x, y = _model()
-    model.compile(keras.optimizers.SGD(0.01), "mse")
-    seen = []
-
-    class PredictEachEpoch(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            doconv.assert_close(model.predict(x, verbose=0), _reference(model, x), "float32", f"epoch {epoch}")
-            seen.append(epoch)
-
-    outputs = []
-    for _ in range(2):
-        model.fit(x, y, epochs=2, batch_size=2, verbose=0, callbacks=[PredictEachEpoch()])
-        outputs.append(model.predict(x, verbose=0))
-        doconv.assert_close(outputs[-1], _reference(model, x), "float32", "predict after fit")
-    assert seen == [0, 1, 0, 1] and doconv.max_error(outputs[1], outputs[0]) > 1e-3
-    _check_fresh(model, x, tf.function(lambda x: model(x, training=False)), compositions, "fit epochs")
-
-
-# ---- stateless_call -------------------------------------------------------------------------------------
-
-def _params_of(layer, values):
-    """Canonical parameters of ``layer``'s config holding ``values`` (W, D, bias in layer layout)."""
-    twin = dtf.layer_from_config(layer.doconv_config)
-    twin.set_weights([np.asarray(v) for v in values])
-    return dtf.get_params(twin)
-
-
-@pytest.mark.parametrize("scoped", [False, True], ids=["outside-a-scope", "inside-a-scope"])
-def test_stateless_call_uses_the_values_passed(scoped, compositions):
-    model, x, _ = _model()
-    a, b = _doconv_layers(model)
-    old = _reference(model, x)
-    model.predict(x, verbose=0)
-    model(x, training=False)
-    rng = np.random.default_rng(3)
-    new = [tf.constant(np.asarray(v) * 2.0 + rng.normal(size=v.shape).astype("float32") * 0.1)
-           for v in model.trainable_variables]
-    scope = dtf.cached(model) if scoped else contextlib.nullcontext()
-    with scope:
-        model(x, training=False)  # in the scope: the held kernels of the variables
-        y, _ = a.stateless_call(new[:3], [], x, training=False)
-        want = doconv.forward(layouts.nhwc_to_nchw(x), _params_of(a, new[:3]), a.doconv_config)
-        doconv.assert_close(from_layout(y, "channels_last"), want, "float32", "layer.stateless_call")
-        y, _ = model.stateless_call(new, [], x, training=False)
-        want = doconv.forward(want, _params_of(b, new[3:]), b.doconv_config)
-        doconv.assert_close(from_layout(y, "channels_last"), want, "float32", "model.stateless_call")
-        doconv.assert_close(model(x, training=False), old, "float32", "the variables are unchanged")
-    doconv.assert_close(model(x, training=False), old, "float32", "after")
-    doconv.assert_close(model.predict(x, verbose=0), old, "float32", "predict after")
-
-
-TORCH_BACKEND_CHECK = """
-    import collections, contextlib
-    import numpy as np, keras, torch
-    assert keras.backend.backend() == "torch"
-    import doconv, doconv.tf as dtf
-    from doconv import layouts
-
-    counts = collections.Counter()
-    original = dtf.DOConv2D._compose
-    def spy(layer, *weights):
-        counts[layer.name] += 1
-        return original(layer, *weights)
-    dtf.DOConv2D._compose = spy
-    def take():
-        out = dict(counts); counts.clear(); return out
-
-    rng = np.random.default_rng(0)
-    model = keras.Sequential([keras.Input((6, 6, 3)), dtf.DOConv2D(6, 3, padding="same", name="a"),
-                              dtf.DOConv2D(6, 3, groups=3, D_mul=12, padding="same", name="b")])
-    layers = model.layers
-    for layer in layers:
-        layer.W.assign(rng.normal(size=tuple(layer.W.shape)) * 0.5)
-        layer.D.assign(rng.normal(size=tuple(layer.D.shape)) * 0.3)
-    x = rng.normal(size=(4, 6, 6, 3)).astype("float32")
-
-    def reference(values=None):
-        y = layouts.nhwc_to_nchw(x.astype(np.float64))
-        for i, layer in enumerate(layers):
-            if values is None:
-                p = dtf.get_params(layer)
-            else:
-                twin = dtf.layer_from_config(layer.doconv_config)
-                twin.set_weights([np.asarray(v.detach().cpu()) for v in values[3 * i:3 * i + 3]])
-                p = dtf.get_params(twin)
-            y = doconv.forward(y, p.astype(np.float64), layer.doconv_config)
-        return layouts.nchw_to_nhwc(y)
-
-    def out(y):
-        return keras.ops.convert_to_numpy(y)
-
-    def check_fresh(what):
-        want = reference()
-        with torch.no_grad():
-            doconv.assert_close(out(model(x, training=False)), want, "float32", what + ": no_grad")
-        doconv.assert_close(out(model(x, training=False)), want, "float32", what + ": grad mode")
-        doconv.assert_close(model.predict(x, verbose=0), want, "float32", what + ": predict")
-        doconv.assert_close(compiled(x), want, "float32", what + ": compiled in a scope")
-        take()
-        with dtf.cached(model), torch.no_grad():
-            first, second = out(model(x, training=False)), out(model(x, training=False))
-            doconv.assert_close(model.predict(x, verbose=0), want, "float32", what + ": predict in the scope")
-            assert take() == {"a": 1, "b": 1}, what
-        doconv.assert_close(first, want, "float32", what + ": in the scope")
-        np.testing.assert_array_equal(second, first)
-        with torch.no_grad():
-            model(x, training=False)
-        assert take() == {"a": 1, "b": 1}, what + ": outside the scope every call composes"
-
-    def fill():
-        with torch.no_grad():
-            model(x, training=False)
-        model.predict(x, verbose=0)
-        with dtf.cached(model), torch.no_grad():
-            model(x, training=False)
-
-    # a function compiled (dynamo) inside a scope must not keep the scope's kernel
-    with dtf.cached(model), torch.no_grad():
-        model(x, training=False)
-        compiled_fn = torch.compile(lambda x: model(x, training=False), backend="eager")
-        compiled_fn(torch.tensor(x))
-    compiled = lambda x: out(compiled_fn(torch.tensor(x)))
-
-    # the write paths of torch Parameters, each after every call a cache would fill
-    W, D = layers[0].W.value, layers[1].D.value
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = keras.optimizers.SGD(0.1)
-    def copy_under_no_grad():
-        with torch.no_grad():
-            D.copy_(D * 0.5 + 0.1)
-    def keras_step():
-        loss = ((model(x, training=True) - 1.0) ** 2).mean()
-        loss.backward()
-        grads = [v.value.grad for v in model.trainable_variables]
-        optimizer.apply(grads, model.trainable_variables)
-    writes = {
-        ".data in place (DINO teacher update)": lambda: W.data.mul_(0.5).add_(0.3 * torch.ones_like(W)),
-        ".data = ...": lambda: setattr(D, "data", D.data * -1.0),
-        "copy_ under no_grad": copy_under_no_grad,
-        "load_state_dict": lambda: model.load_state_dict(state),
-        "keras assign": lambda: layers[1].W.assign(layers[1].W * 2.0),
-        "keras optimizer step": keras_step,
-    }
-    for name, write in writes.items():
-        fill()
-        before = [out(v).copy() for v in model.trainable_variables]
-        write()
-        assert max(np.abs(out(v) - b).max() for v, b in zip(model.trainable_variables, before)) > 1e-3, name
-        check_fresh(name)
-
-    # calls that need a gradient compose afresh inside a scope, and get the composition's gradients
-    with dtf.cached(model):
-        with torch.no_grad():
-            model(x, training=False)
-        take()
-        y = model(x, training=False)
-        assert take() == {"a": 1, "b": 1} and y.requires_grad
-        y.sum().backward()
-        assert all(v.value.grad is not None and v.value.grad.abs().max() > 0 for v in model.trainable_variables)
-
-    # stateless_call: the values passed, inside and outside a scope, in grad mode and under no_grad
-    old = reference()
-    new = [torch.tensor(out(v) * 2.0 + 0.05) for v in model.trainable_variables]
-    for scoped in (False, True):
-        for grad in (False, True):
-            with (dtf.cached(model) if scoped else contextlib.nullcontext()), torch.set_grad_enabled(grad):
-                model(x, training=False)
-                y, _ = layers[0].stateless_call(new[:3], [], x, training=False)
-                first = layouts.nhwc_to_nchw(x.astype(np.float64))
-                twin = dtf.layer_from_config(layers[0].doconv_config)
-                twin.set_weights([np.asarray(v) for v in new[:3]])
-                want = layouts.nchw_to_nhwc(doconv.forward(first, dtf.get_params(twin), twin.doconv_config))
-                doconv.assert_close(out(y), want, "float32", f"layer.stateless_call scoped={scoped} grad={grad}")
-                y, _ = model.stateless_call(new, [], x, training=False)
-                doconv.assert_close(out(y), reference(new), "float32", f"model.stateless_call {scoped} {grad}")
-                doconv.assert_close(out(model(x, training=False)), old, "float32", "variables unchanged")
-    print("torch backend cache ok")
-"""
-
-
-def test_torch_backend_writes_scope_and_stateless_call():
-    assert "torch backend cache ok" in run_python(TORCH_BACKEND_CHECK, env={"KERAS_BACKEND": "torch"})
 
 
 # ---- the scope: which calls read it, when it ends, what it leaves behind ----------------------------------

@@ -1,11 +1,12 @@
-"""DOConv2D against the core on the shared case table: forward and gradients, eager / tf.function / XLA."""
+"""DOConv2D on TensorFlow: tf.function / XLA, checkpoints, initialisers, arguments (the eager forward, gradients,
+.keras files and mixed precision on every Keras backend are in tests/backend_keras)."""
 
 import json
 
 import numpy as np
 import pytest
-from doconv_tf_testing import (DTYPES, FORMATS, SUBSET, TF_CASE_IDS, TF_CASES, check_forward_and_grads, from_layout,
-                      layer_grads, make_layer, to_layout)
+from doconv_tf_testing import (DTYPES, SUBSET, TF_CASES, check_forward_and_grads, config_case, from_layout, layer_grads,
+                               make_layer, to_layout)
 
 import doconv
 import doconv.tf as dtf
@@ -19,6 +20,10 @@ def test_unsupported_features_are_what_keras_refuses():
     assert dtf.UNSUPPORTED_FEATURES <= set(cases.FEATURES)
     assert {"same_strided", "same_even_kernel"}.isdisjoint(dtf.UNSUPPORTED_FEATURES)  # TF's own 'same' rule
     assert len(TF_CASES) >= 15
+    # every rank is covered: 1-D (causal padding too) and 3-D cases are in the table Keras runs
+    assert {"conv1d", "conv3d", "causal_padding"}.isdisjoint(dtf.UNSUPPORTED_FEATURES)
+    assert {c.rank for c in TF_CASES} == {1, 2, 3}
+    assert any("causal_padding" in c.features for c in TF_CASES)
     skipped = [c for c in cases.CASES if c not in TF_CASES]
     assert all(c.features & dtf.UNSUPPORTED_FEATURES for c in skipped)
     with pytest.raises(ValueError, match="dilation_rate"):  # Keras itself refuses stride > 1 with dilation > 1
@@ -37,42 +42,6 @@ def test_einsum_is_the_core_composition_in_keras_layout():
             einsum = np.einsum(dtf.KERAS_COMPOSE_EINSUM, np.asarray(layer._full_D()).reshape(c.MN, c.S, g, -1),
                                np.asarray(layer.W).reshape(c.in_per_group, c.S, g, -1))
             doconv.assert_close(einsum.reshape(kernel.shape), kernel, "float64", case.id)
-
-
-@pytest.mark.parametrize("data_format", FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", TF_CASES, ids=TF_CASE_IDS)
-def test_forward_eager(case, dtype, data_format):
-    """Training and inference outputs, kernel and feature composition, and inside a cached() scope
-    (its second call reads the held kernel), vs the core."""
-    c, x = case.config, case.input(0, dtype)
-    for composition in ("kernel", "feature"):
-        layer, params = make_layer(case, dtype, data_format, composition)
-        want = doconv.forward(x, params, c)
-        with dtf.cached(layer):
-            outputs = [(training, layer(to_layout(x, data_format), training=training))
-                       for training in (True, False, False)]
-        for training, y in outputs + [(False, layer(to_layout(x, data_format), training=False))]:
-            assert y.dtype == dtype
-            doconv.assert_close(from_layout(y, data_format), want, dtype, f"{case.id} {composition} {training}")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", TF_CASES, ids=TF_CASE_IDS)
-def test_gradients_eager(case, dtype):
-    check_forward_and_grads(case, dtype, "channels_last", layer_grads)
-
-
-@pytest.mark.parametrize("case", [cases.case("g3-k3"), cases.case("dw-x2-k3")], ids=str)
-def test_gradients_channels_first_and_feature(case):
-    check_forward_and_grads(case, "float64", "channels_first", layer_grads)
-    layer, params = make_layer(case, "float64", composition="feature")
-    x = to_layout(case.input(0, "float64"), "channels_last")
-    u = np.ones(layer.compute_output_shape(x.shape))
-    _, grads = layer_grads(layer, x, u)
-    _, want = layer_grads(make_layer(case, "float64")[0], x, u)
-    for name in want:
-        doconv.assert_close(grads[name], want[name], "float64", name)
 
 
 def _graph_runner(jit_compile):
@@ -297,29 +266,6 @@ def test_config_round_trip():
     assert keras.saving.deserialize_keras_object(serialized).get_config() == config
 
 
-def test_keras_file_round_trip_without_custom_objects(tmp_path):
-    case = cases.case("g3-k3-s2-same-2MN")
-    inputs = keras.Input((8, 7, 6))
-    conv = dtf.layer_from_config(case.config)
-    model = keras.Model(inputs, keras.layers.ReLU()(dtf.DOConv2D(4, 3, padding="same", name="second")(conv(inputs))))
-    dtf.set_params(conv, case.params(0, "float32"))
-    x = to_layout(case.input(0, "float32"), "channels_last")
-    before = np.asarray(model(x, training=False))
-    path = tmp_path / "model.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path)  # no custom_objects: registered as doconv>DOConv2D
-    assert isinstance(loaded.layers[1], dtf.DOConv2D)
-    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), before)
-    np.testing.assert_array_equal(np.asarray(loaded(x, training=True)), before)
-    weights = tmp_path / "w.weights.h5"
-    model.save_weights(weights)
-    loaded.layers[1].W.assign(np.zeros(loaded.layers[1].W.shape))
-    loaded(x, training=False)
-    loaded.load_weights(weights)
-    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), before)
-
-
-
 def test_keras_files_store_the_variables_by_position_so_the_D_rename_keeps_old_files_loading(tmp_path):
     """``.keras`` / ``.weights.h5`` files hold a layer's variables as ``vars/0``, ``vars/1``, ... (no variable
     names): a file saved when D was named ``D_delta`` has the same keys and loads into W, D, bias."""
@@ -343,24 +289,6 @@ def test_keras_files_store_the_variables_by_position_so_the_D_rename_keeps_old_f
     x = case.input(0, "float32")
     doconv.assert_close(from_layout(loaded(to_layout(x, "channels_last")), "channels_last"),
                         doconv.forward(x, params, case.config), "float32", "loaded")
-
-@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
-def test_mixed_precision(policy):
-    case = cases.case("g3-k3-s2-same-2MN")
-    compute = policy.split("_")[1]
-    layer = dtf.layer_from_config(case.config, dtype=policy)
-    params = case.params(0, "float32")
-    dtf.set_params(layer, params)
-    assert layer.W.dtype == "float32" and layer.compute_dtype == compute
-    x = to_layout(case.input(0, "float32"), "channels_last")
-    want = doconv.forward(case.input(0, "float64"), params.astype("float64"), case.config)
-    for training in (True, False, False):
-        y = layer(x, training=training)
-        assert keras.backend.standardize_dtype(y.dtype) == compute
-        doconv.assert_close(from_layout(np.asarray(keras.ops.cast(y, "float32")), "channels_last"), want, compute)
-    reference = keras.layers.Conv2D(9, 3, strides=2, padding="same", groups=3, dtype=policy)
-    assert reference(x).dtype == y.dtype
-
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_the_layer_it_deploys(policy):
@@ -445,7 +373,7 @@ def test_bad_inputs_at_build_and_call():
         dtf.DOConv2D(4, 3, dilation_rate=2)(np.zeros((1, 4, 4, 3), "float32"))
     with pytest.raises(ValueError, match="not built"):
         dtf.get_params(dtf.DOConv2D(4, 3))
-    with pytest.raises(TypeError, match="DOConv2D, but got Conv2D"):
+    with pytest.raises(TypeError, match="DOConv1D, DOConv2D or DOConv3D, but got Conv2D"):
         dtf.get_params(keras.layers.Conv2D(4, 3))
 
 
@@ -483,7 +411,7 @@ def test_depthwise_separable_D_mul_below_MN(groups):
     """D_mul < M*N on purpose (``depthwise_separable=True``, as in the core, PyTorch and MXNet)."""
     config = doconv.DOConvConfig(4, 6, 3, padding="same", groups=groups, D_mul=4, depthwise_separable=True)
     layer = dtf.layer_from_config(config, dtype="float64")
-    params = doconv.cases.Case("dsep", config.to_dict(), (2, 4, 6, 7)).params(0)
+    params = config_case("dsep", config, (2, 4, 6, 7)).params(0)
     dtf.set_params(layer, params)
     x = np.random.default_rng(1).normal(size=(2, 4, 6, 7))
     got = np.transpose(np.asarray(layer(np.transpose(x, (0, 2, 3, 1)))), (0, 3, 1, 2))

@@ -3,7 +3,7 @@ and subclassed models: the reports (one row per convolution-like layer) and the 
 
 import numpy as np
 import pytest
-from doconv_tf_testing import randomise_batchnorm, randomise_D
+from doconv_tf_testing import config_case, randomise_batchnorm, randomise_D
 
 import doconv
 import doconv.tf as dtf
@@ -273,7 +273,7 @@ def test_a_bare_layer_moves_to_torch_and_back(tmp_path):
 
     config = doconv.DOConvConfig(3, 4, 3, padding="same", groups=1)
     layer = dtf.layer_from_config(config, dtype="float64", name="my_conv")
-    params = doconv.cases.Case("bare", config.to_dict(), (1, 3, 5, 5)).params(0)
+    params = config_case("bare", config, (1, 3, 5, 5)).params(0)
     dtf.set_params(layer, params)
     dtf.export_canonical(layer, tmp_path / "bare.safetensors")
     assert list(doconv.load(tmp_path / "bare.safetensors")) == ["my_conv"]

@@ -32,7 +32,9 @@ def test_every_convolution_like_layer_is_in_the_report():
                MyDepthwise(3, name="mine")(image),
                keras.layers.Conv1D(2, 3, name="c1")(sequence),
                keras.layers.SeparableConv1D(2, 3, name="s1")(sequence),
+               keras.layers.Conv1D(2, 1, name="pw1")(sequence),
                keras.layers.Conv3D(2, 3, name="c3")(volume),
+               keras.layers.Conv3DTranspose(2, 3, name="up3")(volume),
                keras.layers.Conv2D(2, 1, name="pw")(image),
                keras.layers.Conv2D(2, 3, name="c2")(image)]
     model = keras.Model([image, sequence, volume], outputs)
@@ -42,9 +44,11 @@ def test_every_convolution_like_layer_is_in_the_report():
         "up": ("Conv2DTranspose", "kept", "transposed convolution: DO-Conv over-parameterizes forward convolutions"),
         "do": ("DOConv2D", "kept", "already DO-Conv"),
         "mine": ("MyDepthwise", "skipped", "DepthwiseConv2D subclass: its call may differ"),
-        "c1": ("Conv1D", "kept", "1-D convolution: doconv.tf has 2-D layers"),
-        "s1": ("SeparableConv1D", "kept", "1-D convolution: doconv.tf has 2-D layers"),
-        "c3": ("Conv3D", "kept", "3-D convolution: doconv.tf has 2-D layers"),
+        "c1": ("Conv1D", "converted", ""),
+        "s1": ("SeparableConv1D", "converted", ""),
+        "pw1": ("Conv1D 1", "kept", "pointwise: DO-Conv has no D"),
+        "c3": ("Conv3D", "converted", ""),
+        "up3": ("Conv3DTranspose", "kept", "transposed convolution: DO-Conv over-parameterizes forward convolutions"),
         "pw": ("Conv2D 1x1", "kept", "pointwise: DO-Conv has no D"),
         "c2": ("Conv2D", "converted", ""),
     }

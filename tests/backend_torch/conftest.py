@@ -6,7 +6,9 @@ pytest runs in importlib mode (no test folder on sys.path), so tests reach these
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,17 +18,26 @@ from torch import nn
 import doconv
 from doconv.cases import select
 from doconv.selfcheck import layer_vjp
-from doconv.torch import UNSUPPORTED_FEATURES, layer_from_config, set_params
+from doconv.torch import UNSUPPORTED_FEATURES, DOConv1d, DOConv2d, DOConv3d, set_params
 
 CASES = select(UNSUPPORTED_FEATURES)
 DTYPES = ("float32", "float64")
+#: The layer class and torch's convolution class of each rank.
+LAYERS = {1: DOConv1d, 2: DOConv2d, 3: DOConv3d}
+CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
 def make_layer(case, dtype="float64", seed=0, **kwargs):
-    """The case's layer with the case's randomised parameters (D is never the identity)."""
-    layer = layer_from_config(case.config, dtype=dtype, **kwargs)
+    """The case's layer, made as a user makes it (the class of the case's rank, the case's arguments), with the
+    case's randomised parameters (D is never the identity)."""
+    layer = LAYERS[case.rank](**case.kwargs, dtype=getattr(torch, dtype), **kwargs)
     set_params(layer, case.params(seed, np.float64))
     return layer
+
+
+def spatial_dims(rank: int) -> tuple:
+    """The spatial dimensions of a (N, C, *spatial) tensor or an OIHW kernel: (2,) ... (2, 3, 4)."""
+    return tuple(range(2, 2 + rank))
 
 
 def torch_grads(layer, x: torch.Tensor, u: np.ndarray):
@@ -110,12 +121,34 @@ def randomize_bn(model, seed=0):
     """Non-trivial BatchNorm statistics (identity-like values hide bugs, the DBB lesson)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model
+
+
+def bench_zoo():
+    """``bench/torch_zoo.py``, where the 1-D and 3-D whole models (``tcn``, ``c3d``) are defined once for the
+    benchmark and these tests (pytest's importlib mode puts no bench folder on sys.path)."""
+    if "torch_zoo" not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "bench" / "torch_zoo.py"
+        spec = importlib.util.spec_from_file_location("torch_zoo", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["torch_zoo"] = module
+    return sys.modules["torch_zoo"]
+
+
+def tiny_tcn():
+    """The TCN of the 1-D work at 1/8 of its width: input (N, 40, time)."""
+    return bench_zoo().tcn(width=8)
+
+
+def tiny_c3d():
+    """The C3D-style network of the 3-D work at 1/4 of its width: input (N, 3, frames, H, W)."""
+    return bench_zoo().c3d(width=4)
 
 
 @pytest.fixture(params=["resnet18", "mobilenet_v2"])

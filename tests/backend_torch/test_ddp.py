@@ -6,10 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from torch import nn
 
-from doconv.torch import DOConv2d
+from doconv.torch import DOConv1d, DOConv2d, DOConv3d
 
 # The workers run in a fresh interpreter (spawned processes must import their target by name, and
 # pytest's importlib mode gives this file no importable name).
@@ -43,16 +44,23 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+#: per rank: the layer class, per-side pads of the second layer, the input's spatial size
+RANKS = {1: (DOConv1d, ((0, 1),), (9,)), 2: (DOConv2d, ((0, 1), (1, 0)), (6, 7)),
+         3: (DOConv3d, ((1, 0), (0, 1), (1, 0)), (4, 5, 4))}
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_ddp_gradients_equal_single_process(rank, tmp_path):
+    layer, pads, spatial = RANKS[rank]
     torch.manual_seed(0)
-    model = nn.Sequential(DOConv2d(3, 4, 3, padding=1, D_mul=12), nn.ReLU(),
-                          DOConv2d(4, 4, 3, groups=2, padding=((0, 1), (1, 0)), padding_mode="reflect"))
+    model = nn.Sequential(layer(3, 4, 3, padding=1, D_mul=3 ** rank + 3), nn.ReLU(),
+                          layer(4, 4, 3, groups=2, padding=pads, padding_mode="reflect"))
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, DOConv2d):
+            if isinstance(m, layer):
                 m.D.normal_(0, 0.3)
-    x = torch.randn(4, 3, 6, 7)
-    target = torch.randn(4, 4, 5, 6)
+    x = torch.randn(4, 3, *spatial)
+    target = torch.randn(4, 4, *(s - 1 for s in spatial))
     torch.save(model, tmp_path / "model.pt")
     torch.save((x, target), tmp_path / "batch.pt")
     script = tmp_path / "worker.py"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def test_canonical_import_errors_name_the_layer(tmp_path):
     with pytest.raises(ValueError, match=r"lacks \[\], model layers missing from the file \['2'\]"):
         import_canonical(nn.Sequential(DOConv2d(4, 4, 3), DOConv2d(4, 4, 3), DOConv2d(4, 4, 3)),
                          tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="no DOConv2d"):
+    with pytest.raises(ValueError, match=r"no DO-Conv layer \(DOConv1d/2d/3d\)"):
         export_canonical(nn.Conv2d(2, 2, 3), tmp_path / "x.safetensors")
 
 
@@ -88,9 +89,18 @@ def _official_arrays(config, seed=0):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D], ids=str)
-def test_official_import_gives_the_official_outputs(case):
+def test_official_import_gives_the_official_outputs(case, h):
     c = case.config
     arrays = _official_arrays(c)
+    if case.rank != 2:  # the official code has DOConv2d only: a 1-D / 3-D layer says so and stays as it was
+        layer = h.make_layer(case)
+        before = copy.deepcopy(layer.state_dict())
+        with pytest.raises(ValueError, match=rf"layer 'self' is a DOConv{case.rank}d: the official DO-Conv code has "
+                                             rf"only 2-D layers .*canonical file .*nn.Conv{case.rank}d state dict"):
+            import_official(layer, {k: torch.as_tensor(v) for k, v in arrays.items()})
+        for key, value in layer.state_dict().items():
+            assert torch.equal(value, before[key]), key
+        return
     x = case.input(0)
     expected = doconv.conv2d(x, official_torch_kernel(arrays, c), arrays.get("bias"), stride=c.stride,
                              padding=c.padding, dilation=c.dilation, groups=c.groups, padding_mode=c.padding_mode)
@@ -247,7 +257,7 @@ def test_a_plain_checkpoint_of_the_wrong_shape_or_rank_is_refused():
 def test_import_into_a_model_without_doconv_layers_says_convert_first(tmp_path):
     export_canonical(DOConv2d(4, 4, 3), tmp_path / "m.safetensors")
     plain = nn.Sequential(nn.Conv2d(4, 4, 3))
-    with pytest.raises(ValueError, match=r"no DOConv2d layer .*convert it first \(doconv.torch.convert"):
+    with pytest.raises(ValueError, match=r"no DO-Conv layer .*convert it first \(doconv.torch.convert"):
         import_canonical(plain, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="convert it first"):
         import_official(plain, {"0.W": torch.zeros(4, 4, 9)})
@@ -312,3 +322,46 @@ def test_import_official_takes_official_1x1_layers_into_the_kept_convs():
     expected = np.einsum("nchw,oc->nohw", hidden, W1[..., 0]) + b1[None, :, None, None]
     with torch.no_grad():
         doconv.assert_close(model(torch.as_tensor(x)).numpy(), expected, "float64", "official 1x1")
+
+
+# ---- 1-D and 3-D layers: the same files and checkpoints as 2-D ---------------------------------------
+
+@pytest.mark.parametrize("case_id", ["1d-g2-k3-d2", "1d-k3-causal-d2", "3d-g2-k3-s2", "3d-k3-reflect-asym"])
+def test_canonical_round_trip_and_layer_from_config_in_1d_and_3d(case_id, tmp_path, h):
+    case = get_case(case_id)
+    model = nn.Sequential(nn.Identity(), h.make_layer(case, seed=2))
+    path = tmp_path / "m.safetensors"
+    export_canonical(model, path)
+    stored = doconv.load(path)
+    assert list(stored) == ["1"] and stored["1"][0] == case.config and stored["1"][0].rank == case.rank
+    rebuilt = layer_from_config(stored["1"][0], dtype="float64", d_init="random")
+    assert type(rebuilt) is h.LAYERS[case.rank]
+    target = nn.Sequential(nn.Identity(), rebuilt)
+    assert import_canonical(target, path) == ["1"]
+    p, q = case.params(2), get_params(target[1])
+    for name in ("W", "D", "bias"):
+        np.testing.assert_array_equal(getattr(q, name), getattr(p, name))
+    x = case.input(1)
+    doconv.assert_close(target(torch.as_tensor(x)).detach().numpy(), doconv.forward(x, p, case.config), "float64")
+    c = case.config  # the same channels and groups in another rank: not the file's layer
+    wrong = nn.Sequential(nn.Identity(), h.LAYERS[4 - case.rank](c.in_channels, c.out_channels, 3, groups=c.groups))
+    with pytest.raises(ValueError, match="layer '1'.*rank"):
+        import_canonical(wrong, path)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_a_plain_conv1d_or_conv3d_checkpoint_loads_as_convert_converts(rank, h):
+    torch.manual_seed(0)
+    plain = nn.Sequential(h.CONVS[rank](4, 6, 3, padding=1, groups=2), h.CONVS[rank](6, 8, 3, stride=2, bias=False))
+    twin, _ = doconv.torch.convert(copy.deepcopy(plain), d_init="random")  # D != identity
+    assert [type(m) for m in twin] == [h.LAYERS[rank]] * 2
+    for p in plain.parameters():
+        torch.nn.init.normal_(p)  # the checkpoint differs from what convert copied
+    twin.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, *(7,) * rank)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), plain(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(get_params(twin[0]).D, doconv.identity_D(twin[0].config))
+    shape = "(6, 4" + ", 3" * 2 + ")"
+    with pytest.raises(RuntimeError, match=rf"size mismatch for weight: .*shape {re.escape(shape)}"):
+        h.LAYERS[rank](4, 6, 3).load_state_dict(nn.Conv2d(4, 6, 3).state_dict())  # a 2-D kernel: refused

@@ -1,4 +1,4 @@
-"""DOConv2d against the NumPy core on the shared case table, plus its torch integration."""
+"""DOConv1d/2d/3d against the NumPy core on the shared case table (every rank), plus their torch integration."""
 
 from __future__ import annotations
 
@@ -48,10 +48,11 @@ def test_custom_backward_equals_einsum_autograd(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D and c.config.groups == 1], ids=str)
-def test_c_major_compositions_equal_einsum_autograd(case):
-    """Both layouts ComposeCMajor returns (OIHW for conv2d; reversed taps in (C_in, C_out, MN) for
-    conv_transpose2d) and their gradients, against autograd through the core's einsum."""
+def test_c_major_compositions_equal_einsum_autograd(case, h):
+    """Both layouts ComposeCMajor returns (OIHW for the convolution; reversed taps in (C_in, C_out, MN) for the
+    transposed convolution) and their gradients, against autograd through the core's einsum, in every rank."""
     c = case.config
+    spatial = h.spatial_dims(c.rank)
     p = case.params(3, np.float64)
     W, D = DF.to_c_major(torch.as_tensor(p.W)).requires_grad_(True), torch.tensor(p.D, requires_grad=True)
     assert DF.c_major(W, 1) and not W.is_contiguous()
@@ -63,9 +64,10 @@ def test_c_major_compositions_equal_einsum_autograd(case):
     oihw = DF.compose_kernel(W, D, c)
     flipped = DF.ComposeCMajor.apply(W, D, True).reshape(c.in_channels, c.out_channels, *c.kernel_size)
     np.testing.assert_allclose(oihw.detach().numpy(), ref.detach().numpy(), atol=1e-12)
-    np.testing.assert_allclose(flipped.detach().numpy(), ref.detach().transpose(0, 1).flip(2, 3).numpy(), atol=1e-12)
+    np.testing.assert_allclose(flipped.detach().numpy(), ref.detach().transpose(0, 1).flip(spatial).numpy(),
+                               atol=1e-12)
     for got in (torch.autograd.grad(oihw, (W, D), g),
-                torch.autograd.grad(flipped, (W, D), g.transpose(0, 1).flip(2, 3))):
+                torch.autograd.grad(flipped, (W, D), g.transpose(0, 1).flip(spatial))):
         assert got[0].stride() == W.stride()   # dW arrives in W's own (c-major) strides: no copy
         for x, y in zip(got, want):
             np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
@@ -160,13 +162,31 @@ def _spy(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("case_id, transposed", [("k3", True), ("k3-zeros-asym", True), ("k3-circular-d2", True),
-                                                 ("k3-s2", False), ("g3-k3", False)])
-def test_training_at_stride_1_runs_conv_transpose2d(case_id, transposed, monkeypatch, h):
-    layer = h.make_layer(get_case(case_id), "float64", composition="kernel")
+@pytest.mark.parametrize("kwargs, transposed", [
+    (dict(in_channels=8, out_channels=5, kernel_size=3, padding=1), True),
+    (dict(in_channels=8, out_channels=4, kernel_size=3, padding=((0, 2), (2, 1))), True),
+    (dict(in_channels=8, out_channels=4, kernel_size=3, padding=2, padding_mode="circular", dilation=2), True),
+    (dict(in_channels=8, out_channels=6, kernel_size=3, stride=2, padding=1), False),
+    (dict(in_channels=9, out_channels=9, kernel_size=3, groups=3, padding="same"), False),
+    (dict(in_channels=DF.MIN_TRANSPOSED_IN_CHANNELS - 1, out_channels=5, kernel_size=3, padding=1), False),  # a stem
+], ids=["k3", "asym", "circular-d2", "s2", "g3", "few-channels"])
+def test_training_at_stride_1_runs_conv_transpose2d(kwargs, transposed, monkeypatch):
+    layer = _random_D_layer(**kwargs, dtype=torch.float64)
+    x = torch.randn(2, kwargs["in_channels"], 7, 9, dtype=torch.float64, requires_grad=True)
     calls = _spy(monkeypatch, "conv_transpose2d")
-    x = torch.as_tensor(get_case(case_id).input(0))
-    layer(x).sum().backward()
+    out = layer(x)
+    (out * out).sum().backward()
+    assert len(calls) == int(transposed)
+    W = layer.W.detach().clone().requires_grad_(True)  # same values and gradients either route
+    D = layer.D.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    want = DF.conv(x2, DF.compose_einsum(W, D + layer.I_fill, layer.config), layer.bias, layer.config)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    (want * want).sum().backward()
+    for got, ref in ((layer.W.grad, W.grad), (layer.D.grad, D.grad), (x.grad, x2.grad)):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        layer(x)                                  # inference: the OIHW kernel and conv2d
     assert len(calls) == int(transposed)
     with torch.no_grad():
         layer(x)                                  # inference: the OIHW kernel and conv2d
@@ -195,8 +215,8 @@ def test_auto_margin_follows_the_storage(storage, batch, route, monkeypatch):
 def test_padding_beyond_the_transposed_range_falls_back_to_conv2d(monkeypatch):
     # conv_transpose2d would need padding d*(k-1) - p = -1 here: the layer must use conv2d, same values
     torch.manual_seed(0)
-    layer = DOConv2d(3, 5, 3, padding=3, dtype=torch.float64, d_init="random")
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    layer = DOConv2d(8, 5, 3, padding=3, dtype=torch.float64, d_init="random")
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
     calls = _spy(monkeypatch, "conv_transpose2d")
     out = layer(x)
     assert not calls and out.shape == (2, 5, 10, 10)
@@ -206,7 +226,7 @@ def test_padding_beyond_the_transposed_range_falls_back_to_conv2d(monkeypatch):
 
 
 @pytest.mark.parametrize("case_id", ["g3-k3-s2-Dmul+3", "dw-x2-k3-circular-asym", "g2-k3-reflect-asym",
-                                     "k3-zeros-asym", "k3-replicate-s2"])
+                                     "k3-zeros-asym", "k3-replicate-s2", "1d-g2-k3-d2", "3d-k3-reflect-asym"])
 @pytest.mark.parametrize("composition", ["kernel", "feature"])
 def test_gradcheck_float64(case_id, composition, h):
     case = get_case(case_id)
@@ -429,7 +449,8 @@ def test_to_double_half_like_conv2d(h):
     assert list(layer.to("cpu", torch.float32).state_dict()) == ["W", "D", "bias"]
 
 
-@pytest.mark.parametrize("case_id", ["k3-s2-d2", "g3-k3", "k3-d2"])
+@pytest.mark.parametrize("case_id", ["k3-s2-d2", "g3-k3", "k3-d2", "1d-dw-x2-k5-s2", "1d-k3", "3d-k3-d2",
+                                     "3d-g2-k3-s2"])
 def test_autocast_bfloat16(case_id, h):
     case = get_case(case_id)
     layer = h.make_layer(case, "float32")
@@ -444,8 +465,10 @@ def test_autocast_bfloat16(case_id, h):
 
 # ---- torch.compile, torch.func ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("case_id", ["g3-k3-s2-same-2MN", "k3-zeros-asym"])   # ComposeKernel; c-major, transposed
+# ComposeKernel; c-major through the transposed conv; 1-D causal; 3-D ComposeKernel and c-major
+@pytest.mark.parametrize("case_id", ["g3-k3-s2-same-2MN", "k3-zeros-asym", "1d-k3-causal-d2", "3d-g2-k3-s2", "3d-k3"])
 def test_torch_compile_fullgraph_forward_and_backward(case_id, h):
+    torch._dynamo.reset()  # each case compiles the one forward anew: keep the earlier ones off its recompile limit
     case = get_case(case_id)
     layer = h.make_layer(case, "float32")
     x, expected, u, grads = h.reference(case)
@@ -515,7 +538,7 @@ def test_fuse_and_switch_to_deploy_keep_outputs(case, h):
     layer = h.make_layer(case, "float64")
     x, expected, _, _ = h.reference(case)
     conv = layer.fuse()
-    assert isinstance(conv, nn.Conv2d)
+    assert isinstance(conv, h.CONVS[case.rank])
     assert sum(p.numel() for p in conv.parameters()) == math.prod(case.config.kernel_shape) + (
         case.config.out_channels if case.config.bias else 0)
     doconv.assert_close(conv(torch.tensor(x)).detach().numpy(), expected, "float64", "fused")
@@ -527,11 +550,12 @@ def test_fuse_and_switch_to_deploy_keep_outputs(case, h):
     assert "deployed=True" in repr(layer)
 
 
-def test_accepts_every_conv2d_argument_with_its_default():
-    """A drop-in: every parameter of nn.Conv2d is a parameter of DOConv2d, same position and default."""
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_accepts_every_conv_argument_with_its_default(rank, h):
+    """A drop-in: every parameter of nn.Conv{rank}d is a parameter of DOConv{rank}d, same position and default."""
     import inspect
-    ours = list(inspect.signature(DOConv2d).parameters.values())
-    theirs = list(inspect.signature(torch.nn.Conv2d).parameters.values())
+    ours = list(inspect.signature(h.LAYERS[rank]).parameters.values())
+    theirs = list(inspect.signature(h.CONVS[rank]).parameters.values())
     for mine, p in zip(ours, theirs):
         assert (mine.name, mine.default, mine.kind) == (p.name, p.default, p.kind)
     assert len(ours) >= len(theirs)

@@ -8,17 +8,17 @@ import torch
 from torch import nn
 
 import doconv
-from doconv.torch import DOConv2d, convert, fold, get_params
+from doconv.torch import DOConv1d, DOConv2d, DOConv3d, convert, fold, get_params
 
 
 def _perturb(model, seed=1):
-    """Move every DOConv2d away from identity init (D' and W), as training would."""
+    """Move every DO-Conv layer (any rank) away from identity init (D' and W), as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, DOConv2d):
-                m.D.add_(0.2 * torch.randn(m.D.shape, generator=g))
-                m.W.add_(0.05 * torch.randn(m.W.shape, generator=g))
+        for m in doconv.torch.doconv_layers(model).values():
+            if m.D is not None:
+                m.D.add_(0.2 * torch.randn(m.D.shape, generator=g, dtype=m.D.dtype))
+            m.W.add_(0.05 * torch.randn(m.W.shape, generator=g, dtype=m.W.dtype))
     return model
 
 
@@ -26,26 +26,33 @@ def _count(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def _convert_then_fold(model, x, *, convert_atol, fold_tol):
+    """convert (the outputs kept within ``convert_atol``), move every D and W off identity init, fold (the outputs
+    of the moved twin kept within ``fold_tol``); returns (converted, its report, folded, its report)."""
+    with torch.no_grad():
+        before = model(x)
+    converted, report = convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), before, rtol=0, atol=convert_atol)
+    _perturb(converted)
+    with torch.no_grad():
+        trained = converted(x)
+    folded, rows = fold(converted)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), trained, rtol=fold_tol, atol=fold_tol)
+    return converted, report, folded, rows
+
+
 def test_convert_keeps_outputs_and_fold_restores_the_model(zoo_model):
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        before = zoo_model(x)
-    converted, report = convert(zoo_model, D_mul=None)
+    converted, report, folded, _ = _convert_then_fold(zoo_model, x, convert_atol=1e-6, fold_tol=1e-5)
     spatial = [n for n, m in zoo_model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
     assert [r.path for r in report if r.action == "converted"] == spatial
     assert all(r.reason.startswith("pointwise") for r in report if r.action == "kept")
     assert isinstance(zoo_model.get_submodule(spatial[0]), nn.Conv2d)  # not in place by default
     assert "| path | kind | action |" in str(report) and f"{len(spatial)} converted, " in str(report)
-    with torch.no_grad():
-        torch.testing.assert_close(converted(x), before, rtol=0, atol=1e-6)
-    _perturb(converted)
-    with torch.no_grad():
-        trained = converted(x)
-    folded, _ = fold(converted)
     assert not any(isinstance(m, DOConv2d) for m in folded.modules())
     assert _count(folded) == _count(zoo_model)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), trained, rtol=1e-5, atol=1e-5)
     assert any(isinstance(m, DOConv2d) for m in converted.modules())  # fold copied too
 
 
@@ -218,18 +225,33 @@ def test_options_are_checked_even_without_a_conv_to_convert(model, option, value
     assert convert(model, D_mul=12, d_init="random", composition="feature", W_storage="contiguous")[1] is not None
 
 
-def _folded_example():
+def _folded_example(rank=2):
+    """Three layers of ``rank``: 'same' / per-side pads (and 'causal' in 1-D, stride-2 'same' in 3-D), padding modes,
+    groups, which fold into nn.ConvNd and FoldedConvNd alike."""
     torch.manual_seed(0)
-    model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.ReLU(), DOConv2d(8, 8, 3, groups=4, padding="same"),
-                          nn.ReLU(), DOConv2d(8, 4, 3, padding=((1, 0), (0, 1)), padding_mode="reflect"))
+    if rank == 1:
+        model = nn.Sequential(DOConv1d(3, 8, 3, padding="causal", dilation=2), nn.ReLU(),
+                              DOConv1d(8, 8, 3, groups=4, padding="same"), nn.ReLU(),
+                              DOConv1d(8, 4, 5, stride=2, padding=((1, 2),), padding_mode="reflect"))
+        x = torch.randn(2, 3, 17)
+    elif rank == 2:
+        model = nn.Sequential(DOConv2d(3, 8, 3, padding=1), nn.ReLU(), DOConv2d(8, 8, 3, groups=4, padding="same"),
+                              nn.ReLU(), DOConv2d(8, 4, 3, padding=((1, 0), (0, 1)), padding_mode="reflect"))
+        x = torch.randn(2, 3, 10, 11)
+    else:
+        model = nn.Sequential(DOConv3d(3, 8, 3, padding=1), nn.ReLU(),
+                              DOConv3d(8, 8, 3, groups=4, stride=2, padding="same"), nn.ReLU(),
+                              DOConv3d(8, 4, (1, 3, 3), padding=((0, 0), (1, 0), (0, 1)), padding_mode="replicate"))
+        x = torch.randn(2, 3, 5, 9, 8)
     _perturb(model)
-    return model.eval(), torch.randn(2, 3, 10, 11)
+    return model.eval(), x
 
 
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "unfolded"])
-def test_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, folded):
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, folded, rank):
     ort = pytest.importorskip("onnxruntime")
-    model, x = _folded_example()
+    model, x = _folded_example(rank)
     with torch.no_grad():
         expected = model(x).numpy()
     path = tmp_path / "model.onnx"
@@ -239,8 +261,9 @@ def test_model_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, folded):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_export_of_folded_and_unfolded_models():
-    model, x = _folded_example()
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_torch_export_of_folded_and_unfolded_models(rank):
+    model, x = _folded_example(rank)
     with torch.no_grad():
         expected = model(x)
     for candidate in (fold(model)[0], model):
@@ -376,3 +399,86 @@ def test_inplace_convert_with_untieable_weights_changes_nothing():
     with pytest.raises(ValueError, match="layer '1' shares its weight with '0'"):
         convert(model, inplace=True)
     assert model[0] is a and model[1] is b
+
+
+# ---- 1-D and 3-D models ---------------------------------------------------------------------------------
+
+def test_convert_reports_every_rank_and_keeps_transposed_and_pointwise_convs(h):
+    class Custom(nn.Conv3d):
+        pass
+
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Conv1d(4, 4, 1), nn.ConvTranspose1d(4, 4, 3),
+                          nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 3, stride=2), nn.Conv3d(3, 4, (1, 3, 3)),
+                          nn.Conv3d(4, 4, 1), nn.ConvTranspose3d(4, 4, 2), Custom(4, 4, 3))
+    converted, report = convert(model)
+    rows = [(r.path, r.kind, r.action, r.reason.split(":")[0]) for r in report]
+    assert rows == [("0", "Conv1d", "converted", ""), ("1", "Conv1d 1", "kept", "pointwise"),
+                    ("2", "ConvTranspose1d", "kept", "transposed convolution"), ("3", "Conv2d", "converted", ""),
+                    ("4", "ConvTranspose2d", "kept", "transposed convolution"), ("5", "Conv3d", "converted", ""),
+                    ("6", "Conv3d 1x1x1", "kept", "pointwise"), ("7", "ConvTranspose3d", "kept",
+                                                                 "transposed convolution"),
+                    ("8", "Custom", "skipped", "nn.Conv3d subclass")]
+    assert [type(converted[i]).__name__ for i in (0, 3, 5)] == ["DOConv1d", "DOConv2d", "DOConv3d"]
+    assert converted[5].D_mul == 9 and converted[2] is not model[2] and type(converted[2]) is nn.ConvTranspose1d
+    _, report = convert(model, include=lambda name, m: isinstance(m, nn.Conv3d))  # a callable sees every rank
+    assert [r.path for r in report if r.action == "converted"] == ["5"]
+    with pytest.raises(ValueError, match=r"^layer '5': D_mul must be >= M\*N = 9 for kernel_size=\(1, 3, 3\)"):
+        convert(model, D_mul=8, exclude="3")  # (the Conv2d, 3x3, would be refused first)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_shared_and_tied_convs_of_every_rank_stay_shared(rank, h):
+    torch.manual_seed(0)
+    conv = h.CONVS[rank](3, 3, 3, padding=1, dtype=torch.float64)
+    other = h.CONVS[rank](3, 3, 3, stride=2, padding=1, dtype=torch.float64)
+    other.weight = conv.weight
+    model = nn.Sequential(conv, nn.ReLU(), conv, other)
+    x = torch.randn(2, 3, *(6,) * rank, dtype=torch.float64)
+    converted, report, folded, rows = _convert_then_fold(model, x, convert_atol=1e-12, fold_tol=1e-10)
+    assert converted[2] is converted[0] and converted[3].W is converted[0].W and converted[3].D is converted[0].D
+    assert [r.path for r in report] == ["0", "2", "3"] and "W/D tied to '0'" in report[2].reason
+    assert folded[2] is folded[0] and type(folded[0]) is h.CONVS[rank]
+    assert [(r.kind, r.shared_with) for r in rows] == [(f"DOConv{rank}d", ""), (f"DOConv{rank}d", "0"),
+                                                       (f"DOConv{rank}d", "")]
+
+
+@pytest.mark.parametrize("name, shape", [("tcn", (4, 40, 24)), ("c3d", (2, 3, 4, 12, 12))])
+def test_whole_1d_and_3d_models_convert_train_fold_and_export(name, shape, tmp_path, h):
+    """The tiny TCN (Conv1d, dilations 1-8) and C3D (Conv3d, strides 2) of the 1-D / 3-D work: convert is exact at
+    identity init, a few SGD steps move D, fold is exact for the trained twin, and the folded model exported to
+    ONNX computes the same in onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    plain = h.randomize_bn({"tcn": h.tiny_tcn, "c3d": h.tiny_c3d}[name]()).eval()
+    convs = [n for n, m in plain.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d))]
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        before = plain(x)
+    twin, report = convert(plain)
+    assert [r.path for r in report if r.action == "converted"] == convs and len(convs) == {"tcn": 9, "c3d": 5}[name]
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), before, rtol=0, atol=1e-5)
+    D0 = {path: layer.D.detach().clone() for path, layer in doconv.torch.doconv_layers(twin).items()}
+    opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9)
+    target = torch.randint(0, 10, (shape[0],))
+    twin.train()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(twin(x), target).backward()
+        opt.step()
+    twin.eval()
+    for path, layer in doconv.torch.doconv_layers(twin).items():
+        assert (layer.D - D0[path]).abs().max() > 1e-6, path  # D trained
+    with torch.no_grad():
+        trained = twin(x)
+    assert (trained - before).abs().max() > 1e-4  # training changed the model
+    folded, rows = fold(twin)
+    assert all(r.action == "folded" for r in rows) and _count(folded) == _count(plain)
+    assert not doconv.torch.doconv_layers(folded)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), trained, rtol=1e-5, atol=1e-5)
+        expected = folded(x).numpy()
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(folded, (x,), str(path), input_names=["x"], output_names=["y"])
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -1,5 +1,6 @@
 """DOConvConfig: every bad argument is rejected with its name and value; shapes and padding arithmetic."""
 
+import dataclasses
 import re
 
 import pytest
@@ -183,3 +184,52 @@ def test_circular_padding_wraps_once_at_most_and_sizes_are_ints():
         config.output_shape((1, 1, 1, 5))
     with pytest.raises(TypeError, match=r"input shape must hold ints, but got input shape \(1, 1, 5.9, 5\)"):
         config.output_shape((1, 1, 5.9, 5))
+
+
+@pytest.mark.parametrize("rank, padding, expected", [
+    (1, 2, ((2, 2),)), (1, (2,), ((2, 2),)), (1, ((1, 3),), ((1, 3),)), (1, "CAUSAL", "causal"),
+    (3, 1, ((1, 1),) * 3), (3, (0, 1, 2), ((0, 0), (1, 1), (2, 2))), (3, (1, (0, 2), 1), ((1, 1), (0, 2), (1, 1))),
+    (3, "same", "same"),
+])
+def test_padding_forms_of_every_rank(rank, padding, expected):
+    config = DOConvConfig(2, 3, 3, padding=padding, rank=rank)
+    assert config.padding == expected and config.kernel_size == (3,) * rank and config.stride == (1,) * rank
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0), "rank must be one of (1, 2, 3)"),
+    (dict(rank="2"), "rank must be one of"),
+    (dict(rank=1, kernel_size=(3, 3)), "kernel_size must be an int, but got kernel_size=(3, 3)"),
+    (dict(rank=3, stride=(1, 2)), "stride must be an int or 3 ints, but got stride=(1, 2) of length 2"),
+    (dict(rank=1, padding=(1, 2)), "per-side pads are written ((left, right),)"),
+    (dict(rank=3, padding=((1, 1), (1, 1))), "for a 3-D layer"),
+    (dict(rank=2, padding="causal"), "'causal' pads a 1-D layer only"),
+    (dict(rank=1, D_mul=2), "D_mul must be >= M*N = 3"),
+])
+def test_rank_mismatches_name_the_argument(kwargs, message):
+    with pytest.raises((TypeError, ValueError)) as err:
+        DOConvConfig(**{"in_channels": 2, "out_channels": 2, "kernel_size": 3, **kwargs})
+    assert message in str(err.value)
+
+
+def test_1d_and_3d_shapes_and_geometry():
+    c1 = DOConvConfig(3, 4, 5, stride=2, dilation=2, padding="causal", rank=1)
+    assert (c1.MN, c1.kernel_shape, c1.D_shape) == (5, (4, 3, 5), (3, 5, 5))
+    assert c1.pads(20) == ((8, 0),) and c1.output_shape((2, 3, 20)) == (2, 4, 10)
+    assert c1.output_shape((3, 20), unbatched=True) == (4, 10)
+    assert c1.resolved().padding == ((8, 0),) and c1.resolved() == dataclasses.replace(c1, padding=((8, 0),))
+    c3 = DOConvConfig(4, 6, (3, 1, 2), stride=(1, 2, 2), padding="same", groups=2, D_mul=7, rank=3)
+    assert (c3.MN, c3.kernel_shape, c3.W_shape, c3.D_shape) == (6, (6, 2, 3, 1, 2), (6, 2, 7), (4, 6, 7))
+    assert c3.pads(5, 7, 7) == ((1, 1), (0, 0), (0, 1)) and c3.output_shape((1, 4, 5, 7, 7)) == (1, 6, 5, 4, 4)
+    with pytest.raises(ValueError, match=r"input must be 5-D \(N, C, D, H, W\), but got input shape \(4, 5, 7, 8\)"):
+        c3.output_shape((4, 5, 7, 8))
+    with pytest.raises(ValueError, match="input depth 2 padded by"):
+        DOConvConfig(1, 1, 3, rank=3).output_shape((1, 1, 2, 5, 5))
+    assert "rank=3" in repr(c3) and "rank" not in repr(DOConvConfig(1, 1, 3))
+
+
+def test_rank_survives_the_dict_and_a_dict_without_rank_is_2d():
+    c1 = DOConvConfig(3, 4, 5, padding=((1, 3),), rank=1)
+    assert c1.to_dict()["rank"] == 1 and DOConvConfig.from_dict(c1.to_dict()) == c1
+    old = {k: v for k, v in DOConvConfig(3, 4, 3, padding=1).to_dict().items() if k != "rank"}
+    assert DOConvConfig.from_dict(old) == DOConvConfig(3, 4, 3, padding=1)

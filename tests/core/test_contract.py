@@ -32,6 +32,17 @@ def test_layer_spec_checks_without_in_channels_and_binds_later():
     assert LayerSpec(6, 3, D_mul=None).D_mul == 9
 
 
+def test_layer_spec_of_1d_and_3d_layers():
+    spec = LayerSpec(4, 5, padding="causal", dilation=2, rank=1)
+    assert (spec.kernel_size, spec.dilation, spec.D_mul) == ((5,), (2,), 5)
+    assert spec.bind(3) == DOConvConfig(3, 4, 5, padding="causal", dilation=2, rank=1)
+    assert LayerSpec.of(spec.bind(3)) == spec
+    spec3 = LayerSpec(6, (3, 1, 3), groups=2, padding=(1, 0, 1), rank=3)
+    assert spec3.D_mul == 9 and spec3.bind(4).kernel_shape == (6, 2, 3, 1, 3)
+    with pytest.raises(ValueError, match="kernel_size must be an int or 3 ints"):
+        LayerSpec(6, (3, 3), rank=3)
+
+
 def test_check_D_mul_as_a_model_wide_option():
     assert check_D_mul(None) is None and check_D_mul(4) == 4
     for bad in (0, -1, 2.5, "9"):

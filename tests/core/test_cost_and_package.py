@@ -20,6 +20,15 @@ def test_cost_formulas_of_section_3():
     assert cost.cheaper == "kernel"   # the paper: kernel composition is typically cheaper
 
 
+def test_cost_formulas_in_1d_and_3d_count_output_positions_and_patch_length():
+    c1 = DOConvConfig(8, 16, 5, padding="causal", rank=1)
+    cost = doconv.composition_cost(c1, (2, 8, 30))
+    assert cost.kernel_macc == 5 * 5 * 8 * 16 + 60 * 16 * 8 * 5 and cost.feature_bytes == 60 * 8 * 5 * 4
+    c3 = DOConvConfig(4, 6, (3, 1, 3), stride=(1, 2, 2), padding=(1, 0, 1), D_mul=11, rank=3)
+    cost = doconv.composition_cost(c3, (1, 4, 5, 8, 8))   # output 5 x 4 x 4
+    assert cost.feature_macc == 80 * 11 * 9 * 4 + 80 * 6 * 4 * 11 and cost.kernel_bytes == 6 * 4 * 9 * 4
+
+
 def test_auto_prefers_feature_when_it_is_cheaper():
     # depthwise-separable mode (Section 3): D_mul = 1 < MN makes feature composition cheaper
     c = DOConvConfig(32, 32, 3, padding=1, D_mul=1, depthwise_separable=True)
@@ -59,6 +68,30 @@ def test_case_table_covers_the_design():
     keras_like = select(frozenset({"explicit_padding", "padding_mode", "stride_and_dilation"}))
     assert {c.config.kind for c in keras_like} == {"DO-Conv", "DO-DConv", "DO-GConv"}
     assert any(c.config.S > c.config.MN for c in keras_like)
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_case_table_covers_the_design_in_1d_and_3d(rank):
+    table = [c for c in CASES if c.rank == rank]
+    assert all(c.id.startswith(f"{rank}d-") for c in table) and len(table) >= 14
+    configs = [c.config for c in table]
+    assert any(c.MN == 1 for c in configs)                                      # no D
+    assert any(k % 2 == 0 for c in configs for k in c.kernel_size)              # even sizes
+    assert rank == 1 or any(1 in c.kernel_size and c.MN > 1 for c in configs)  # a 1-wide axis
+    assert {max(c.stride) for c in configs} == {1, 2} and {max(c.dilation) for c in configs} >= {1, 2}
+    raw = [c.kwargs.get("padding", 0) for c in table]
+    assert {"same", "valid"} <= set(r for r in raw if isinstance(r, str))
+    assert any(not isinstance(r, str) for r in raw)
+    assert any(any(lo != hi for lo, hi in c.padding) for c in configs if not isinstance(c.padding, str))
+    assert {c.padding_mode for c in configs} == set(doconv.PADDING_MODES)
+    kinds = {(c.kind, c.out_per_group > 1) for c in configs}
+    assert {("DO-Conv", True), ("DO-GConv", True), ("DO-DConv", True)} <= kinds
+    assert {c.S - c.MN for c in configs if c.has_D} >= {0} and any(c.S >= 2 * c.MN for c in configs if c.has_D)
+    assert any(c.depthwise_separable and c.S < c.MN for c in configs)
+    assert {c.bias for c in configs} == {True, False}
+    assert rank == 3 or "causal" in raw
+    assert all(c.config.rank == rank and len(c.input_shape) == rank + 2 for c in table)
+    assert all(f"conv{rank}d" in c.features for c in table)
 
 
 def test_case_params_randomise_D():

@@ -34,7 +34,7 @@ def expressible_in_paper_pairing(config, flavour):
     return flavour != "torch" or config.groups == 1 or config.out_per_group == 1
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D and c.rank == 2], ids=lambda c: c.id)
 @pytest.mark.parametrize("flavour", ["torch", "tf", "gluon"])
 def test_official_import_reproduces_the_official_kernel(case, flavour):
     c = case.config
@@ -105,6 +105,29 @@ def test_kernel_and_input_layouts_round_trip():
     oihw = layouts.depthwise_hwcm_to_oihw(dw)
     assert oihw.shape == (8, 1, 3, 3) and oihw[2 * 2 + 1, 0, 0, 2] == dw[0, 2, 2, 1]   # output c*mult + k
     np.testing.assert_array_equal(layouts.oihw_to_depthwise_hwcm(oihw, 4), dw)
+
+
+def test_layouts_take_every_rank():
+    rng = np.random.default_rng(1)
+    k1, k3 = rng.normal(size=(6, 2, 5)), rng.normal(size=(6, 2, 3, 4, 5))   # (O, I, K), (O, I, T, M, N)
+    assert layouts.oihw_to_hwio(k1)[4, 1, 3] == k1[3, 1, 4]                 # Keras Conv1D (K, I, O)
+    assert layouts.oihw_to_hwio(k3)[2, 3, 4, 1, 5] == k3[5, 1, 2, 3, 4]     # Keras Conv3D (T, M, N, I, O)
+    for k in (k1, k3):
+        np.testing.assert_array_equal(layouts.hwio_to_oihw(layouts.oihw_to_hwio(k)), k)
+    x = rng.normal(size=(2, 3, 4, 5, 6))
+    assert layouts.nchw_to_nhwc(x)[1, 2, 3, 4, 0] == x[1, 0, 2, 3, 4]
+    np.testing.assert_array_equal(layouts.nhwc_to_nchw(layouts.nchw_to_nhwc(x)), x)
+    dw = rng.normal(size=(5, 4, 2))                                        # Keras DepthwiseConv1D (K, C_in, mult)
+    grouped = layouts.depthwise_hwcm_to_oihw(dw)
+    assert grouped.shape == (8, 1, 5) and grouped[2 * 2 + 1, 0, 3] == dw[3, 2, 1]
+    np.testing.assert_array_equal(layouts.oihw_to_depthwise_hwcm(grouped, 4), dw)
+
+
+def test_official_checkpoints_are_2d_only():
+    for rank in (1, 3):
+        c = DOConvConfig(4, 6, 3, rank=rank)
+        with pytest.raises(ValueError, match=f"2-D layers only .* rank={rank}"):
+            layouts.from_official(official_arrays(DOConvConfig(4, 6, 3), "tf"), c, "tf")
 
 
 def test_delta_round_trip():

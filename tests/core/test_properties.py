@@ -6,7 +6,7 @@ from hypothesis import given, settings
 import doconv
 from doconv import DOConvParams
 from doconv.selfcheck import layer_vjp
-from doconv.testing import config_strategy, naive_compose, naive_conv2d, random_params
+from doconv.testing import config_strategy, naive_compose, naive_conv, random_params
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -29,7 +29,7 @@ def test_fold_equals_unfolded_forward_and_the_naive_formulas(drawn):
     p = random_params(config, 3)
     kernel, bias = doconv.fold(p, config)
     np.testing.assert_allclose(kernel, naive_compose(p, config), rtol=1e-12, atol=1e-12)
-    folded = naive_conv2d(x, kernel, bias, config.stride, config.pads(*shape[2:]), config.dilation, config.groups,
+    folded = naive_conv(x, kernel, bias, config.stride, config.pads(*shape[2:]), config.dilation, config.groups,
                           config.padding_mode)
     assert doconv.max_error(doconv.forward(x, p, config), folded) <= 1e-12
 

@@ -4,20 +4,21 @@ import numpy as np
 import pytest
 
 import doconv
+import doconv.testing
 from doconv.cases import CASES
 from doconv.selfcheck import check_vjp
 
-from doconv.testing import naive_conv2d
+from doconv.testing import naive_conv
 
 
-def test_conv2d_matches_the_definition_on_every_case(case):
+def test_conv_matches_the_definition_on_every_case(case):
     c = case.config
     x = case.input(1)
     kernel = np.random.default_rng(2).normal(size=c.kernel_shape)
     bias = np.random.default_rng(3).normal(size=c.out_channels) if c.bias else None
-    ours = doconv.conv2d(x, kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+    ours = doconv.conv(x, kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
                          groups=c.groups, padding_mode=c.padding_mode)
-    expected = naive_conv2d(x, kernel, bias, c.stride, c.pads(*x.shape[2:]), c.dilation, c.groups, c.padding_mode)
+    expected = naive_conv(x, kernel, bias, c.stride, c.pads(*x.shape[2:]), c.dilation, c.groups, c.padding_mode)
     np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -29,13 +30,36 @@ def test_kernel_and_feature_composition_agree(case):
         assert doconv.max_error(f, k) <= tol
 
 
+def test_conv2d_is_conv_for_2d_only():
+    case = CASES[2]
+    c, x = case.config, case.input(0)
+    kernel = np.random.default_rng(1).normal(size=c.kernel_shape)
+    geometry = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups)
+    np.testing.assert_array_equal(doconv.conv2d(x, kernel, **geometry), doconv.conv(x, kernel, **geometry))
+    with pytest.raises(ValueError, match=r"conv2d takes a 4-D x .* doconv.conv takes any rank"):
+        doconv.conv2d(x[..., 0], kernel[..., 0])
+
+
+def test_causal_padding_sees_no_future_sample():
+    """padding='causal': the output at t is unchanged by inputs after t, and the output is as long as the input."""
+    c = doconv.DOConvConfig(2, 3, 3, dilation=2, padding="causal", rank=1)
+    p = doconv.testing.random_params(c, 0)
+    x = np.random.default_rng(1).normal(size=(1, 2, 12))
+    y = doconv.forward(x, p, c)
+    assert y.shape == (1, 3, 12)
+    later = x.copy()
+    later[..., 7:] += 5.0
+    np.testing.assert_array_equal(doconv.forward(later, p, c)[..., :7], y[..., :7])
+    assert np.abs(doconv.forward(later, p, c)[..., 7:] - y[..., 7:]).min() > 0
+
+
 def test_auto_composition_runs_the_cheaper(monkeypatch):
     c = doconv.DOConvConfig(4, 4, 3, padding=1)
     p, x = doconv.init_params(c, rng=0, dtype=np.float64), np.ones((1, 4, 5, 5))
     seen = []
     import doconv.reference as reference
-    real = reference.conv2d
-    monkeypatch.setattr(reference, "conv2d", lambda *a, **k: seen.append(k.get("groups")) or real(*a, **k))
+    real = reference.conv
+    monkeypatch.setattr(reference, "conv", lambda *a, **k: seen.append(k.get("groups")) or real(*a, **k))
     doconv.forward(x, p, c, composition="auto")
     expected = doconv.choose_composition(c, x.shape)
     assert seen == ([1] if expected == "kernel" else [4, 1])

@@ -188,3 +188,8 @@ def test_manifest_is_replaced_atomically(exchange, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         checks.write_manifest(str(exchange / "artifacts"), CoreFramework(), {}, 0)
     assert manifest.read_text() == before and not [p for p in manifest.parent.iterdir() if p.suffix == ".tmp"]
+
+
+def test_quick_cases_exist_and_cover_every_rank():
+    from doconv.cases import case
+    assert {case(i).rank for i in cli.QUICK} == {1, 2, 3}  # case() raises on an unknown id
