@@ -14,6 +14,7 @@ import sys
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from doconv.cases import CASES
 from doconv.interchange import replacing
 
 from .checks import CHECK_ORDER, Result
@@ -34,6 +35,16 @@ def _check_key(name: str):
     return (CHECK_ORDER.index(name) if name in CHECK_ORDER else -1, name)
 
 
+#: Each case's rank (1-D, 2-D, 3-D), so the report shows that every dimension was run.
+_RANK_OF = {c.id: c.rank for c in CASES}
+
+
+def _ranks(case_names: Iterable[str]) -> Dict[str, int]:
+    """Distinct cases per rank (``'1d'``, ``'2d'``, ``'3d'``); a name outside the case table counts in none."""
+    ranks = [_RANK_OF.get(name.split("[")[0]) for name in set(case_names)]
+    return {f"{rank}d": ranks.count(rank) for rank in (1, 2, 3)}
+
+
 def summarize(results: Sequence[Result]) -> List[dict]:
     """One dict per (framework, check): runs, failures, worst error per dtype, tolerances."""
     groups: Dict[tuple, List[Result]] = {}
@@ -44,7 +55,7 @@ def summarize(results: Sequence[Result]) -> List[dict]:
         mine = groups[(framework, check)]
         worst = {d: max((r.error for r in mine if r.dtype == d), default=None) for d in DTYPES}
         rows.append({"framework": framework, "check": check, "runs": len(mine),
-                     "cases": len({r.case for r in mine}),
+                     "cases": len({r.case for r in mine}), "cases_by_rank": _ranks(r.case for r in mine),
                      "failed": sum(not r.passed for r in mine), "worst": worst,
                      "tolerance": {d: max((r.tolerance for r in mine if r.dtype == d), default=None) for d in DTYPES}})
     return rows
@@ -151,8 +162,9 @@ def render(results: Sequence[Result], *, title: str, missing: Iterable[dict] = (
            console=None, max_failures: int = 30) -> None:
     """Print the summary table, then the missing frameworks, skipped cases and failures (rich when available)."""
     rows = summarize(results)
-    header = ("framework", "check", "runs", "worst f64", "worst f32", "tol f64/f32", "result")
-    lines = [(r["framework"], r["check"], str(r["runs"]), _fmt(r["worst"]["float64"]), _fmt(r["worst"]["float32"]),
+    header = ("framework", "check", "runs", "cases 1D/2D/3D", "worst f64", "worst f32", "tol f64/f32", "result")
+    lines = [(r["framework"], r["check"], str(r["runs"]), "/".join(map(str, r["cases_by_rank"].values())),
+              _fmt(r["worst"]["float64"]), _fmt(r["worst"]["float32"]),
               _tol(r), "PASS" if not r["failed"] else f"FAIL {r['failed']}/{r['runs']}") for r in rows]
     notes = [f"missing {m['name']}: {m['reason']} -> {m['hint']}" for m in missing]
     notes += [f"{fw}: {info['count']} case(s) skipped, the framework cannot express {', '.join(info['features'])}"
@@ -176,10 +188,10 @@ def render(results: Sequence[Result], *, title: str, missing: Iterable[dict] = (
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-            console = Console(width=140)  # the widest row: a cross pair of two Keras backends
+            console = Console(width=160)  # the widest row: a cross pair of two Keras backends
     table = Table(title=title, title_justify="left")
     for i, col in enumerate(header):
-        table.add_column(col, justify="right" if 2 <= i <= 5 else "left", no_wrap=True)
+        table.add_column(col, justify="right" if 2 <= i <= 6 else "left", no_wrap=True)
     previous = None
     for line in lines:
         if previous is not None and line[0] != previous:

@@ -36,6 +36,33 @@ def test_honest_core_adapter_passes_every_check(tmp_path):
     assert max(r.error for r in results if r.dtype == "float64") < 1e-12
 
 
+def test_1d_and_3d_cases_pass_every_check_and_the_summary_counts_each_rank(tmp_path):
+    from doconv.parity import report
+    ids = ["1d-k3-causal-d2", "1d-dw-x2-k5-s2", "k3-s2-same", "3d-g2-k3-s2", "3d-k3-reflect-asym"]
+    results, _ = run(CoreFramework(), ids, ("float64",), tmp_path)
+    assert not [r for r in results if not r.passed]
+    rows = {row["check"]: row for row in report.summarize(results)}
+    assert rows["forward"]["cases_by_rank"] == {"1d": 2, "2d": 1, "3d": 2}
+    assert rows["official"]["cases_by_rank"] == {"1d": 2, "2d": 1, "3d": 2}  # other ranks: the refusal is checked
+
+
+class AcceptsOfficialInAnyRank(CoreFramework):
+    """Takes 2-D official arrays into a 1-D/3-D layer without a word (guessing a layout)."""
+
+    name = "numpy-official-any-rank"
+
+    def import_official(self, layer, arrays, *, refold=False):
+        if layer.config.rank == 2:
+            return super().import_official(layer, arrays, refold=refold)
+
+
+def test_an_official_import_into_another_rank_must_be_refused(tmp_path):
+    results, _ = run(AcceptsOfficialInAnyRank(), ["1d-k3", "3d-k3"], ("float64",), tmp_path)
+    official = [r for r in results if r.check == "official"]
+    assert official and not any(r.passed for r in official)
+    assert all(r.passed for r in results if r.check != "official")
+
+
 class StoredTransposed(CoreFramework):
     """Stores W as (S, C_in/g, C_out) and D' as (MN, S, C_in), like the official TF layer: the probe must see it."""
 
