@@ -22,7 +22,11 @@ builds it from ``eye`` (or, for D_mul = M*N, never materialises it at all), so i
 Kernel composition (Fig. 3-b) runs as **one batched matrix product**, ``linalg.gemm2`` with ``axis=1``:
 with W viewed as ``(g, C_out/g, C_in/g, S)`` and D = I_fill + D' as ``(g, M*N, C_in/g, S)`` the batch axes are
 ``(g, C_in/g)`` and the result is W' directly in OIHW order (OIW, OIDHW) -- the einsum ``gcms,gjcs->gjcm`` of
-:data:`doconv.COMPOSE_EINSUM` without moving W. The only intermediates are D-sized (D and its transposed copy)
+:data:`doconv.COMPOSE_EINSUM` without moving W. With ``groups=1`` W enters as stored, (C_out, C_in, S) with
+``axis=0``: a reshape of the parameter is a copy that a static-alloc training graph keeps for the backward.
+(The other formulations with MXNet's ops are slower, see bench/mxnet_models_results.md: ``batch_dot`` over
+C_in needs W and W' transposed, and the torch backend's grouped 1-D ``Convolution``, C_in groups of S -> M*N
+channels, misses oneDNN's fast paths.) The only intermediates are D-sized (D and its transposed copy)
 and W' itself; the official (2-D) Gluon layer instead tiles W into an ``(MN, MN, C_in, C_out/g)`` tensor, MN times W'.
 (For D_mul = M*N, ``W + W D'^T`` with W as gemm's accumulator is the same product; its backward is slower.)
 
@@ -337,7 +341,7 @@ class _DOConv(gluon.HybridBlock):
     def _identity_fill(self, F, dtype):
         """I_fill (1, MN, S) from eye/tile/zeros (see :func:`doconv.identity_fill`)."""
         mn, s = self._mn, self._spec.D_mul
-        if s < mn:
+        if s <= mn:
             eye = F.eye(mn, s, dtype=dtype)
         else:
             eye = F.tile(F.eye(mn, dtype=dtype), reps=(1, s // mn))
@@ -356,8 +360,18 @@ class _DOConv(gluon.HybridBlock):
         g, cout, s, mn = a.groups, a.out_channels, a.D_mul, self._mn
         if D is None:  # single tap: no D, W' is W
             return F.reshape(W, (0, 0) + a.kernel_size)
-        wg = F.reshape(W, (g, cout // g, -1, s))                              # (g, C_out/g, C_in/g, S)
         eye = self._identity_fill(F, dtype or self._dtype)                    # (1, MN, S)
+        if g == 1:
+            # W as stored, its rows on axis 0 and the batch on C_in (axis 1): no reshape of the parameter, whose
+            # copy a static-alloc training graph would keep for the backward, one kernel-sized buffer per layer.
+            # While C_in is unknown (a hybridized parent's first graph), gemm2's shape check needs W's C_in as
+            # unknown as D's until the shape probe pins both: a reshape leaves it so.
+            if not self.in_channels:
+                W = F.reshape(W, (0, -1, s))
+            full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (-1, mn, s)), 0, 1)  # D, as (MN, C_in, S)
+            kernel = F.linalg.gemm2(W, full, transpose_b=True, axis=0)                 # (C_out, C_in, MN)
+            return F.reshape(kernel, (0, 0) + a.kernel_size)
+        wg = F.reshape(W, (g, cout // g, -1, s))                              # (g, C_out/g, C_in/g, S)
         full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (g, -1, mn, s)), 1, 2)  # D, as (g, MN, C_in/g, S)
         kernel = F.linalg.gemm2(wg, full, transpose_b=True, axis=1)         # (g, C_out/g, C_in/g, MN)
         return F.reshape(kernel, (cout, -1) + a.kernel_size)            # (C_out, C_in/g, *kernel_size)

@@ -47,8 +47,8 @@ from .initializers import ChannelMajorInitializer, DeltaInitializer
 #: :data:`doconv.COMPOSE_EINSUM` (``"gcms,gjcs->gjcm"``) with every operand's axes reordered to
 #: the Keras layout: D' (MN, S, g, C_in/g) "msgc", W (C_in/g, S, g, C_out/g) "csgj", and the
 #: channels-last kernel (MN, C_in/g, g, C_out/g) "mcgj" (``(*kernel_size, C_in/g, filters)`` once reshaped); the
-#: test suite pins it to :func:`doconv.compose`. The layer evaluates it as one batched matmul
-#: (:meth:`BaseDOConv._compose`).
+#: test suite pins it to :func:`doconv.compose`. The layer evaluates it as one batched matmul, or, with one
+#: input channel per group (depthwise), as a product and a sum over S (:meth:`BaseDOConv._compose`).
 KERAS_COMPOSE_EINSUM = "msgc,csgj->mcgj"
 
 #: Axis permutations of W between the layer variable (C_in/g, S, C_out) and canonical (C_out, C_in/g, S).
@@ -279,6 +279,13 @@ class BaseDOConv(cache.ComposesKernel, keras.layers.Layer):
         if not c.has_D:
             return ops.reshape(W, (*c.kernel_size, c.in_per_group, c.out_channels))
         g = c.groups
+        if c.in_per_group == 1:
+            # One input channel per group (depthwise layers, any multiplier): W'[m, g, j] = sum_s D[m, s, g] W[s, g, j]
+            # is an elementwise product and a sum over S in the variables' own layouts, no matmul and no transposes
+            # (the batched matmul would be C_in products of (MN x S) @ (S x C_out/g), mostly launch overhead).
+            D = ops.reshape(self._full_D(*delta), (c.MN, c.S, g, 1))
+            kernel = ops.sum(D * ops.reshape(W, (1, c.S, g, c.out_per_group)), axis=1)
+            return ops.reshape(kernel, (*c.kernel_size, 1, c.out_channels))
         # KERAS_COMPOSE_EINSUM as one batched matmul over the input channels (g, c): (MN x S) @ (S x C_out/g).
         # Faster than ops.einsum's lowering, which transposes W forward and dW backward (bench/tf_results.md).
         D = ops.transpose(ops.reshape(self._full_D(*delta), (c.MN, c.S, g, c.in_per_group)), (2, 3, 0, 1))

@@ -19,6 +19,11 @@ batched GEMM runs fast here (an output 9 floats wide runs 3-5x slower, bench/tor
 dW comes out in the parameter's own strides. Training at stride 1 (from :data:`MIN_TRANSPOSED_IN_CHANNELS`
 input channels on) convolves with ``conv_transpose{1,2,3}d``, whose weight (C_in, C_out, *k) takes the product
 per input channel with one small transpose instead of the two (C_in, MN, C_out) -> OIHW needs.
+
+A training call composes through :class:`ComposeTrain`: from the trainable delta D' and the fixed I_fill, the
+add (and the reversal of D's taps) inside one autograd node, whose ``apply`` avoids ``autograd.Function``'s
+per-call ``inspect.signature``. The composition's cost per layer and step is mostly such fixed costs (op
+launches, autograd nodes, Python), whatever the batch.
 """
 
 from __future__ import annotations
@@ -69,10 +74,37 @@ def _bilinear_jvp(forward, saved, tW, tD, option):
     return out
 
 
+def _no_autocast(fn, W: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(W, *args)`` with autocast off (W' in the parameters' precision; the convolution casts it); the
+    context is entered only when autocast is on, a measurable part of a small layer's call otherwise."""
+    if torch.is_autocast_enabled(W.device.type):
+        with torch.autocast(W.device.type, enabled=False):
+            return fn(W, *args)
+    return fn(W, *args)
+
+
+def _rows_forward(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:
+    """:class:`ComposeKernel`'s forward: W' (C_out, C_in/g, MN) from any layout of W and the full D."""
+    cout, cin_g, _ = W.shape
+    rows = _per_channel(W, groups, cout // groups, cin_g)          # (C_in, C_out/g, S)
+    return _per_row(torch.bmm(rows, D.transpose(1, 2)), groups, cin_g)   # (C_out, C_in/g, MN)
+
+
+def _rows_backward(W: torch.Tensor, D: torch.Tensor, grad: torch.Tensor, groups: int, needs_W: bool,
+                   needs_D: bool):
+    """:class:`ComposeKernel`'s (dW, dD) for the full D (None where not needed)."""
+    g, cin_g = groups, W.shape[1]
+    rows = W.shape[0] // g
+    grad_rows = _per_channel(grad, g, rows, cin_g)                     # (C_in, C_out/g, MN)
+    dW = _per_row(torch.bmm(grad_rows, D), g, cin_g) if needs_W else None
+    dD = torch.bmm(grad_rows.transpose(1, 2), _per_channel(W, g, rows, cin_g)) if needs_D else None
+    return dW, dD
+
+
 class ComposeKernel(torch.autograd.Function):
     """W' = D^T o W with a hand-written backward (same values as :func:`compose_einsum`).
 
-    Per input channel k (group ``k // (C_in/g)``), with ``R_k`` the (C_out/g, S) rows of W reading k::
+    Per input channel k (group ``k // (C_out/g)``), with ``R_k`` the (C_out/g, S) rows of W reading k::
 
         forward   W'_k = R_k  @ D_k^T     (C_out/g, S) x (S, MN)
         backward  dR_k = dW'_k @ D_k      (C_out/g, MN) x (MN, S)
@@ -83,10 +115,7 @@ class ComposeKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(W: torch.Tensor, D: torch.Tensor, groups: int) -> torch.Tensor:  # type: ignore[override]
-        cout, cin_g, _ = W.shape
-        rows = _per_channel(W, groups, cout // groups, cin_g)          # (C_in, C_out/g, S)
-        with torch.autocast(W.device.type, enabled=False):  # W' in the parameters' precision; conv casts it
-            return _per_row(torch.bmm(rows, D.transpose(1, 2)), groups, cin_g)   # (C_out, C_in/g, MN)
+        return _no_autocast(_rows_forward, W, D, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -97,15 +126,7 @@ class ComposeKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         W, D = (t.conj() for t in ctx.saved_tensors)  # complex: the VJP takes conjugates (a no-op when real)
-        g, grad = ctx.groups, grad.to(W.dtype)
-        cout, cin_g, _ = W.shape
-        grad_rows = _per_channel(grad, g, cout // g, cin_g)           # (C_in, C_out/g, MN)
-        dW = dD = None
-        if ctx.needs_input_grad[0]:
-            dW = _per_row(torch.bmm(grad_rows, D), g, cin_g)
-        if ctx.needs_input_grad[1]:
-            dD = torch.bmm(grad_rows.transpose(1, 2), _per_channel(W, g, cout // g, cin_g))
-        return dW, dD, None
+        return (*_rows_backward(W, D, grad.to(W.dtype), ctx.groups, *ctx.needs_input_grad[:2]), None)
 
 
 def c_major(W: torch.Tensor, groups: int) -> bool:
@@ -125,16 +146,49 @@ def to_c_major(W: torch.Tensor) -> torch.Tensor:
         return c_major_empty(W.shape, dtype=W.dtype, device=W.device).copy_(W)
 
 
+#: C_in * C_out from which the per-input-channel products of a c-major W take the layout-changing routes that pay
+#: only on large kernels: dD through a grouped ``conv1d`` (multi-threaded CPU float32), and OIHW through two
+#: copies instead of one permuted copy. Below, the batched GEMM and one copy are faster
+#: (bench/torch_models_results.md).
+LARGE_KERNEL_CHANNELS = 128 * 128
+
+
 def _per_channel_products(X: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``bmm(X, G)``: (C_in, S, C_out) x (C_in, C_out, MN) -> (C_in, S, MN), a reduction over C_out.
 
-    On CPU in float32 as a grouped ``conv1d`` (C_in groups of C_out input channels, S outputs, MN
-    positions): oneDNN runs it 1.3-2.5x faster than MKL's batched GEMM, whose 9x9 outputs waste it.
+    From :data:`LARGE_KERNEL_CHANNELS` on, on CPU in float32 with more than one thread, as a grouped ``conv1d``
+    (C_in groups of C_out input channels, S outputs, MN positions): oneDNN runs it up to 2.5x faster than MKL's
+    batched GEMM, whose 9x9 outputs waste it. Single-threaded (torch's slow grouped path) or on smaller kernels
+    the batched GEMM is faster.
     """
-    if X.dtype != torch.float32 or X.device.type != "cpu":
-        return torch.bmm(X, G)
     cin, s, cout = X.shape
+    if X.dtype != torch.float32 or X.device.type != "cpu" or cin * cout < LARGE_KERNEL_CHANNELS \
+            or torch.get_num_threads() < 2:
+        return torch.bmm(X, G)
     return F.conv1d(G.reshape(1, cin * cout, -1), X.reshape(cin * s, cout, 1), groups=cin).view(cin, s, -1)
+
+
+def _cmajor_forward(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """:class:`ComposeCMajor`'s forward for a D whose taps are already reversed when ``transposed``."""
+    Y = torch.bmm(D, W.permute(1, 2, 0))                                  # (C_in, MN, C_out)
+    if transposed:
+        return Y.transpose(1, 2).contiguous()                            # (C_in, C_out, MN)
+    if Y.shape[0] * Y.shape[2] < LARGE_KERNEL_CHANNELS:
+        return Y.permute(2, 0, 1).contiguous()                           # one copy: (C_out, C_in, MN)
+    return Y.transpose(1, 2).contiguous().transpose(0, 1).contiguous()  # two copies, faster on large kernels
+
+
+def _cmajor_backward(W: torch.Tensor, D: torch.Tensor, grad: torch.Tensor, transposed: bool, needs_W: bool,
+                     needs_D: bool):
+    """:class:`ComposeCMajor`'s (dW, dD) for a D whose taps are already reversed when ``transposed``
+    (dD then in D's own tap order)."""
+    G = grad if transposed else grad.transpose(0, 1).contiguous()   # (C_in, C_out, MN), per input channel
+    dW = torch.bmm(D.transpose(1, 2), G.transpose(1, 2)).permute(2, 0, 1) if needs_W else None  # W's strides
+    dD = None
+    if needs_D:
+        dD = _per_channel_products(W.permute(1, 2, 0), G).transpose(1, 2)   # (C_in, MN, S)
+        dD = dD.flip(1) if transposed else dD
+    return dW, dD
 
 
 class ComposeCMajor(torch.autograd.Function):
@@ -153,9 +207,7 @@ class ComposeCMajor(torch.autograd.Function):
 
     @staticmethod
     def forward(W: torch.Tensor, D: torch.Tensor, transposed: bool) -> torch.Tensor:  # type: ignore[override]
-        with torch.autocast(W.device.type, enabled=False):  # W' in the parameters' precision; conv casts it
-            Y = torch.bmm(D.flip(1) if transposed else D, W.permute(1, 2, 0)).transpose(1, 2)  # (C_in, C_out, MN)
-            return Y.contiguous() if transposed else Y.contiguous().transpose(0, 1).contiguous()
+        return _no_autocast(_cmajor_forward, W, D.flip(1) if transposed else D, transposed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -165,18 +217,45 @@ class ComposeCMajor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         W, D = (t.conj() for t in ctx.saved_tensors)  # complex: the VJP takes conjugates (a no-op when real)
-        grad = grad.to(W.dtype)
-        if ctx.transposed:
-            D, G = D.flip(1), grad                      # G_k (C_out, MN), per input channel
+        D = D.flip(1) if ctx.transposed else D
+        return (*_cmajor_backward(W, D, grad.to(W.dtype), ctx.transposed, *ctx.needs_input_grad[:2]), None)
+
+
+class ComposeTrain(torch.autograd.Function):
+    """The composition of a training call, from the trainable delta D' and the fixed I_fill: W' of
+    ``D = D' + I_fill`` by :class:`ComposeCMajor` (``transposed`` True/False) or :class:`ComposeKernel`
+    (``transposed`` None, ``groups``), same values and gradients (dD' = dD).
+
+    One autograd node instead of three (the add, the Function, the reversal of D's taps): the full D is
+    formed inside, and saved already reversed for the backward. A fixed per-layer cost of every training
+    step. Without ``setup_context`` on purpose, so ``apply`` skips ``inspect.signature`` (``autograd.Function``
+    binds default arguments through it when ``setup_context`` is defined), the largest Python cost of a call;
+    :func:`_apply` uses it only when no torch.func transform or forward-mode AD can be active, which need
+    ``setup_context`` (they get ComposeCMajor / ComposeKernel).
+    """
+
+    @staticmethod
+    def forward(ctx, W, delta, identity, transposed, groups):  # type: ignore[override]
+        D = delta + identity
+        if transposed is None:
+            ctx.save_for_backward(W, D)
+            kernel = _no_autocast(_rows_forward, W, D, groups)
         else:
-            G = grad.transpose(0, 1).contiguous()       # OIHW -> (C_in, C_out, MN)
-        dW = dD = None
-        if ctx.needs_input_grad[0]:
-            dW = torch.bmm(D.transpose(1, 2), G.transpose(1, 2)).permute(2, 0, 1)   # W's own strides
-        if ctx.needs_input_grad[1]:
-            dD = _per_channel_products(W.permute(1, 2, 0), G).transpose(1, 2)
-            dD = dD.flip(1) if ctx.transposed else dD
-        return dW, dD, None
+            D = D.flip(1) if transposed else D
+            ctx.save_for_backward(W, D)
+            kernel = _no_autocast(_cmajor_forward, W, D, transposed)
+        ctx.transposed, ctx.groups = transposed, groups
+        return kernel
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        W, D = (t.conj() for t in ctx.saved_tensors)  # complex: the VJP takes conjugates (a no-op when real)
+        grad, needs = grad.to(W.dtype), ctx.needs_input_grad[:2]
+        if ctx.transposed is None:
+            dW, dD = _rows_backward(W, D, grad, ctx.groups, *needs)
+        else:
+            dW, dD = _cmajor_backward(W, D, grad, ctx.transposed, *needs)
+        return dW, dD, None, None, None
 
 
 def _with_forward_ad(base, option: str):
@@ -197,12 +276,16 @@ ComposeKernelFwd = _with_forward_ad(ComposeKernel, "groups")
 ComposeCMajorFwd = _with_forward_ad(ComposeCMajor, "transposed")
 
 
+def _forward_ad_possible() -> bool:
+    """Whether forward-mode AD may be asked for: a torch.func transform is active or a dual level is open."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def _apply(function, *args) -> torch.Tensor:
-    """``function.apply(*args)``, through its forward-AD variant when forward-mode AD may be asked for (a
-    torch.func transform is active or a dual level is open); its bare ``forward`` when no derivative can be
-    asked for at all (inference), which skips the autograd.Function machinery, most of a small layer's cost."""
-    forward_ad = torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
-    if forward_ad:
+    """``function.apply(*args)``, through its forward-AD variant when forward-mode AD may be asked for; its
+    bare ``forward`` when no derivative can be asked for at all (inference), which skips the
+    autograd.Function machinery, most of a small layer's cost."""
+    if _forward_ad_possible():
         return {ComposeKernel: ComposeKernelFwd, ComposeCMajor: ComposeCMajorFwd}[function].apply(*args)
     W, D = args[:2]
     if not (torch.is_grad_enabled() and (W.requires_grad or D.requires_grad)):
@@ -210,20 +293,39 @@ def _apply(function, *args) -> torch.Tensor:
     return function.apply(*args)
 
 
-def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig) -> torch.Tensor:
-    """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, *kernel_size)``.
+def _compose(W: torch.Tensor, D: torch.Tensor, config: DOConvConfig, transposed: bool,
+             identity: Optional[torch.Tensor]) -> torch.Tensor:
+    """W' as (C_out, C_in/g, MN) (``transposed``: reversed taps as (C_in, C_out, MN), c-major W only).
 
-    Through :class:`ComposeCMajor` when W is stored c-major, else :class:`ComposeKernel` (any layout);
-    under ``torch.jit.trace`` through :func:`compose_einsum`, because a custom Function would be recorded
-    as a Python call that ``torch.jit.save`` cannot serialise.
+    ``identity`` None: D is the full D. Else D is the delta D' and the product uses D' + identity: in a
+    training call (plain autograd) through :class:`ComposeTrain`, one autograd node.
+    """
+    cmajor = c_major(W, config.groups)
+    if identity is not None:
+        if (torch.is_grad_enabled() and (W.requires_grad or D.requires_grad) and not _forward_ad_possible()
+                and not torch.jit.is_tracing()):
+            return ComposeTrain.apply(W, D, identity, transposed if cmajor else None, config.groups)
+        D = full_D(D, identity)
+    if torch.jit.is_tracing():
+        return compose_einsum(W, D, config)
+    if cmajor:
+        return _apply(ComposeCMajor, W, D, transposed)
+    return _apply(ComposeKernel, W, D, config.groups)
+
+
+def compose_kernel(W: torch.Tensor, D: Optional[torch.Tensor], config: DOConvConfig,
+                   identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Kernel composition (Eq. 3/4), OIHW ``(C_out, C_in/g, *kernel_size)``; D is the full D, or the
+    delta D' with ``identity`` the I_fill it is added to.
+
+    Through :class:`ComposeCMajor` when W is stored c-major, else :class:`ComposeKernel` (any layout), one
+    node with the identity's add in training (:class:`ComposeTrain`); under ``torch.jit.trace`` through
+    :func:`compose_einsum`, because a custom Function would be recorded as a Python call that
+    ``torch.jit.save`` cannot serialise.
     """
     if D is None:
         return W.reshape(config.kernel_shape)
-    if torch.jit.is_tracing():
-        return compose_einsum(W, D, config)
-    if c_major(W, config.groups):
-        return _apply(ComposeCMajor, W, D, False).reshape(config.kernel_shape)
-    return _apply(ComposeKernel, W, D, config.groups).reshape(config.kernel_shape)
+    return _compose(W, D, config, False, identity).reshape(config.kernel_shape)
 
 
 def depthwise_kernel(D: torch.Tensor, config: DOConvConfig) -> torch.Tensor:
@@ -296,16 +398,17 @@ def transposed_padding(config: DOConvConfig, spatial):
 
 
 def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
-                       config: DOConvConfig, pads) -> torch.Tensor:
+                       config: DOConvConfig, pads, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The layer's convolution at stride 1 with a c-major W: ``conv_transpose{1,2,3}d`` of the reversed taps.
 
-    Same values as ``conv(x, compose_kernel(W, D, config), bias, config)``, one transpose cheaper in
+    Same values as ``conv(x, compose_kernel(W, D, config, identity), bias, config)``, one transpose cheaper in
     the forward and two in the backward (``pads`` from :func:`transposed_padding`).
     """
     pre, q = pads
     if pre is not None and any(pre):
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
-    kernel = _apply(ComposeCMajor, W, D, True).reshape(config.in_channels, config.out_channels, *config.kernel_size)
+    kernel = _compose(W, D, config, True, identity).reshape(config.in_channels, config.out_channels,
+                                                              *config.kernel_size)
     return conv_transpose_nd(config.rank)(x, kernel, bias, 1, q, 0, 1, config.dilation)
 
 
@@ -325,19 +428,20 @@ def full_D(delta: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
 
 
 def training_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: Optional[torch.Tensor],
-                     config: DOConvConfig, composition: str) -> torch.Tensor:
-    """A call that records the composition for autograd (full ``D``), by ``composition`` 'kernel' or 'feature'.
+                     config: DOConvConfig, composition: str, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A call that records the composition for autograd, by ``composition`` 'kernel' or 'feature'; D is the
+    full D, or the delta D' with ``identity`` the I_fill it is added to (one autograd node fewer).
 
     The storage decides the route, the values are the same: a c-major W at stride 1 convolves with
     :func:`transposed_forward`, anything else composes the OIHW kernel and convolves.
     """
     if composition == "feature":
-        return feature_forward(x, W, D, bias, config)
+        return feature_forward(x, W, D if identity is None else full_D(D, identity), bias, config)
     if c_major(W, config.groups):
         pads = transposed_padding(config, x.shape[-config.rank:])
         if pads is not None:
-            return transposed_forward(x, W, D, bias, config, pads)
-    return conv(x, compose_kernel(W, D, config), bias, config)
+            return transposed_forward(x, W, D, bias, config, pads, identity)
+    return conv(x, compose_kernel(W, D, config, identity), bias, config)
 
 
 def ntuple_of_one(value, rank: int):

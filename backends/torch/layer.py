@@ -215,7 +215,7 @@ class _DOConvNd(nn.Module):
         return self._compose(self.W, self.D)
 
     def _compose(self, W: torch.Tensor, D: Optional[torch.Tensor]) -> torch.Tensor:
-        return DF.compose_kernel(W, None if D is None else DF.full_D(D, self.I_fill), self.config)
+        return DF.compose_kernel(W, D, self.config, self.I_fill)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -318,7 +318,7 @@ class _DOConvNd(nn.Module):
         if D is None or self.composition != "feature" and (not needs_grad(W, D) or torch.jit.is_tracing()):
             return DF.conv(x, self._kernel(W, D), self.bias, self.config)
         route = self._route(x, DF.c_major(W, self.config.groups))
-        return DF.training_forward(x, W, DF.full_D(D, self.I_fill), self.bias, self.config, route)
+        return DF.training_forward(x, W, D, self.bias, self.config, route, self.I_fill)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -372,6 +372,24 @@ def test_bad_inputs_name_the_channels(rank, hybridize):
     assert layer(mx.nd.ones((1, 3, *spatial))).shape == (1, 4) + (4,) * rank
 
 
+@pytest.mark.parametrize("rank", RANKS)
+def test_groups_1_composes_from_W_as_stored(rank):
+    """With groups=1 and C_in known, the graph's gemm2 reads the W parameter itself: a reshape of it would be a
+    copy that a static-alloc training graph keeps for the backward (a kernel-sized buffer per layer)."""
+    import json
+    layer = LAYERS[rank](8, 3, in_channels=4)
+    layer.initialize()
+    graph = json.loads(layer(mx.sym.var("data")).tojson())
+    nodes = graph["nodes"]
+    gemms = [node for node in nodes if node["op"] == "_linalg_gemm2"]
+    assert len(gemms) == 1
+    assert nodes[gemms[0]["inputs"][0][0]]["name"] == layer.W.name
+    x = np.random.default_rng(1).normal(size=(2, 4, *SPATIAL[rank])).astype("float32")
+    layer.D.set_data(mx.nd.array(np.random.default_rng(2).normal(size=layer.D.shape)))
+    doconv.assert_close(layer(mx.nd.array(x)).asnumpy(), doconv.forward(x, get_params(layer), layer.config),
+                        "float32", "groups=1")
+
+
 def test_summary_counts_W_D_and_bias_only(capsys):
     """``summary()`` and ``collect_params()`` see W, D and bias only (a sharer's once)."""
     a = DOConv2D(4, 3, padding=1, in_channels=4, prefix="a_")

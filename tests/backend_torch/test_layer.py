@@ -73,6 +73,67 @@ def test_c_major_compositions_equal_einsum_autograd(case, h):
             np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-12)
 
 
+@pytest.mark.parametrize("large", [False, True], ids=["small-kernel-routes", "large-kernel-routes"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.config.has_D], ids=str)
+def test_training_composition_equals_einsum_autograd(case, large, h, monkeypatch):
+    """ComposeTrain (a training call's composition from the delta D' and I_fill, one autograd node) in each
+    layout it serves -- ComposeKernel's (any W), ComposeCMajor's OIHW and reversed taps (c-major W) -- and its
+    gradients (dD' = dD), against autograd through the core's einsum of D' + I_fill, in every rank. ``large``:
+    the routes taken from LARGE_KERNEL_CHANNELS on (two copies to OIHW; dD by a grouped conv1d, which runs
+    for float32 with several threads)."""
+    c = case.config
+    dtype = torch.float32 if large else torch.float64
+    if large:
+        monkeypatch.setattr(DF, "LARGE_KERNEL_CHANNELS", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+    try:
+        p = case.params(3, np.float64)
+        identity = torch.as_tensor(doconv.identity_fill(c.MN, c.S), dtype=dtype)
+        W0 = torch.tensor(p.W, dtype=dtype, requires_grad=True)
+        delta0 = (torch.tensor(p.D, dtype=dtype) - identity).requires_grad_(True)
+        ref = DF.compose_einsum(W0, delta0 + identity, c)                              # OIHW
+        np.testing.assert_allclose(ref.detach().double().numpy(), doconv.compose(p, c),
+                                   atol=1e-5 if large else 1e-12)
+        g = torch.randn(c.kernel_shape, dtype=dtype)
+        want = torch.autograd.grad(ref, (W0, delta0), g)
+        spatial = h.spatial_dims(c.rank)
+        layouts = [(W0.detach(), None, ref, g)]
+        if c.groups == 1:
+            Wc = DF.to_c_major(W0.detach())
+            layouts += [(Wc, False, ref, g),
+                        (Wc, True, ref.transpose(0, 1).flip(spatial), g.transpose(0, 1).flip(spatial))]
+        for W_value, transposed, expected, grad in layouts:
+            W = (W_value.clone() if transposed is None else DF.to_c_major(W_value)).requires_grad_(True)
+            delta = delta0.detach().clone().requires_grad_(True)
+            out = DF.ComposeTrain.apply(W, delta, identity, transposed, c.groups).reshape(expected.shape)
+            got = torch.autograd.grad(out, (W, delta), grad)
+            what = f"{case.id} transposed={transposed}"
+            doconv.assert_close(out.detach().numpy(), expected.detach().numpy(), str(dtype)[6:], what)
+            assert got[0].stride() == W.stride(), what   # dW in W's own strides
+            for x, y, name in zip(got, want, ("dW", "dD'")):
+                doconv.assert_close(x.numpy(), y.numpy(), str(dtype)[6:], f"{what} {name}")
+    finally:
+        if large:
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("W_storage", ["c-major", "contiguous"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_training_call_records_one_composition_node(stride, W_storage):
+    """A training call's kernel hangs off one ComposeTrain node whose inputs are W and D' themselves (I_fill
+    added inside it, no separate add in the graph), on the transposed (stride 1) and the OIHW route alike."""
+    layer = DOConv2d(8, 8, 3, stride, 1, d_init="random", W_storage=W_storage)
+    out = layer(torch.randn(2, 8, 6, 6))
+    nodes = [n for n, _ in out.grad_fn.next_functions if n is not None]
+    while any(type(n).__name__ == "ViewBackward0" for n in nodes):   # the kernel's reshape to (C_out, C_in, *k)
+        nodes = [m for n in nodes for m, _ in n.next_functions if m is not None]
+    compose = [n for n in nodes if type(n).__name__ == "ComposeTrainBackward"]
+    assert len(compose) == 1, [type(n).__name__ for n in nodes]
+    leaves = [n.variable for n, _ in compose[0].next_functions if n is not None]
+    assert len(leaves) == 2 and leaves[0] is layer.W and leaves[1] is layer.D
+
+
 def test_groups_1_layers_store_W_c_major_and_state_dict_shares_it(tmp_path):
     from safetensors.torch import load_file, save_file, save_model
     layer = DOConv2d(4, 6, 3, padding=1, D_mul=12, d_init="random")
