@@ -15,6 +15,7 @@ from doconv.torch import DOConv1d, DOConv2d, DOConv3d
 # The workers run in a fresh interpreter (spawned processes must import their target by name, and
 # pytest's importlib mode gives this file no importable name).
 WORKER = textwrap.dedent('''
+    import os
     import sys
     import torch
     import torch.distributed as dist
@@ -37,6 +38,11 @@ WORKER = textwrap.dedent('''
         # Both ranks leave together: tearing gloo down while the peer still runs can abort (seen in CI).
         dist.barrier()
         dist.destroy_process_group()
+        # gloo's background threads can still abort the interpreter's own exit ("terminate called without an
+        # active exception"); the work is done and saved, so leave without running the C++ destructors.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     if __name__ == "__main__":
         store, state, batch, out = sys.argv[1:]
