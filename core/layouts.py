@@ -30,12 +30,13 @@ zero columns, D = I_fill): identical outputs, but the split of W' into D and W i
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
 from .compose import DOConvParams, compose, identity_D, identity_fill, pairing_index, params_for_kernel
 from .config import DOConvConfig
+from .contract import LayerSpec
 
 # ---- framework kernels and inputs ---------------------------------------------------------
 
@@ -95,11 +96,19 @@ def delta_to_D(delta: Optional[np.ndarray], config: DOConvConfig) -> Optional[np
 OFFICIAL_FLAVOURS = ("torch", "tf", "gluon")
 
 
-def check_official_rank(config: DOConvConfig) -> None:
-    """The official code (yangyanli/DO-Conv) has 2-D layers only: a checkpoint of it never fits another rank."""
+def check_official_rank(config: Union[DOConvConfig, LayerSpec], *, where: Optional[str] = None) -> None:
+    """The official code (yangyanli/DO-Conv) has 2-D layers only: a checkpoint of it never fits another rank.
+
+    ``config`` may be a :class:`~doconv.contract.LayerSpec`, so a layer whose input channels are not known yet
+    is refused for its rank rather than for being unbuilt. ``where`` names the layer that holds ``config`` and
+    opens the message (the backends pass ``"layer 'conv' is a DOConv3d"``), so an error about one layer of a
+    model says which.
+    """
     if config.rank != 2:
-        raise ValueError(f"official DO-Conv checkpoints hold 2-D layers only (the official code has no 1-D or 3-D "
-                         f"layer), but this layer has rank={config.rank}: {config!r}")
+        subject = "" if where is None else f"{where}: "
+        raise ValueError(f"{subject}official DO-Conv checkpoints hold 2-D layers only (the official code has no 1-D "
+                         f"or 3-D layer), but got rank={config.rank} ({config!r}); load 1-D / 3-D weights from a "
+                         f"canonical file instead (doconv.load, or the backend's import_canonical)")
 
 
 def official_shapes(config: DOConvConfig, flavour: str) -> dict:

@@ -18,7 +18,7 @@ import numpy as np
 
 import doconv
 from doconv import standardize_flag
-from doconv.layouts import D_to_delta, delta_to_D, from_official
+from doconv.layouts import D_to_delta, check_official_rank, delta_to_D, from_official
 
 from ._mx import gluon, mx
 from .cache import check_model
@@ -201,10 +201,7 @@ def import_official(model: gluon.Block, arrays, *, refold: bool = False) -> List
     """
     layers = _layers(model, "load official arrays into")
     for name, layer in layers.items():
-        if layer.rank != 2:
-            raise ValueError(f"layer {name!r} is a {type(layer).__name__}: official DO-Conv checkpoints hold 2-D "
-                             f"layers only (the official code has no other), so import_official takes DOConv2D "
-                             f"layers only")
+        check_official_rank(layer.spec, where=f"layer {name!r} is a {type(layer).__name__}")
     if not hasattr(arrays, "items"):
         raise TypeError(f"arrays must be a mapping of names to arrays, but got {type(arrays).__name__}")
     arrays = {key: _numpy(value) for key, value in arrays.items()}

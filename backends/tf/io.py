@@ -110,10 +110,7 @@ def import_official(model, arrays: Mapping[str, np.ndarray], *, refold: bool = F
     """
     layers = _layers(model, "import an official checkpoint into")
     for name, layer in layers.items():
-        if layer.rank != 2:
-            raise ValueError(f"official DO-Conv checkpoints are 2-D (the official code has only a 2-D layer), but "
-                             f"layer {name!r} is a {type(layer).__name__} (rank={layer.rank}): import_official "
-                             f"loads into DOConv2D layers only")
+        layouts.check_official_rank(layer_config(layer), where=f"layer {name!r} is a {type(layer).__name__}")
     if not isinstance(arrays, Mapping):
         raise TypeError(f"arrays must be a mapping of names to arrays, but got {type(arrays).__name__}")
     if isinstance(model, BaseDOConv):

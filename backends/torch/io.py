@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from doconv import ROOT_NAME, DOConvConfig, DOConvParams, load_matching, save, standardize_flag
-from doconv.layouts import D_to_delta, delta_to_D, from_official
+from doconv.layouts import D_to_delta, check_official_rank, delta_to_D, from_official
 
 from .layer import LAYERS, _DOConvNd
 
@@ -172,11 +172,7 @@ def import_official(model: nn.Module, arrays: Mapping[str, np.ndarray], *, refol
     bare = isinstance(model, _DOConvNd)
     out = dict(tensors)
     for name, layer in layers.items():
-        if layer.config.rank != 2:
-            raise ValueError(f"layer {name!r} is a {type(layer).__name__}: the official DO-Conv code has only 2-D "
-                             f"layers (DOConv2d), so an official checkpoint holds none of rank {layer.config.rank}; "
-                             f"load 1-D / 3-D weights from a canonical file (import_canonical) or a plain "
-                             f"nn.Conv{layer.config.rank}d state dict (load_state_dict)")
+        check_official_rank(layer.config, where=f"layer {name!r} is a {type(layer).__name__}")
         prefix = "" if bare else name + "."
         own = {k[len(prefix):]: k for k in tensors if k.startswith(prefix) and "." not in k[len(prefix):]}
         if not own:

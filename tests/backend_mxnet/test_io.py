@@ -149,15 +149,19 @@ def test_import_official_refuses_1d_and_3d_layers_naming_them(rank):
     arrays = {"weight": np.zeros(config.kernel_shape), "D": np.zeros((config.MN, config.MN, 4)), "bias": np.zeros(6)}
     before = get_params(layer)
     name = f"DOConv{rank}D"
-    with pytest.raises(ValueError, match=rf"layer '{doconv.ROOT_NAME}' is a {name}: official DO-Conv checkpoints "
-                                         rf"hold 2-D layers only"):
+    with pytest.raises(ValueError, match=rf"^layer '{doconv.ROOT_NAME}' is a {name}: official DO-Conv checkpoints "
+                                         rf"hold 2-D layers only .* rank={rank} .*canonical file"):
         import_official(layer, arrays)
     np.testing.assert_array_equal(get_params(layer).W, before.W)
+    deferred = getattr(doconv.mxnet, name)(6, 3, padding=1)  # in_channels=0: refused for its rank before its C_in
+    with pytest.raises(ValueError, match=rf"^layer '{doconv.ROOT_NAME}' is a {name}: official .* rank={rank} "):
+        import_official(deferred, arrays)
     net = gluon.nn.HybridSequential()
     net.add(gluon.nn.Conv2D(4, 3, in_channels=4), getattr(gluon.nn, f"Conv{rank}D")(6, 3, in_channels=4))
     net.initialize()
     net, _ = convert(net)
-    with pytest.raises(ValueError, match=rf"layer '1' is a {name}: official"):
+    with pytest.raises(ValueError, match=rf"^layer '1' is a {name}: official DO-Conv checkpoints hold 2-D layers only "
+                                         rf".* rank={rank} "):
         import_official(net, {})
 
 

@@ -212,10 +212,11 @@ def test_official_checkpoints_stay_2d(rank):
     c = dtf.layer_config(layer)
     arrays = {"kernel": np.zeros((c.S, c.in_per_group, c.out_channels)), "D": np.zeros((c.MN, c.S, c.in_channels)),
               "bias": np.zeros(4)}
-    with pytest.raises(ValueError, match=rf"official DO-Conv checkpoints are 2-D .*'conv' is a DOConv{rank}D"):
+    refused = rf"^layer 'conv' is a DOConv{rank}D: official DO-Conv checkpoints hold 2-D layers only .* rank={rank} "
+    with pytest.raises(ValueError, match=refused):
         dtf.import_official(layer, arrays)
     model = keras.Sequential([keras.Input((*(6,) * rank, 3)), layer])
-    with pytest.raises(ValueError, match=rf"official DO-Conv checkpoints are 2-D .*'conv' is a DOConv{rank}D"):
+    with pytest.raises(ValueError, match=refused):
         dtf.import_official(model, {f"conv.{k}": v for k, v in arrays.items()})
 
 

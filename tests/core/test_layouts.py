@@ -126,8 +126,16 @@ def test_layouts_take_every_rank():
 def test_official_checkpoints_are_2d_only():
     for rank in (1, 3):
         c = DOConvConfig(4, 6, 3, rank=rank)
-        with pytest.raises(ValueError, match=f"2-D layers only .* rank={rank}"):
+        with pytest.raises(ValueError, match=rf"^official DO-Conv checkpoints hold 2-D layers only .* rank={rank} "
+                                             rf"\(DOConvConfig\(.*canonical file"):
             layouts.from_official(official_arrays(DOConvConfig(4, 6, 3), "tf"), c, "tf")
+        # what the backends pass: a layer's spec (its C_in may be unknown yet) and the layer's name and class
+        spec = doconv.contract.LayerSpec(6, 3, rank=rank)
+        with pytest.raises(ValueError, match=rf"^layer 'conv' is a DOConv{rank}d: official DO-Conv checkpoints hold "
+                                             rf"2-D layers only .* rank={rank} \(LayerSpec\("):
+            layouts.check_official_rank(spec, where=f"layer 'conv' is a DOConv{rank}d")
+    layouts.check_official_rank(DOConvConfig(4, 6, 3), where="layer 'conv' is a DOConv2d")
+    layouts.check_official_rank(doconv.contract.LayerSpec(6, 3))
 
 
 def test_delta_round_trip():
