@@ -38,7 +38,6 @@ import gc
 import json
 import os
 import platform
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -50,7 +49,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_zoo as zoo  # noqa: E402
-from harness import summarise  # noqa: E402  (paired ratios, shared with the CPU benchmarks)
+from harness import interleaved, summarise  # noqa: E402  (rounds and paired ratios, shared with the CPU benchmarks)
 
 import doconv.torch as dt  # noqa: E402
 import doconv.torch.functional as DF  # noqa: E402
@@ -65,7 +64,8 @@ CONFIGS = {
              "route_batch": 2, "route_shapes": [[8, 8], [16, 4]], "route_inner": 1},
 }
 NETWORKS = {"resnet18": 18, "resnet50": 50}
-TRAIN_ARMS = ("plain", "DO-Conv c-major", "DO-Conv contiguous")
+#: training arm -> W storage of its network (None: the plain network)
+TRAIN_ARMS = {"plain": None, "DO-Conv c-major": "c-major", "DO-Conv contiguous": "contiguous"}
 INFER_ARMS = ("plain", "DO-Conv default", "DO-Conv in cached()", "DO-Conv folded")
 KEYS = ("device", "torch", "config", "training", "memory", "inference", "routes", "route_choice", "checks")
 
@@ -101,15 +101,8 @@ class Bench:
 
     def interleaved(self, tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, inner: int = 1,
                     seed: int = 0) -> Dict[str, List[float]]:
-        times = {k: [] for k in tasks}
-        order, rng = list(tasks), random.Random(seed)
-        for r in range(warmup + reps):
-            rng.shuffle(order)
-            for name in order:
-                t = self.timed(tasks[name], inner)
-                if r >= warmup:
-                    times[name].append(t)
-        return times
+        """:func:`harness.interleaved`, each call timed by :meth:`timed` over ``inner`` calls."""
+        return interleaved(tasks, reps, warmup, seed, timed=lambda fn: self.timed(fn, inner))
 
     def to(self, model: nn.Module) -> nn.Module:
         return model.to(self.device, memory_format=self.memory_format)
@@ -142,19 +135,25 @@ def training_step(bench: Bench, model: nn.Module, x, y) -> Callable[[], None]:
 
 # ---- 1. training --------------------------------------------------------------------------------------
 
+def training_model(bench: Bench, cfg: dict, name: str, arm: str) -> nn.Module:
+    """Network ``name`` as training arm ``arm``, on the device; a twin whose W lost its storage in the move is
+    an error (it would time the other storage)."""
+    storage = TRAIN_ARMS[arm]
+    model = bench.to(network(NETWORKS[name], cfg["width"], storage))
+    if storage is not None:
+        found = {layer.W_storage for layer in dt.doconv_layers(model).values()}
+        if found != {storage}:
+            raise RuntimeError(f"{name} {arm} on {bench.device}: W storage {found}, expected {storage!r}")
+    return model
+
+
 def training(bench: Bench, cfg: dict) -> Dict[str, dict]:
     out = {}
     x, y = bench.images(cfg["batch"], cfg["size"])
-    for name, depth in NETWORKS.items():
-        models = {arm: bench.to(network(depth, cfg["width"], storage))
-                  for arm, storage in zip(TRAIN_ARMS, (None, "c-major", "contiguous"))}
-        for arm, storage in zip(TRAIN_ARMS[1:], ("c-major", "contiguous")):  # the move kept W's strides
-            found = {layer.W_storage for layer in dt.doconv_layers(models[arm]).values()}
-            if found != {storage}:
-                raise RuntimeError(f"{name} {arm} on {bench.device}: W storage {found}, expected {storage!r}")
-        tasks = {arm: training_step(bench, m, x, y) for arm, m in models.items()}
+    for name in NETWORKS:
+        tasks = {arm: training_step(bench, training_model(bench, cfg, name, arm), x, y) for arm in TRAIN_ARMS}
         out[name] = summarise(bench.interleaved(tasks, cfg["reps"], cfg["warmup"]), "plain")
-        del models, tasks
+        del tasks
         gc.collect()
     return out
 
@@ -163,23 +162,22 @@ def memory(bench: Bench, cfg: dict) -> Dict[str, dict]:
     """``max_memory_allocated`` of each arm alone (model, gradients, momentum and a step's activations)."""
     out = {}
     x, y = bench.images(cfg["batch"], cfg["size"])
-    for name, depth in NETWORKS.items():
+    for name in NETWORKS:
         rows = out[name] = {}
-        for arm, storage in zip(TRAIN_ARMS, (None, "c-major", "contiguous")):
+        for arm in TRAIN_ARMS:
             if bench.device.type != "cuda":
                 rows[arm] = {"max_allocated_MiB": None, "ratio": None}
                 continue
-            model = network(depth, cfg["width"], storage)
             gc.collect()
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated(bench.device)
             torch.cuda.reset_peak_memory_stats(bench.device)
-            step = training_step(bench, bench.to(model), x, y)
+            step = training_step(bench, training_model(bench, cfg, name, arm), x, y)
             for _ in range(2):
                 step()
             bench.sync()
             rows[arm] = {"max_allocated_MiB": (torch.cuda.max_memory_allocated(bench.device) - base) / 2**20}
-            del model, step
+            del step
         if bench.device.type == "cuda":
             for row in rows.values():
                 row["ratio"] = row["max_allocated_MiB"] / rows["plain"]["max_allocated_MiB"]

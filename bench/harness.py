@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 
 def load() -> str:
@@ -26,17 +26,27 @@ def load() -> str:
     return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0) -> Dict[str, List[float]]:
-    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round."""
+def _seconds(task: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    task()
+    return time.perf_counter() - t0
+
+
+def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0,
+                timed: Optional[Callable[[Callable[[], None]], float]] = None) -> Dict[str, List[float]]:
+    """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round.
+
+    ``timed(task)`` runs a task and returns its seconds; the default reads the wall clock around one call, and
+    the GPU script passes CUDA events over several calls."""
+    timed = timed or _seconds
     times = {k: [] for k in tasks}
     order, rng = list(tasks), random.Random(seed)
     for r in range(warmup + reps):
         rng.shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
-            tasks[name]()
+            t = timed(tasks[name])
             if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(t)
     return times
 
 
@@ -105,6 +115,92 @@ def check_choices(parser: argparse.ArgumentParser, **chosen: Tuple[Sequence[str]
         unknown = [v for v in values if v not in known]
         if unknown:
             parser.error(f"--{flag} must be drawn from {', '.join(known)}, but got {', '.join(unknown)}")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, models: Sequence[str], scenarios: Sequence[str], *,
+                      quick: str, tiny: str, warmup: Optional[str] = None) -> None:
+    """The flags every whole-model script takes (read back by :func:`plan`): ``--models``, ``--scenarios``,
+    ``--reps``, ``--warmup``, ``--quick``, ``--tiny``, ``--steps``, ``--json`` and the memory children's hidden
+    ``--memory-child``. ``quick``, ``tiny`` and ``warmup`` are the script's help for those flags."""
+    parser.add_argument("--models", default=",".join(models), help=f"comma-separated, from {', '.join(models)}")
+    parser.add_argument("--scenarios", default=",".join(scenarios), help=f"comma-separated, from {scenarios}")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed rounds per scenario (default 9; --quick 5; --tiny 2)")
+    parser.add_argument("--warmup", type=int, default=2, help=warmup)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--tiny", action="store_true", help=tiny)
+    parser.add_argument("--steps", type=int, default=2, help="training steps per memory arm")
+    parser.add_argument("--json", help="also write every row to this JSON file")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
+
+
+def plan(parser: argparse.ArgumentParser, args: argparse.Namespace, models: Sequence[str],
+         scenarios: Sequence[str], quick: str, *, empty_scenarios: bool = False) -> Tuple[List[str], List[str], int, int]:
+    """``(models, scenarios, reps, warmup)`` of a run from the flags of :func:`add_run_arguments`.
+
+    ``--quick`` runs the model ``quick`` alone unless ``--models`` names others, and 5 rounds; ``--tiny`` 2
+    rounds after 1 warm-up; otherwise 9 rounds, ``--reps`` and ``--warmup`` overriding. A model or scenario not
+    in ``models`` / ``scenarios`` is a usage error naming the flag. ``empty_scenarios`` drops empty names,
+    so ``--scenarios ""`` runs none (a script whose ``--profile`` can run alone). ``--reps`` below 1 is a usage
+    error (0 would otherwise fall back to the default silently)."""
+    chosen = [quick] if args.quick and args.models == parser.get_default("models") else args.models.split(",")
+    ran = args.scenarios.split(",")
+    if empty_scenarios:
+        ran = [s for s in ran if s]
+    check_choices(parser, models=(chosen, models), scenarios=(ran, scenarios))
+    if args.reps is not None and args.reps < 1:
+        parser.error(f"--reps must be >= 1, but got --reps={args.reps}")
+    reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
+    warmup = 1 if args.tiny else args.warmup
+    return chosen, ran, reps, warmup
+
+
+def timing_tables(result: dict, models: Sequence[str], scenarios: Sequence[str],
+                  sections: Sequence[Tuple[str, Callable[[str], Dict[str, dict]], str]], header: str,
+                  row: Callable[[str, str, dict], str]) -> None:
+    """One table per ``(scenario, measure, title)`` of ``sections`` that ``scenarios`` names: ``measure(name)``
+    per model gives its arms' rows (:func:`summarise`), which are stamped with the load average then and kept in
+    ``result[scenario][name]``; ``row(name, arm, r)`` is an arm's line but its last cell, the load. A line per
+    model says it is done (a full run takes a while)."""
+    for scenario, measure, title in sections:
+        if scenario not in scenarios:
+            continue
+        rows = []
+        for name in models:
+            result[scenario][name] = found = measure(name)
+            now = load()
+            for arm, r in found.items():
+                r["load"] = now
+                rows.append(f"{row(name, arm, r)} {now} |")
+            print(f"({name} {scenario} done, load {now})", flush=True)
+        print(table(title, header, rows), flush=True)
+
+
+def memory_table(result: dict, models: Sequence[str], measure: Callable[[str], Dict[str, dict]],
+                 label: Callable[[str], str], steps: str, *, build_peak: bool = False) -> None:
+    """Measure each model's memory arms (``measure(name)`` gives :func:`memory_rows`' rows), keep them in
+    ``result["memory"]`` and print one table: model, ``label(name)`` (its batch and input), arm, peak MiB and
+    ratio, peak minus built MiB and ratio, the load average. ``steps`` describes the measured steps ("2
+    steps"); ``build_peak`` adds a column, before the peak, for the rows' ``build_peak_MiB``."""
+    rows = []
+    for name in models:
+        result["memory"][name] = found = measure(name)
+        now = load()
+        for arm, r in found.items():
+            build = f"{r['build_peak_MiB']:.0f} | " if build_peak else ""
+            rows.append(f"| {name} | {label(name)} | {arm} | {build}{r['peak_MiB']:.0f} | {r['peak_ratio']:.3f} | "
+                        f"{r['step_MiB']:.0f} | {r['step_ratio']:.3f} | {now} |")
+    peaks = "build peak MiB | training peak MiB" if build_peak else "peak MiB"
+    print(table(f"Training-step peak memory (max RSS, {steps}, each arm in its own process):",
+                f"| model | batch, input | arm | {peaks} | peak ratio | peak - built MiB | ratio | load |", rows),
+          flush=True)
+
+
+def print_profiles(models: Sequence[str], profile: Callable[[str], str]) -> None:
+    """Each model's profile (Markdown from ``profile(name)``), followed by the load average it was taken at."""
+    for name in models:
+        print(profile(name), flush=True)
+        print(f"(load average {load()})", flush=True)
 
 
 def finish(result: dict, json_path) -> None:

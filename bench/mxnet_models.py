@@ -353,30 +353,17 @@ def profile(name: str, tiny: bool, steps: int = 3, top: int = 12) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {SCENARIOS}")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed rounds per scenario (default 9; --quick 5; --tiny 2)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="CIFAR ResNet-20 only, 5 rounds")
-    parser.add_argument("--tiny", action="store_true", help="small nets at tiny batches and inputs (smoke test)")
+    harness.add_run_arguments(parser, MODELS, SCENARIOS, quick="CIFAR ResNet-20 only, 5 rounds",
+                              tiny="small nets at tiny batches and inputs (smoke test)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile training steps per operator (MXNet's aggregate profiler)")
-    parser.add_argument("--steps", type=int, default=2, help="training steps per memory arm")
-    parser.add_argument("--json", help="also write every row to this JSON file")
-    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         memory_child(*args.memory_child, args.tiny, args.steps)
         return
-    models = (["cifar_resnet20_v1"] if args.quick and args.models == parser.get_default("models")
-              else args.models.split(","))
-    scenarios = [s for s in args.scenarios.split(",") if s]  # --scenarios "" --profile: the profile alone
-    harness.check_choices(parser, models=(models, MODELS), scenarios=(scenarios, SCENARIOS))
-    if args.reps is not None and args.reps < 1:
-        parser.error(f"--reps must be >= 1, but got --reps={args.reps}")
-    reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
-    warmup = 1 if args.tiny else args.warmup
+    # empty_scenarios: --scenarios "" --profile runs the profile alone
+    models, scenarios, reps, warmup = harness.plan(parser, args, MODELS, SCENARIOS, "cifar_resnet20_v1",
+                                                   empty_scenarios=True)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"mxnet {mx.__version__}, float32, CPU ({os.cpu_count()} cores, OMP_NUM_THREADS {threads}), hybridized "
           f"(static_alloc, static_shape), {reps} interleaved rounds after {warmup} warm-up"
@@ -386,39 +373,27 @@ def main(argv=None):
               "train": {}, "eval": {}, "memory": {}, "load": {"start": harness.load()}}
     header = ("| model | batch, input | DO layers | arm | median ms | ratio to plain | ratio p25-p75 | "
               "extra ms per layer | load |")
-    for scenario, rows_of, title in (("train", train_rows, "SGD training step (autograd.record, backward, "
-                                                          "Trainer.step)"),
-                                     ("eval", eval_rows, "Eval inference, training batch")):
-        if scenario not in scenarios:
-            continue
-        rows = []
-        for name in models:
-            found, layers = rows_of(name, args.tiny, reps, warmup)
-            result[scenario][name] = found
-            now = harness.load()
-            for arm, r in found.items():
-                r["load"] = now
-                extra = "" if r["extra_ms_per_layer"] is None else f"{r['extra_ms_per_layer']:.2f}"
-                rows.append(f"| {name} | {shape_text(shape_of(name, args.tiny))} | {layers} | {arm} | "
-                            f"{r['median_ms']:.1f} | {r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | "
-                            f"{extra} | {now} |")
-            print(f"({name} {scenario} done, load {now})", flush=True)
-        print(harness.table(title + ":", header, rows), flush=True)
+    layers = {}  # DO-Conv layers per model, a column of the timing tables
+
+    def counted(rows_of: Callable) -> Callable[[str], Dict[str, dict]]:
+        def measure(name: str) -> Dict[str, dict]:
+            found, layers[name] = rows_of(name, args.tiny, reps, warmup)
+            return found
+        return measure
+
+    def row(name: str, arm: str, r: dict) -> str:
+        extra = "" if r["extra_ms_per_layer"] is None else f"{r['extra_ms_per_layer']:.2f}"
+        return (f"| {name} | {shape_text(shape_of(name, args.tiny))} | {layers[name]} | {arm} | {r['median_ms']:.1f} "
+                f"| {r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {extra} |")
+    harness.timing_tables(result, models, scenarios,
+                          (("train", counted(train_rows),
+                            "SGD training step (autograd.record, backward, Trainer.step):"),
+                           ("eval", counted(eval_rows), "Eval inference, training batch:")), header, row)
     if "memory" in scenarios:
-        rows = []
-        for name in models:
-            result["memory"][name] = found = memory_rows(name, args.tiny, args.steps)
-            now = harness.load()
-            for arm, r in found.items():
-                rows.append(f"| {name} | {shape_text(shape_of(name, args.tiny))} | {arm} | {r['peak_MiB']:.0f} | "
-                            f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} | {now} |")
-        print(harness.table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
-                     "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio | load |", rows),
-              flush=True)
+        harness.memory_table(result, models, lambda name: memory_rows(name, args.tiny, args.steps),
+                             lambda name: shape_text(shape_of(name, args.tiny)), f"{args.steps} steps")
     if args.profile:
-        for name in models:
-            print(profile(name, args.tiny), flush=True)
-            print(f"(load average {harness.load()})", flush=True)
+        harness.print_profiles(models, lambda name: profile(name, args.tiny))
     harness.finish(result, args.json)
 
 

@@ -335,65 +335,45 @@ def memory_rows(name: str, tiny: bool, threads: int, steps: int, jit: bool) -> D
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {SCENARIOS}")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed rounds per scenario (default 9; --quick 5; --tiny 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (tracing, XLA compilation)")
+    harness.add_run_arguments(parser, MODELS, SCENARIOS, quick="ResNet-20 only, 5 rounds",
+                              tiny="narrow networks at tiny batches (smoke test)",
+                              warmup="untimed rounds first (tracing, XLA compilation)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="ResNet-20 only, 5 rounds")
-    parser.add_argument("--tiny", action="store_true", help="narrow networks at tiny batches (smoke test)")
-    parser.add_argument("--steps", type=int, default=2, help="training steps per memory arm")
     parser.add_argument("--memory-xla", action="store_true", help="memory arms compile their step with XLA")
-    parser.add_argument("--json", help="also write every row to this JSON file")
-    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     if args.memory_child:
         memory_child(*args.memory_child, args.tiny, args.steps, args.memory_xla)
         return
-    models = ["resnet20"] if args.quick and args.models == parser.get_default("models") else args.models.split(",")
-    scenarios = args.scenarios.split(",")
-    harness.check_choices(parser, models=(models, MODELS), scenarios=(scenarios, SCENARIOS))
-    reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
-    warmup = 1 if args.tiny else args.warmup
+    models, scenarios, reps, warmup = harness.plan(parser, args, MODELS, SCENARIOS, "resnet20")
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__} ({keras.backend.backend()}), {args.threads} "
           f"threads, {reps} interleaved rounds after {warmup} warm-up{', tiny networks' if args.tiny else ''}; "
           f"load average (1/5/15 min) {harness.load()}", flush=True)
     result = {"tensorflow": tf.__version__, "keras": keras.__version__, "threads": args.threads, "reps": reps,
               "tiny": args.tiny, "train": {}, "eval": {}, "memory": {}, "load": {"start": harness.load()}}
     header = "| model | batch, input | arm | median ms | ratio | ratio p25-p75 | ratio to | load |"
-    for scenario, rows_of, title in (("train", train_rows, "SGD training step (GradientTape in one tf.function):"),
-                                     ("eval", eval_rows, "Eval inference, training batch:")):
-        if scenario not in scenarios:
-            continue
-        rows = []
-        for name in models:
-            batch, size = shape_of(name, args.tiny)[0], input_text(name, args.tiny)
-            result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
-            now = harness.load()
-            for arm, r in found.items():
-                r["load"] = now
-                rows.append(f"| {name} | {batch}, {size} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
-                            f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {r['base']} | {now} |")
-            keras.backend.clear_session()
+
+    def label(name: str) -> str:
+        return f"{shape_of(name, args.tiny)[0]}, {input_text(name, args.tiny)}"
+
+    def cleared(rows_of: Callable) -> Callable[[str], Dict[str, dict]]:
+        def measure(name: str) -> Dict[str, dict]:
+            found = rows_of(name, args.tiny, reps, warmup)
+            keras.backend.clear_session()  # each model's graphs and variables go before the next one is built
             gc.collect()
-        print(harness.table(title, header, rows), flush=True)
+            return found
+        return measure
+    harness.timing_tables(
+        result, models, scenarios,
+        (("train", cleared(train_rows), "SGD training step (GradientTape in one tf.function):"),
+         ("eval", cleared(eval_rows), "Eval inference, training batch:")),
+        header, lambda name, arm, r: (f"| {name} | {label(name)} | {arm} | {r['median_ms']:.1f} | {r['ratio']:.3f} | "
+                                      f"{r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {r['base']} |"))
     if "memory" in scenarios:
-        rows = []
-        for name in models:
-            batch, size = shape_of(name, args.tiny)[0], input_text(name, args.tiny)
-            result["memory"][name] = found = memory_rows(name, args.tiny, args.threads, args.steps, args.memory_xla)
-            now = harness.load()
-            for arm, r in found.items():
-                rows.append(f"| {name} | {batch}, {size} | {arm} | {r['build_peak_MiB']:.0f} | "
-                            f"{r['peak_MiB']:.0f} | {r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | "
-                            f"{r['step_ratio']:.3f} | {now} |")
-        compiled = "XLA" if args.memory_xla else "tf.function"
-        print(harness.table(f"Training-step peak memory (max RSS, {args.steps} {compiled} steps, each arm in its own "
-                     f"process):", "| model | batch, input | arm | build peak MiB | training peak MiB | peak ratio "
-                     "| peak - built MiB | ratio | load |", rows), flush=True)
+        harness.memory_table(result, models, lambda name: memory_rows(name, args.tiny, args.threads, args.steps,
+                                                                      args.memory_xla), label,
+                             f"{args.steps} {'XLA' if args.memory_xla else 'tf.function'} steps", build_peak=True)
     harness.finish(result, args.json)
 
 

@@ -171,7 +171,7 @@ CATEGORIES = (("optimizer", ("Optimizer.",)), ("conv backward", ("convolution_ba
 def _category(event) -> str:
     parent = event
     while parent is not None:
-        if parent.name.startswith(("ComposeCMajor", "ComposeKernel")):
+        if parent.name.startswith("Compose"):  # ComposeTrain, ComposeCMajor, ComposeKernel and their backwards
             return "composition"
         if parent.name.startswith("Optimizer."):
             return "optimizer"
@@ -182,7 +182,7 @@ def _category(event) -> str:
     return "other"
 
 
-def profile(name: str, tiny: bool, steps: int = 3, top: int = 8) -> str:
+def profile(name: str, tiny: bool, steps: int = 3, top: int = 14) -> str:
     """Where a training step's self CPU time goes (torch.profiler over ``steps`` steps), plain and both twins,
     as Markdown; then the top ops of the c-major twin."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -221,60 +221,32 @@ def profile(name: str, tiny: bool, steps: int = 3, top: int = 8) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {SCENARIOS}")
-    parser.add_argument("--reps", type=int, default=None,
-                        help="timed rounds per scenario (default 9; --quick 5; --tiny 2)")
-    parser.add_argument("--warmup", type=int, default=2)
+    harness.add_run_arguments(parser, MODELS, SCENARIOS, quick="ResNet-20 only, 5 rounds (about a minute)",
+                              tiny="1/8-width networks at tiny batches (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="ResNet-20 only, 5 rounds (about a minute)")
-    parser.add_argument("--tiny", action="store_true", help="1/8-width networks at tiny batches (smoke test)")
     parser.add_argument("--profile", action="store_true", help="also profile training steps of each network")
-    parser.add_argument("--steps", type=int, default=2, help="training steps per memory arm")
-    parser.add_argument("--json", help="also write every row to this JSON file")
-    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "ARM"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args.tiny, args.steps)
         return
-    models = ["resnet20"] if args.quick and args.models == parser.get_default("models") else args.models.split(",")
-    scenarios = args.scenarios.split(",")
-    harness.check_choices(parser, models=(models, MODELS), scenarios=(scenarios, SCENARIOS))
-    reps = args.reps or (2 if args.tiny else 5 if args.quick else 9)
-    warmup = 1 if args.tiny else args.warmup
+    models, scenarios, reps, warmup = harness.plan(parser, args, MODELS, SCENARIOS, "resnet20")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {reps} interleaved rounds after {warmup} "
           f"warm-up{', tiny networks' if args.tiny else ''}; load average (1/5/15 min) {harness.load()}")
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": reps, "tiny": args.tiny,
               "train": {}, "eval": {}, "memory": {}, "load": {"start": harness.load()}}
     header = "| model | batch, input | arm | median ms | ratio to plain | ratio p25-p75 | load |"
-    for scenario, rows_of, title in (("train", train_rows, "SGD training step"),
-                                     ("eval", eval_rows, "Eval inference (no_grad), training batch")):
-        if scenario not in scenarios:
-            continue
-        rows = []
-        for name in models:
-            result[scenario][name] = found = rows_of(name, args.tiny, reps, warmup)
-            now = harness.load()
-            for arm, r in found.items():
-                r["load"] = now
-                rows.append(f"| {name} | {input_label(name, args.tiny)} | {arm} | {r['median_ms']:.1f} | "
-                            f"{r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} | {now} |")
-        print(harness.table(title + ":", header, rows), flush=True)
+    harness.timing_tables(
+        result, models, scenarios,
+        (("train", lambda name: train_rows(name, args.tiny, reps, warmup), "SGD training step:"),
+         ("eval", lambda name: eval_rows(name, args.tiny, reps, warmup), "Eval inference (no_grad), training batch:")),
+        header, lambda name, arm, r: (f"| {name} | {input_label(name, args.tiny)} | {arm} | {r['median_ms']:.1f} | "
+                                      f"{r['ratio']:.3f} | {r['ratio_p25']:.3f}-{r['ratio_p75']:.3f} |"))
     if "memory" in scenarios:
-        rows = []
-        for name in models:
-            result["memory"][name] = found = memory_rows(name, args.tiny, args.threads, args.steps)
-            for arm, r in found.items():
-                rows.append(f"| {name} | {input_label(name, args.tiny)} | {arm} | {r['peak_MiB']:.0f} | "
-                            f"{r['peak_ratio']:.3f} | {r['step_MiB']:.0f} | {r['step_ratio']:.3f} |")
-        print(harness.table(f"Training-step peak memory (max RSS, {args.steps} steps, each arm in its own process):",
-                     "| model | batch, input | arm | peak MiB | peak ratio | peak - built MiB | ratio |", rows),
-              flush=True)
+        harness.memory_table(result, models, lambda name: memory_rows(name, args.tiny, args.threads, args.steps),
+                             lambda name: input_label(name, args.tiny), f"{args.steps} steps")
     if args.profile:
-        for name in models:
-            print(profile(name, args.tiny), flush=True)
-            print(f"(load average {harness.load()})", flush=True)
+        harness.print_profiles(models, lambda name: profile(name, args.tiny))
     harness.finish(result, args.json)
 
 
