@@ -97,7 +97,12 @@ def _rows_backward(W: torch.Tensor, D: torch.Tensor, grad: torch.Tensor, groups:
     rows = W.shape[0] // g
     grad_rows = _per_channel(grad, g, rows, cin_g)                     # (C_in, C_out/g, MN)
     dW = _per_row(torch.bmm(grad_rows, D), g, cin_g) if needs_W else None
-    dD = torch.bmm(grad_rows.transpose(1, 2), _per_channel(W, g, rows, cin_g)) if needs_D else None
+    dD = None
+    if needs_D:
+        # one row per input channel (depthwise): dD_k is an outer product, which a broadcast multiply computes
+        # several times faster than a batched GEMM with a reduction of length 1
+        product = torch.mul if rows == 1 else torch.bmm
+        dD = product(grad_rows.transpose(1, 2), _per_channel(W, g, rows, cin_g))
     return dW, dD
 
 
