@@ -46,9 +46,10 @@ reuses W' only for layers that convolve with it (kernel composition).
 
 Deferred shape inference (``in_channels=0``) works as for Gluon's convolutions: the layer alone infers C_in
 from its first input (:meth:`_DOConv.infer_shape`); inside a hybridized parent, whose shape inference runs
-on the symbol graph, the first graph carries a one-pixel shape probe (two tiny FullyConnected ops whose
-zeros join the bias) because MXNet's matrix products do not infer their operands' shapes backwards. The probe
-adds exactly zero and is left out of every graph built once the shapes are known (hybridize again to drop it).
+on the symbol graph, the first graph carries a one-pixel shape probe (two tiny FullyConnected ops, with no
+backward, whose zeros join D, or the bias of a single-tap layer) because MXNet's matrix products do not infer their
+operands' shapes backwards. The probe adds exactly zero and is left out of every graph built once the shapes are
+known (hybridize again to drop it).
 Feature composition needs C_in for its depthwise conv: a layer called on an NDArray infers it first (the
 layer's own ``hybridize()`` included), and a hybridized parent's first graph composes W' instead, as
 ``'auto'`` does before its first input.
@@ -364,10 +365,8 @@ class _DOConv(gluon.HybridBlock):
         if g == 1:
             # W as stored, its rows on axis 0 and the batch on C_in (axis 1): no reshape of the parameter, whose
             # copy a static-alloc training graph would keep for the backward, one kernel-sized buffer per layer.
-            # While C_in is unknown (a hybridized parent's first graph), gemm2's shape check needs W's C_in as
-            # unknown as D's until the shape probe pins both: a reshape leaves it so.
-            if not self.in_channels:
-                W = F.reshape(W, (0, -1, s))
+            # While C_in is unknown, D arrives tied to the shape probe (see _shape_probe), which pins C_in
+            # before gemm2's shape check compares W with D.
             full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (-1, mn, s)), 0, 1)  # D, as (MN, C_in, S)
             kernel = F.linalg.gemm2(W, full, transpose_b=True, axis=0)                 # (C_out, C_in, MN)
             return F.reshape(kernel, (0, 0) + a.kernel_size)
@@ -403,7 +402,7 @@ class _DOConv(gluon.HybridBlock):
             out = self._feature(F, x, W, D, bias, compute)
         else:
             if F is mx.sym and not self.in_channels:
-                bias = self._shape_probe(F, x, W, D, bias)
+                D, bias = self._shape_probe(F, x, W, D, bias)
             kernel = _cache.kernel(self, F, x)  # the open cached() scope's W', where this call may read it
             if kernel is None:
                 kernel = self._kernel(F, W, D)
@@ -428,13 +427,17 @@ class _DOConv(gluon.HybridBlock):
         return F.Convolution(feat, wk, *extra, no_bias=bias is None, **self._conv_kwargs(pointwise=True))
 
     def _shape_probe(self, F, x, W, D, bias):
-        """Zeros of shape (C_out,) that tie the unknown C_in of W and D to the input's (symbol graphs only).
+        """``(D, bias)`` with exact zeros added that tie the unknown C_in of W and D to the input's (symbol
+        graphs only): to D where there is one, else to the bias (zeros of shape (C_out,)).
 
         Gluon infers a hybridized parent's deferred shapes on its symbol graph, and ``linalg.gemm2`` does not
         infer its operands' shapes from its output: without the probe, W and D would stay (C_out, 0, S) and
         (0, MN, S). ``FullyConnected`` infers its weight's shape from its data, and ``reshape`` and ``cast``
-        infer backwards, so one pixel of x times W (and times D) pins C_in/g and C_in. The probe runs in
-        float32 whatever the layer's dtype; ``zeros_like`` passes no gradient.
+        infer backwards, so one pixel of x times W (and times D) pins C_in/g and C_in. Joining D puts the probe
+        ahead of the composition in the graph, so gemm2's shape check sees C_in pinned and W needs no reshape
+        (a reshaped parameter is a copy that a static-alloc training graph keeps). ``BlockGrad`` on both of
+        the probe's inputs leaves it no backward: its gradient is zero, and computing it would hold a
+        kernel-sized gradient of W per layer. The probe runs in float32 whatever the layer's dtype.
         """
         a = self._spec
         g, cout, s, mn = a.groups, a.out_channels, a.D_mul, self._mn
@@ -445,14 +448,16 @@ class _DOConv(gluon.HybridBlock):
         first = F.slice_axis(pixel, axis=0, begin=0, end=1)                           # (1, C_in/g)
 
         def probe(data, weight, rows):
-            return F.FullyConnected(data, F.cast(F.reshape(weight, (rows, -1)), "float32"), num_hidden=rows,
-                                    no_bias=True)
+            weight = F.cast(F.reshape(F.BlockGrad(weight), (rows, -1)), "float32")
+            return F.FullyConnected(F.BlockGrad(data), weight, num_hidden=rows, no_bias=True)
         probes = [probe(first, W, cout * s)]
         if D is not None:
             probes.append(probe(F.reshape(pixel, (1, -1)), D, mn * s))
-        zero = F.add_n(*[F.sum(F.zeros_like(p)) for p in probes])                    # (1,), exactly 0
-        zero = F.cast(F.broadcast_to(F.reshape(zero, (1,)), shape=(cout,)), self._dtype)
-        return zero if bias is None else F.broadcast_add(bias, zero)
+        zero = F.cast(F.add_n(*[F.sum(F.zeros_like(p)) for p in probes]), self._dtype)   # (1,), exactly 0
+        if D is not None:
+            return F.broadcast_add(D, F.reshape(zero, (1, 1, 1))), bias
+        zero = F.broadcast_to(F.reshape(zero, (1,)), shape=(cout,))
+        return D, (zero if bias is None else F.broadcast_add(bias, zero))
 
     def __repr__(self):
         a = self._spec
