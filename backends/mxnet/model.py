@@ -10,6 +10,8 @@ model itself being ``""``. The parameter I/O both use lives in :mod:`doconv.mxne
 from __future__ import annotations
 
 import copy
+import functools
+import gc
 import warnings
 import weakref
 from typing import List, Optional, Tuple
@@ -245,6 +247,20 @@ def _layer_text(layer: _DOConv) -> str:
     return repr(layer.spec).replace("LayerSpec(", f"{kind}(in_channels deferred, ")
 
 
+def _frees_what_it_replaces(function):
+    """``function`` (convert or fold), then a cycle collection: a replaced Gluon block and its ``_BlockScope``
+    refer to each other, so its parameters and their gradients (a kernel set of the whole net) would stay
+    allocated until Python's collector happens to run. Collected after ``function`` returns, when its locals,
+    the replaced blocks among them, are gone."""
+    @functools.wraps(function)
+    def collected(*args, **kwargs):
+        result = function(*args, **kwargs)
+        gc.collect()
+        return result
+    return collected
+
+
+@_frees_what_it_replaces
 def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, exclude=None,
             composition="kernel", inplace=False) -> Tuple[gluon.Block, ConversionReport]:
     """Replace every non-pointwise ``gluon.nn.Conv1D`` / ``Conv2D`` / ``Conv3D`` of ``model`` by a ``DOConv1D`` /
@@ -373,6 +389,7 @@ def _folded(layer: _DOConv) -> gluon.HybridBlock:
     return conv
 
 
+@_frees_what_it_replaces
 def fold(model: gluon.Block, *, inplace=False) -> Tuple[gluon.Block, ConversionReport]:
     """Replace every ``DOConv1D`` / ``DOConv2D`` / ``DOConv3D`` of ``model`` by a plain ``gluon.nn.Conv1D`` /
     ``Conv2D`` / ``Conv3D`` holding W' and bias.
