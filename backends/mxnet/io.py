@@ -8,6 +8,10 @@ Layer names are block paths, the keys ``save_parameters`` uses (``"features.0.co
 ``HybridSequential``'s children by index, every other child by its attribute name. A model that is itself
 the layer (a bare convolution or DO-Conv layer) has the path ``""`` in reports and :data:`doconv.ROOT_NAME` in
 files, as in PyTorch.
+
+A Gluon convolution's own ``weight`` is ordered as its data (:func:`doconv.mxnet.layer.gluon_kernel_shape`):
+channels-last layouts hold (C_out, *kernel_size, C_in/g). :func:`kernel_from_gluon` / :func:`kernel_to_gluon` are
+the only way such a weight enters or leaves the canonical layout.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import numpy as np
 
 import doconv
 from doconv import standardize_flag
-from doconv.layouts import D_to_delta, check_official_rank, delta_to_D, from_official
+from doconv.layouts import D_to_delta, check_official_rank, delta_to_D, from_official, nchw_to_nhwc, nhwc_to_nchw
 
 from ._mx import gluon, mx
 from .cache import check_model
-from .layer import LAYERS, _DOConv
+from .layer import LAYERS, _DOConv, channels_last
 
 #: Gluon's Convolution pads symmetrically with zeros, fixed at construction: no per-side or non-zero
 #: padding (so no 'causal', which pads one side), and no TF-style 'same' at stride > 1 (its pads depend on
@@ -103,6 +107,23 @@ def param_contexts(param) -> Optional[list]:
         return param.list_ctx()
     except RuntimeError:
         return None
+
+
+# ---- Gluon convolution weights -----------------------------------------------------------------------
+
+def kernel_from_gluon(weight, layout: str) -> np.ndarray:
+    """A Gluon convolution's ``weight`` of ``layout`` as the canonical kernel (C_out, C_in/g, *kernel_size).
+
+    A channels-last weight (C_out, *kernel_size, C_in/g) has its channel axis last, as a channels-last input
+    does: it moves back to axis 1 as an input's does (:func:`doconv.layouts.nhwc_to_nchw`, any rank).
+    """
+    return nhwc_to_nchw(weight) if channels_last(layout) else np.asarray(weight)
+
+
+def kernel_to_gluon(kernel, layout: str) -> np.ndarray:
+    """The canonical kernel (C_out, C_in/g, *kernel_size) as a Gluon convolution's ``weight`` of ``layout``
+    (the inverse of :func:`kernel_from_gluon`)."""
+    return nchw_to_nhwc(kernel) if channels_last(layout) else np.asarray(kernel)
 
 
 # ---- walking a network -------------------------------------------------------------------------------
@@ -258,5 +279,5 @@ def _other_params(model: gluon.Block, layers: dict, arrays: dict) -> list:
 
 
 __all__ = ["UNSUPPORTED_FEATURES", "doconv_layers", "export_canonical", "get_params", "import_canonical",
-           "import_official", "layer_config", "layer_from_config", "named_blocks", "param_contexts", "set_params",
-           "symmetric_padding"]
+           "import_official", "kernel_from_gluon", "kernel_to_gluon", "layer_config", "layer_from_config",
+           "named_blocks", "param_contexts", "set_params", "symmetric_padding"]

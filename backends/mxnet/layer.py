@@ -13,8 +13,10 @@ Parameters (their names in ``save_parameters`` files, ``collect_params`` and ``h
                                    single-tap kernel: 1, 1x1 or 1x1x1)
     bias  (C_out,)                 as the Gluon convolution's (absent with use_bias=False)
 
-``weight`` (C_out, C_in/g, *kernel_size) is W' = D^T o W, composed at each read and read-only; no Parameter
-(:class:`ComposedWeight`).
+``weight`` is W' = D^T o W as the Gluon convolution's weight of the layer's layout, (C_out, C_in/g, *kernel_size)
+channels-first and (C_out, *kernel_size, C_in/g) channels-last (:func:`gluon_kernel_shape`), composed at each read
+and read-only; no Parameter (:class:`ComposedWeight`). W, D and every kernel the core sees stay channels-first
+whatever the layout.
 
 The fixed I_fill (M*N identities tiled along D_mul, :func:`doconv.identity_fill`) is no parameter: the graph
 builds it from ``eye`` (or, for D_mul = M*N, never materialises it at all), so it is neither saved nor trained.
@@ -99,15 +101,32 @@ class DOConvDelta(mx.init.Initializer):
         arr[:] = D - identity_fill(self.MN, self.S)
 
 
+def channels_last(layout: str) -> bool:
+    """Whether ``layout`` puts channels last (``'NHWC'``, ``'NDHWC'``)."""
+    return layout.endswith("C")
+
+
+def gluon_kernel_shape(kernel_shape, layout: str) -> tuple:
+    """The shape of a Gluon convolution's weight for ``layout``, from the canonical (C_out, C_in/g, *kernel_size).
+
+    Gluon orders a convolution's weight as its data (it infers the weight's shape from a data shape, N -> C_out,
+    C -> C_in/g), so a channels-last layer's weight is (C_out, *kernel_size, C_in/g).
+    """
+    out, per_group, *kernel = kernel_shape
+    return (out, *kernel, per_group) if channels_last(layout) else (out, per_group, *kernel)
+
+
 #: What to do instead of writing W' (``layer.weight``); ``{plain}`` names the Gluon convolution fold gives.
 READ_ONLY = ("set W and D (doconv.mxnet.set_params, load_parameters), or fold first (doconv.mxnet.fold) to get a "
              "gluon.nn.{plain} whose weight can be set")
 
 
 class ComposedWeight:
-    """``layer.weight``: W' = D^T o W, (C_out, C_in/g, *kernel_size), read as a Gluon convolution's weight
-    Parameter is read (``data(ctx)``, ``list_data()``, ``list_ctx()``, ``shape``, ``dtype``, ``name``) and
-    composed from W and D at each read (recorded under ``autograd.record()``, so gradients reach W and D).
+    """``layer.weight``: W' = D^T o W in the Gluon convolution's weight layout (:func:`gluon_kernel_shape`:
+    (C_out, C_in/g, *kernel_size), or (C_out, *kernel_size, C_in/g) for a channels-last layer), read as a Gluon
+    convolution's weight Parameter is read (``data(ctx)``, ``list_data()``, ``list_ctx()``, ``shape``,
+    ``dtype``, ``name``) and composed from W and D at each read (recorded under ``autograd.record()``, so
+    gradients reach W and D).
 
     It is no Parameter, so that no ``collect_params``, parameter file or Trainer ever holds it: idioms that
     select parameters by name (``collect_params('.*weight')``) find a DO-Conv layer's W, D and bias instead.
@@ -124,8 +143,10 @@ class ComposedWeight:
     @property
     def shape(self) -> tuple:
         """As a deferred Gluon convolution weight's: C_in/g is 0 until C_in is known."""
-        spec = self._layer.spec
-        return (spec.out_channels, self._layer.in_channels // spec.groups) + spec.kernel_size
+        layer = self._layer
+        spec = layer.spec
+        return gluon_kernel_shape((spec.out_channels, layer.in_channels // spec.groups) + spec.kernel_size,
+                                  layer.layout)
 
     @property
     def dtype(self):
@@ -136,10 +157,10 @@ class ComposedWeight:
 
     def data(self, ctx=None):
         """W' on ``ctx`` (Parameter.data's rule for None: W's one context, else the current one)."""
-        return self._layer._compose_nd(self._layer.W.data(ctx).context)
+        return self._layer._weight_nd(self._layer.W.data(ctx).context)
 
     def list_data(self) -> list:
-        return [self._layer._compose_nd(ctx) for ctx in self.list_ctx()]
+        return [self._layer._weight_nd(ctx) for ctx in self.list_ctx()]
 
     def set_data(self, data):
         layer = self._layer
@@ -176,7 +197,9 @@ class _DOConv(gluon.HybridBlock):
 
     Shapes (channels first): input (N, C_in, *spatial), output (N, C_out, *spatial_out) as the Gluon
     convolution's; ``W`` (C_out, C_in/g, D_mul), ``D`` (C_in, M*N, D_mul) holding D' = D - I_fill,
-    ``bias`` (C_out,), and ``weight`` (C_out, C_in/g, *kernel_size), the composed W' (read-only).
+    ``bias`` (C_out,), and ``weight``, the composed W' (read-only) as the Gluon convolution's weight:
+    (C_out, C_in/g, *kernel_size), or (C_out, *kernel_size, C_in/g) channels-last. W and D do not depend on
+    the layout.
     """
 
     #: Spatial axes, the layouts the Gluon convolution takes (the first is its default) and that convolution,
@@ -245,10 +268,15 @@ class _DOConv(gluon.HybridBlock):
         """W' in the layer's dtype on ``ctx``, imperatively (recorded when autograd records)."""
         return self._kernel(mx.nd, self.W.data(ctx), None if self.D is None else self.D.data(ctx))
 
+    def _weight_nd(self, ctx):
+        """W' as the Gluon convolution's weight of the layer's layout on ``ctx`` (``layer.weight``)."""
+        return self._channels_last_kernel(mx.nd, self._compose_nd(ctx))
+
     @property
     def weight(self) -> "ComposedWeight":
-        """The composed kernel W' = D^T o W (C_out, C_in/g, *kernel_size), read as the Gluon convolution's
-        ``weight`` is: ``layer.weight.data(ctx)``. Read-only, and no Parameter (see :class:`ComposedWeight`)."""
+        """The composed kernel W' = D^T o W, read as the Gluon convolution's ``weight`` is:
+        ``layer.weight.data(ctx)``, in its layout ((C_out, C_in/g, *kernel_size), channels-last
+        (C_out, *kernel_size, C_in/g)). Read-only, and no Parameter (see :class:`ComposedWeight`)."""
         return ComposedWeight(self)
 
     def __setattr__(self, name, value):
@@ -303,7 +331,7 @@ class _DOConv(gluon.HybridBlock):
     # ---- forward -------------------------------------------------------------------------
     @property
     def _channels_last(self) -> bool:
-        return self._layout.endswith("C")
+        return channels_last(self._layout)
 
     def forward(self, x, *args):
         if isinstance(x, mx.nd.NDArray):
@@ -502,7 +530,8 @@ class DOConv1D(_DOConv):
 
 class DOConv2D(_DOConv):
     """DO-Conv over two spatial axes, a drop-in for ``gluon.nn.Conv2D``: input (N, C_in, H, W) (``'NHWC'``
-    on GPU), ``weight`` W' (C_out, C_in/g, M, N), D (C_in, M*N, D_mul). See :class:`_DOConv`.
+    on GPU), ``weight`` W' (C_out, C_in/g, M, N) (``'NHWC'``: (C_out, M, N, C_in/g), as Conv2D's),
+    D (C_in, M*N, D_mul). See :class:`_DOConv`.
 
     Example::
 
@@ -525,7 +554,8 @@ class DOConv2D(_DOConv):
 
 class DOConv3D(_DOConv):
     """DO-Conv over three spatial axes (video, volumes), a drop-in for ``gluon.nn.Conv3D``: input
-    (N, C_in, D, H, W) (``'NDHWC'`` on GPU), ``weight`` W' (C_out, C_in/g, T, M, N), D (C_in, T*M*N, D_mul).
+    (N, C_in, D, H, W) (``'NDHWC'`` on GPU), ``weight`` W' (C_out, C_in/g, T, M, N) (``'NDHWC'``:
+    (C_out, T, M, N, C_in/g)), D (C_in, T*M*N, D_mul).
     See :class:`_DOConv`.
 
     Example::

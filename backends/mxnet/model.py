@@ -4,7 +4,9 @@
 Each converted layer starts at W' = the conv's kernel exactly (:func:`doconv.params_for_kernel`), so the
 converted net computes what the original computed until training moves D; ``fold`` gives the baseline's
 plain convolutions holding W'. Reports name layers by block path (:func:`doconv.mxnet.io.named_blocks`), the
-model itself being ``""``. The parameter I/O both use lives in :mod:`doconv.mxnet.io`.
+model itself being ``""``. The parameter I/O both use lives in :mod:`doconv.mxnet.io`; a channels-last conv's
+weight, (C_out, *kernel_size, C_in/g), enters and leaves the canonical layout through its
+:func:`~doconv.mxnet.io.kernel_from_gluon` / :func:`~doconv.mxnet.io.kernel_to_gluon`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from doconv.contract import (COMPOSITIONS, D_INITS, Candidate, ConversionReport,
 
 from ._mx import gluon, mx
 from .cache import check_model, unscoped
-from .io import get_params, named_blocks, param_contexts, set_params
-from .layer import LAYERS, _DOConv
+from .io import get_params, kernel_from_gluon, kernel_to_gluon, named_blocks, param_contexts, set_params
+from .layer import LAYERS, _DOConv, channels_last, gluon_kernel_shape
 
 
 # ---- walking a network -------------------------------------------------------------------------------
@@ -159,23 +161,25 @@ def _dumps(init):
 class KernelInit(mx.init.Initializer):
     """Initialiser of W that draws W' as a Gluon convolution draws its weight (what ``convert`` gives W).
 
-    ``init`` (the conv weight's own initializer, or None for the one passed to ``initialize()``) fills a
-    (C_out, C_in/g, *kernel_size) kernel under the conv weight's ``name`` -- its shape, so its fan, and its name --
-    and W holds that kernel as :func:`doconv.params_for_kernel` does: W' = the kernel at D' = 0.
+    ``init`` (the conv weight's own initializer, or None for the one passed to ``initialize()``) fills a kernel
+    shaped as the conv's weight of ``layout`` (:func:`doconv.mxnet.layer.gluon_kernel_shape`) under its ``name``
+    -- its shape, so its fan and the order of its draws, and its name -- and W holds that kernel as
+    :func:`doconv.params_for_kernel` does: W' = the kernel at D' = 0.
     """
 
-    def __init__(self, init=None, name="weight", kernel_size=(3, 3), groups=1):
-        super().__init__(init=_dumps(init), name=name, kernel_size=list(kernel_size), groups=groups)
+    def __init__(self, init=None, name="weight", kernel_size=(3, 3), groups=1, layout="NCHW"):
+        super().__init__(init=_dumps(init), name=name, kernel_size=list(kernel_size), groups=groups, layout=layout)
         self.conv_init, self.conv_name, self.kernel_size, self.groups = init, name, tuple(kernel_size), groups
+        self.layout = layout
 
     def _init_weight(self, desc, arr):
         outer = getattr(desc, "global_init", None) or mx.init.Uniform()
         cout, per_group, s = arr.shape
         config = doconv.DOConvConfig(per_group * self.groups, cout, self.kernel_size, groups=self.groups, D_mul=s,
                                      rank=len(self.kernel_size))
-        kernel = mx.nd.zeros(config.kernel_shape, dtype=arr.dtype)
+        kernel = mx.nd.zeros(gluon_kernel_shape(config.kernel_shape, self.layout), dtype=arr.dtype)
         mx.init.create(outer)(mx.init.InitDesc(self.conv_name, {"__init__": self.conv_init or outer}), kernel)
-        arr[:] = doconv.params_for_kernel(kernel.asnumpy(), config).W
+        arr[:] = doconv.params_for_kernel(kernel_from_gluon(kernel.asnumpy(), self.layout), config).W
 
 
 def _conv_args(conv: gluon.Block) -> dict:
@@ -183,6 +187,19 @@ def _conv_args(conv: gluon.Block) -> dict:
     return dict(channels=k["num_filter"], kernel_size=tuple(k["kernel"]), strides=tuple(k["stride"]),
                 padding=tuple(k["pad"]), dilation=tuple(k["dilate"]), groups=k["num_group"], layout=k["layout"],
                 activation=conv.act._act_type if conv.act is not None else None, use_bias=not k["no_bias"])
+
+
+def _in_channels(conv: gluon.Block) -> int:
+    """C_in of a Gluon convolution (0 while deferred), read from its weight's C_in/g axis: last for a
+    channels-last layout (:func:`doconv.mxnet.layer.gluon_kernel_shape`)."""
+    k = conv._kwargs
+    return conv.weight.shape[-1 if channels_last(k["layout"]) else 1] * k["num_group"]
+
+
+def _kernel_init(conv: gluon.Block, init) -> KernelInit:
+    """W's initializer for ``conv``: draws W' as ``init`` draws the conv's weight (:class:`KernelInit`)."""
+    k = conv._kwargs
+    return KernelInit(init, conv.weight.name, tuple(k["kernel"]), k["num_group"], k["layout"])
 
 
 def _carry_settings(new: _DOConv, conv: gluon.Block) -> None:
@@ -206,9 +223,7 @@ def _initialise_like(new: _DOConv, conv: gluon.Block) -> bool:
     new.initialize(ctx=ctxs)
     if conv.weight._deferred_init:
         init, _, default, _ = conv.weight._deferred_init
-        spec = new.spec
-        new.W._deferred_init = (KernelInit(init, conv.weight.name, spec.kernel_size, spec.groups), ctxs, default,
-                                None)
+        new.W._deferred_init = (_kernel_init(conv, init), ctxs, default, None)
         if new.bias is not None and conv.bias._deferred_init:
             init, _, default, _ = conv.bias._deferred_init
             new.bias._deferred_init = (init, ctxs, default, None)
@@ -219,11 +234,10 @@ def _converted(conv: gluon.Block, path: str, shared: Optional[_DOConv], D_mul, d
     """The DO-Conv layer for ``conv`` (sharing ``shared``'s parameters, if any) and whether it holds the conv's
     data."""
     args = _conv_args(conv)
-    cin = conv.weight.shape[1] * args["groups"]
+    cin = _in_channels(conv)
     bias = {} if conv.bias is None else {"bias_initializer": conv.bias.init}
     new = REPLACES[type(conv)](**args, in_channels=cin, D_mul=D_mul, d_init=d_init, composition=composition,
-                               weight_initializer=KernelInit(conv.weight.init, conv.weight.name,
-                                                             args["kernel_size"], args["groups"]),
+                               weight_initializer=_kernel_init(conv, conv.weight.init),
                                prefix=conv.prefix, params=None if shared is None else shared.params, **bias)
     if shared is not None:
         return new, False
@@ -231,7 +245,8 @@ def _converted(conv: gluon.Block, path: str, shared: Optional[_DOConv], D_mul, d
     with_data = _initialise_like(new, conv) and cin > 0
     if with_data:
         bias = None if conv.bias is None else conv.bias.data(conv.bias.list_ctx()[0]).asnumpy()
-        params = doconv.params_for_kernel(conv.weight.data(conv.weight.list_ctx()[0]).asnumpy(), new.config, bias)
+        weight = conv.weight.data(conv.weight.list_ctx()[0]).asnumpy()
+        params = doconv.params_for_kernel(kernel_from_gluon(weight, args["layout"]), new.config, bias)
         if d_init == "random":
             params.D = get_params(new).D
         set_params(new, params, name=path)
@@ -372,8 +387,8 @@ def _check_foldable(layer: _DOConv, path: str) -> None:
 
 
 def _folded(layer: _DOConv) -> gluon.HybridBlock:
-    """The plain Gluon convolution of the layer's rank (``layer.plain``) holding its W' and bias, on its
-    contexts, in its dtype and prefix."""
+    """The plain Gluon convolution of the layer's rank (``layer.plain``) and layout holding its W' (in that
+    layout's weight order) and bias, on its contexts, in its dtype and prefix."""
     config, spec = layer.config, layer.spec
     conv = layer.plain(spec.out_channels, spec.kernel_size, strides=spec.stride, padding=layer.padding,
                        dilation=spec.dilation, groups=spec.groups, layout=layer.layout,
@@ -383,7 +398,7 @@ def _folded(layer: _DOConv) -> gluon.HybridBlock:
     conv.initialize(ctx=layer.W.list_ctx())
     kernel, bias = doconv.fold(get_params(layer), config)
     dtype = np.dtype(layer.W.dtype)
-    conv.weight.set_data(mx.nd.array(kernel, dtype=dtype))
+    conv.weight.set_data(mx.nd.array(kernel_to_gluon(kernel, layer.layout), dtype=dtype))
     if bias is not None:
         conv.bias.set_data(mx.nd.array(bias, dtype=dtype))
     return conv
