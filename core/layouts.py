@@ -70,12 +70,13 @@ def oihw_to_depthwise_hwcm(kernel: np.ndarray, in_channels: int) -> np.ndarray:
 
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
-    """Channels-first input -> channels-last, any rank (NCL -> NLC, NCDHW -> NDHWC)."""
+    """Channels-first input -> channels-last, any rank (NCL -> NLC, NCDHW -> NDHWC); also a channels-first
+    kernel (O, I, *k) -> (O, *k, I), the order of a channels-last Gluon convolution's weight."""
     return np.ascontiguousarray(np.moveaxis(np.asarray(x), 1, -1))
 
 
 def nhwc_to_nchw(x: np.ndarray) -> np.ndarray:
-    """Channels-last input -> channels-first, any rank."""
+    """Channels-last input -> channels-first, any rank; also a kernel (O, *k, I) -> (O, I, *k)."""
     return np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1))
 
 
