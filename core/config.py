@@ -153,9 +153,16 @@ def same_pads(size: int, kernel: int, stride: int, dilation: int) -> Pair:
 
     ``total = max((out - 1)*stride + dilation*(kernel - 1) + 1 - size, 0)``, split as
     ``(total // 2, total - total // 2)``. At stride 1 this is PyTorch's ``padding='same'`` too.
+
+    The code computes the same total with ``(out - 1)*stride = size - 1 - (size - 1) % stride`` and ``max(e, 0)``
+    as ``(e + abs(e)) // 2``: no branch on ``size``, and (for sizes >= 1) divisions of non-negative numbers only,
+    so the integer arithmetic that ``torch.jit.trace`` (ONNX) and ``torch.export`` record for a traced or
+    symbolic size is this rule at every size. ``-(-size // stride)`` for the ceiling would record ONNX's
+    truncating Div, Python's ``max`` compares (a trace keeps the branch of its example), and the bounds of
+    ``(size - 1) % stride`` are what lets ``torch.export`` prove the padded size large enough for the kernel.
     """
-    out = -(-size // stride)
-    total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+    excess = dilation * (kernel - 1) - (size - 1) % stride  # (out - 1)*stride + dilation*(kernel - 1) + 1 - size
+    total = (excess + abs(excess)) // 2  # max(excess, 0)
     return (total // 2, total - total // 2)
 
 

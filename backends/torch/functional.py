@@ -74,10 +74,20 @@ def _bilinear_jvp(forward, saved, tW, tD, option):
     return out
 
 
+def autocast_enabled(t: torch.Tensor) -> bool:
+    """``torch.is_autocast_enabled`` for ``t``'s device type; False for a device type autocast does not know,
+    for which torch's call raises: 'meta' (tensors of shapes only, where shape inference and model sizing run
+    layers, as they run ``nn.ConvNd``), 'lazy'."""
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:
+        return False
+
+
 def _no_autocast(fn, W: torch.Tensor, *args) -> torch.Tensor:
     """``fn(W, *args)`` with autocast off (W' in the parameters' precision; the convolution casts it); the
     context is entered only when autocast is on, a measurable part of a small layer's call otherwise."""
-    if torch.is_autocast_enabled(W.device.type):
+    if autocast_enabled(W):
         with torch.autocast(W.device.type, enabled=False):
             return fn(W, *args)
     return fn(W, *args)
@@ -357,14 +367,18 @@ def conv_padding(config: DOConvConfig, spatial):
     """``(pre_pad, conv_padding)`` for an input of spatial size ``spatial``: F.pad's per-side tuple (or None)
     and the padding to give the convolution.
 
-    Zero padding that is symmetric per axis goes to the convolution itself (no copy of the input);
-    everything else (other padding modes, per-side pads, 'same' with stride > 1, 'causal') is padded first.
+    Zero padding that is symmetric per axis goes to the convolution itself (no copy of the input), and all-zero
+    pads nowhere; everything else (other padding modes, per-side pads, 'same' with stride > 1, 'causal') is
+    padded first. So are the 'same' pads of a traced or symbolic size (``torch.jit.trace``, ``torch.export``),
+    whatever their values at the example: a branch on them would keep the example's route for every size.
     F.pad takes the last axis first: ``(left, right, top, bottom, front, back)`` in 3-D.
     """
     pads = config.pads(*spatial)
-    if config.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
+    static = config.padding != "same" or all(type(lo) is int for lo, _ in pads)
+    if static and config.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
         return None, tuple(lo for lo, _ in pads)
-    return tuple(p for pair in reversed(pads) for p in pair), (0,) * config.rank
+    pre = tuple(p for pair in reversed(pads) for p in pair)
+    return (pre if not static or any(pre) else None), (0,) * config.rank
 
 
 def conv(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], config: DOConvConfig, *,
@@ -375,7 +389,7 @@ def conv(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor], co
     if not geometry:
         return conv_nd(config.rank)(x, kernel, bias, groups=groups)
     pre, padding = conv_padding(config, x.shape[-config.rank:])
-    if pre is not None and any(pre):
+    if pre is not None:
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
     return conv_nd(config.rank)(x, kernel, bias, config.stride, padding, config.dilation, groups)
 
@@ -410,7 +424,7 @@ def transposed_forward(x: torch.Tensor, W: torch.Tensor, D: torch.Tensor, bias: 
     the forward and two in the backward (``pads`` from :func:`transposed_padding`).
     """
     pre, q = pads
-    if pre is not None and any(pre):
+    if pre is not None:
         x = F.pad(x, pre, mode=TORCH_PAD_MODE[config.padding_mode])
     kernel = _compose(W, D, config, True, identity).reshape(config.in_channels, config.out_channels,
                                                               *config.kernel_size)

@@ -167,6 +167,8 @@ class _DOConvNd(nn.Module):
     dilation = property(lambda self: self.config.dilation)
     groups = property(lambda self: self.config.groups)
     padding_mode = property(lambda self: self.config.padding_mode)
+    transposed = False  # nn.ConvNd's, read by code that walks convolutions (FLOP counters, converters)
+    output_padding = property(lambda self: (0,) * self._rank)
     D_mul = property(lambda self: self.config.D_mul)
 
     def reset_parameters(self) -> None:
@@ -281,18 +283,35 @@ class _DOConvNd(nn.Module):
                             f"create_feature_extractor: tracer_kwargs={{'leaf_modules': [{name}]}})")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
-        if not torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
-            if x.shape not in self._valid_shapes:  # checked once per input shape: most of a call's Python time
+        if torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
+            self._check_traced(x)
+        else:
+            try:
+                known = x.shape in self._valid_shapes  # checked once per input shape: most of a call's Python time
+            except TypeError:  # a symbolic size (torch.export, ONNX's dynamo export with dynamic dims): unhashable
+                self._check_traced(x)
+                known = True
+            if not known:
                 self.config.output_shape(x.shape, unbatched=True)  # ValueError naming rank / channels / sizes
                 if len(self._valid_shapes) >= 64:
                     self._valid_shapes.clear()
                 self._valid_shapes.add(x.shape)
-        elif x.dim() not in (self._rank + 1, self._rank + 2):
-            raise ValueError(f"input must be {self._rank + 1}-D (unbatched) or {self._rank + 2}-D (batched), but "
-                             f"got input shape {tuple(x.shape)}")
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype and not DF.autocast_enabled(x):
             raise TypeError(f"input dtype {x.dtype} differs from the layer's {dtype}; "
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
+
+    def _check_traced(self, x: torch.Tensor) -> None:
+        """The input check of a traced (``torch.jit.trace``) or symbolic (``torch.export``) shape: the number of
+        dims, and the channels where they are a plain int; the program's convolution checks the other sizes as
+        it runs. Reading a traced or symbolic size as an int would pin it to the example's value."""
+        rank, shape = self._rank, x.shape
+        if len(shape) not in (rank + 1, rank + 2):
+            raise ValueError(f"input must be {rank + 1}-D (unbatched) or {rank + 2}-D (batched), but "
+                             f"got input shape {tuple(shape)}")
+        channels = shape[-rank - 1]
+        if type(channels) is int and channels != self.config.in_channels:
+            raise ValueError(f"input has {channels} channels but in_channels={self.config.in_channels} "
+                             f"(input shape {tuple(shape)})")
 
     def _route(self, x: torch.Tensor, c_major: bool) -> str:
         """The composition of a call that composes afresh (a scope's kernel is kernel composition); forward
@@ -302,6 +321,8 @@ class _DOConvNd(nn.Module):
         shape = tuple(x.shape) if x.dim() == self._rank + 2 else (1, *x.shape)
         margin = FAST_KERNEL_MARGIN if c_major else 0.0
         if torch.compiler.is_compiling():
+            if not all(type(n) is int for n in shape):  # symbolic sizes: the cost model would pin them to the example
+                return "kernel"  # (every backend's default, and inference's)
             return choose_composition(self.config, shape, margin)
         if (shape, margin) not in self._auto:
             self._auto[shape, margin] = choose_composition(self.config, shape, margin)

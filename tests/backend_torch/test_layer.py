@@ -326,7 +326,7 @@ def test_extra_repr_lists_non_defaults_and_D_mul():
 def test_attributes_read_as_nn_conv2d_s(padding):
     ours, theirs = DOConv2d(4, 6, 3, padding=padding, dilation=2), nn.Conv2d(4, 6, 3, padding=padding, dilation=2)
     for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode"):
+                 "padding_mode", "transposed", "output_padding"):
         assert getattr(ours, name) == getattr(theirs, name), name
     rebuilt = nn.Conv2d(ours.in_channels, ours.out_channels, ours.kernel_size, ours.stride, ours.padding,
                         ours.dilation, ours.groups)  # code that copies a conv's geometry

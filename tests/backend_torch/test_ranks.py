@@ -76,7 +76,7 @@ def test_matches_torchs_convolution_batched_and_unbatched(rank, geometry, h):
     layer = _layer(rank, 4, 6, dtype=torch.float64, **kwargs)
     conv = _plain_copy(layer, h.CONVS[rank], kwargs)
     for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                 "padding_mode"):
+                 "padding_mode", "transposed", "output_padding"):
         if rank == 3 and geometry == "one-element-tuples" and name in ("stride", "padding", "dilation"):
             assert getattr(layer, name) == getattr(conv, name) * 3, name  # nn.Conv3d keeps (2,), its conv broadcasts
         else:

@@ -1,6 +1,8 @@
 """DOConvConfig: every bad argument is rejected with its name and value; shapes and padding arithmetic."""
 
 import dataclasses
+import itertools
+import math
 import re
 
 import pytest
@@ -130,6 +132,15 @@ def test_same_padding_is_tensorflows_rule(size, k, s, d):
     assert (size + lo + hi - d * (k - 1) - 1) // s + 1 == out
     assert hi - lo in (0, 1)
     assert lo + hi == max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+
+
+def test_same_pads_equal_tensorflows_formula_on_a_grid():
+    """``same_pads`` is written without a branch on the size (so a traced size records it); it is TF's formula,
+    ceiling and clamp included, at every size from 0, odd and even, and stride above the kernel extent."""
+    for size, k, s, d in itertools.product(range(0, 26), range(1, 6), range(1, 5), range(1, 3)):
+        out = math.ceil(size / s)
+        total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+        assert doconv.same_pads(size, k, s, d) == (total // 2, total - total // 2), (size, k, s, d)
 
 
 def test_output_shape_checks_input():
