@@ -283,7 +283,9 @@ class _DOConvNd(nn.Module):
                             f"create_feature_extractor: tracer_kwargs={{'leaf_modules': [{name}]}})")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input must be a torch.Tensor, but got {type(x).__name__}")
-        if torch.jit.is_tracing():  # a trace records tensor ops only; int(size) would warn
+        # A trace records tensor ops only (int(size) would warn); torch.compile would turn the per-shape check into
+        # guards on every size, so a dynamic=True graph would recompile for each new batch or image size.
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
             self._check_traced(x)
         else:
             try:
@@ -301,9 +303,10 @@ class _DOConvNd(nn.Module):
                             f"cast one of them (layer.to(dtype) or x.to(dtype)) or use torch.autocast")
 
     def _check_traced(self, x: torch.Tensor) -> None:
-        """The input check of a traced (``torch.jit.trace``) or symbolic (``torch.export``) shape: the number of
-        dims, and the channels where they are a plain int; the program's convolution checks the other sizes as
-        it runs. Reading a traced or symbolic size as an int would pin it to the example's value."""
+        """The input check of a traced (``torch.jit.trace``), compiled (``torch.compile``) or symbolic
+        (``torch.export``) shape: the number of dims, and the channels where they are a plain int; the program's
+        convolution checks the other sizes as it runs. Reading a traced or symbolic size as an int would pin it
+        to the example's value."""
         rank, shape = self._rank, x.shape
         if len(shape) not in (rank + 1, rank + 2):
             raise ValueError(f"input must be {rank + 1}-D (unbatched) or {rank + 2}-D (batched), but "

@@ -93,6 +93,35 @@ def test_export_of_a_symbolic_input_still_checks_its_rank_and_channels():
         layer(torch.randn(2, 4, 2, 8))
 
 
+@pytest.mark.parametrize("name", ["p1", "same-s2-reflect"])
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_torch_compile_dynamic_builds_one_graph_for_every_size(rank, name):
+    """``torch.compile(dynamic=True)`` compiles a stack of layers once, as it does nn.ConvNd's: the layer's input
+    check must not become guards on the batch and spatial sizes (a graph per size, and eager mode past the
+    recompile limit); every size still matches the core, and wrong channels still get the layer's error."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    first, second = _layer(rank, **DYNAMIC_LAYERS[name]), LAYERS[rank](6, 6, 3, padding=1)
+    with torch.no_grad():
+        second.D.normal_(0.0, 0.3)  # D' drawn: D is not the identity
+    compiled = torch.compile(nn.Sequential(first, second), backend=counting_backend, dynamic=True)
+    for batch, size in [(2, 9), (3, 8), (5, 13), (4, 10), (6, 15)]:  # not 1: torch.compile specializes 0 and 1
+        x = _input(batch, _sizes(rank, size), seed=batch)
+        hidden = doconv.forward(x.numpy().astype(np.float64), get_params(first).astype(np.float64), first.config)
+        expected = doconv.forward(hidden, get_params(second).astype(np.float64), second.config)
+        doconv.assert_close(compiled(x).detach().numpy(), expected, "float32", f"compiled at {tuple(x.shape)}")
+    # 'same' at stride 2 pads by (size - 1) % 2 per axis: at most one graph per parity, never one per size
+    most = 1 if name == "p1" else 2
+    assert len(graphs) <= most, f"{len(graphs)} graphs for five input sizes"
+    with pytest.raises(ValueError, match=r"input has 3 channels but in_channels=4"):
+        compiled(torch.randn(2, 3, *_sizes(rank, 9)))
+    torch._dynamo.reset()
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_onnx_export_with_dynamic_axes_runs_at_other_sizes(rank):
