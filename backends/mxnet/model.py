@@ -136,6 +136,8 @@ CONVOLUTIONS = (*REPLACES, *TRANSPOSED)
 def _candidate(path: str, block: gluon.Block) -> Candidate:
     """What ``convert`` may do with the block at ``path``: convert it, keep it (single tap, transposed) or
     skip it."""
+    if isinstance(block, _DOConv):  # converting a converted net again keeps its layers, and says so
+        return Candidate(path, id(block), block, "already DO-Conv")
     if isinstance(block, TRANSPOSED):
         return Candidate(path, id(block), block, "transposed convolution")
     if type(block) not in REPLACES:
@@ -311,7 +313,7 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
     check_choice(d_init, "d_init", D_INITS)
     check_choice(composition, "composition", COMPOSITIONS)
     check_D_mul(D_mul)
-    decisions = plan([_candidate(path, block) for path, block in _paths(model, CONVOLUTIONS)], include=include,
+    decisions = plan([_candidate(path, block) for path, block in _paths(model, CONVOLUTIONS + (_DOConv,))], include=include,
                      exclude=exclude, names=[path for path, _, _, _ in named_blocks(model)], noun="block path")
     work = model if inplace else _copy(model)
     places = _places(work)

@@ -135,6 +135,8 @@ def from_conv(conv: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "id
 def _candidate(name: str, module: nn.Module) -> Candidate:
     """What ``convert`` may do with the conv at ``name``: convert it, keep it (1x1, transposed) or skip it
     (unsafe)."""
+    if isinstance(module, _DOConvNd):  # converting a converted model again keeps its layers, and says so
+        return Candidate(name, id(module), module, "already DO-Conv")
     if isinstance(module, TRANSPOSED):
         return Candidate(name, id(module), module, "transposed convolution: DO-Conv over-parameterizes the kernel "
                                                    "of a forward convolution")
@@ -181,7 +183,7 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     _check_options(D_mul, d_init, composition, W_storage)
-    decisions = plan([_candidate(name, m) for name, m in _paths(model, CONVS + TRANSPOSED)], include=include,
+    decisions = plan([_candidate(name, m) for name, m in _paths(model, CONVS + TRANSPOSED + (_DOConvNd,))], include=include,
                      exclude=exclude,
                      names=[name for name, _ in model.named_modules(remove_duplicate=False)], noun="module path")
     model = _start(model, inplace)

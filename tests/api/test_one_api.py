@@ -158,6 +158,19 @@ def test_convert_returns_the_model_and_the_same_report_rows(kit, rank):
     doconv.assert_close(kit.run(plain, X), before, "float32", "the plain model afterwards")
 
 
+def test_converting_a_converted_model_keeps_its_layers_and_says_so(kit, rank):
+    converted, _ = kit.backend.convert(kit.plain(rank))
+    kit.randomise_D(converted)
+    X = _input(rank)
+    trained = kit.run(converted, X)
+    again, report = kit.backend.convert(converted)
+    rows = [(r.action, r.params_before, r.params_after) for r in report]
+    assert rows == [("kept", after, after) for _, _, after, _ in expected_rows(rank)]
+    assert [r.reason for r in report] == ["already DO-Conv" if k > 1 else "pointwise: DO-Conv has no D"
+                                          for _, _, k, _ in LAYERS]
+    doconv.assert_close(kit.run(again, X), trained, "float32", "converted twice")
+
+
 def test_fold_returns_the_model_and_a_row_per_folded_layer(kit, rank):
     converted, _ = kit.backend.convert(kit.plain(rank))
     X = _input(rank)
