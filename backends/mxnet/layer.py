@@ -26,6 +26,8 @@ with W viewed as ``(g, C_out/g, C_in/g, S)`` and D = I_fill + D' as ``(g, M*N, C
 ``(g, C_in/g)`` and the result is W' directly in OIHW order (OIW, OIDHW) -- the einsum ``gcms,gjcs->gjcm`` of
 :data:`doconv.COMPOSE_EINSUM` without moving W. With ``groups=1`` W enters as stored, (C_out, C_in, S) with
 ``axis=0``: a reshape of the parameter is a copy that a static-alloc training graph keeps for the backward.
+(Under ``grad_req='add'`` a recorded call reads W through a copy, because gemm2's backward does not add: see
+:class:`_GemmOperand`.)
 (The other formulations with MXNet's ops are slower, see bench/mxnet_models_results.md: ``batch_dot`` over
 C_in needs W and W' transposed, and the torch backend's grouped 1-D ``Convolution``, C_in groups of S -> M*N
 channels, misses oneDNN's fast paths.) The only intermediates are D-sized (D and its transposed copy)
@@ -171,6 +173,26 @@ class ComposedWeight:
         return f"ComposedWeight({self.name}, shape={self.shape}, dtype={self.dtype})"
 
 
+class _GemmOperand(gluon.Parameter):
+    """W of a ``groups=1`` layer, whose composition hands it straight to ``linalg.gemm2`` (see
+    :meth:`_DOConv.compose`). MXNet 1.9.1's ``linalg.gemm2`` backward writes its operands' gradients where it
+    is asked to add them (``grad_req='add'``, gradient accumulation), and W's summed gradient comes out wrong. So under ``grad_req='add'`` a recorded call reads W through a copy
+    (``identity``, whose backward adds): gemm2 then writes the copy's gradient and the copy adds it to W's.
+
+    The choice is made at each read, not in a graph: Gluon's CachedOp (the layer's, or a hybridized
+    parent's) reads every Parameter's ``data()`` at each call and takes the requests from the arrays, so one
+    graph serves either grad_req, set before the first call or changed after. Under ``'write'`` (and
+    outside ``autograd.record()``) ``data()`` is the parameter's own array, as Gluon's; under ``'add'`` a
+    recorded call costs one W-sized copy and its gradient. (A recorded in-place write to ``data()`` under
+    ``'add'`` reaches that copy only: write through ``set_data`` or outside ``autograd.record()``.)"""
+
+    def data(self, ctx=None):
+        array = super().data(ctx)
+        if self._grad_req == "add" and mx.autograd.is_recording():
+            return mx.nd.identity(array)
+        return array
+
+
 def _shapes_agree(a, b) -> bool:
     """Gluon's rule for shared parameters: equal length, equal where both are known (0 = unknown)."""
     return a is None or b is None or len(a) == len(b) and all(i == j or 0 in (i, j) for i, j in zip(a, b))
@@ -231,20 +253,21 @@ class _DOConv(gluon.HybridBlock):
             spec.bind(cin)  # ValueError names in_channels and groups
         mn, s = self._mn, spec.D_mul
         with self.name_scope():
-            self.W = self._param("W", shape=(spec.out_channels, cin // spec.groups, s), init=weight_initializer)
+            self.W = self._param("W", shape=(spec.out_channels, cin // spec.groups, s), init=weight_initializer,
+                                 kind=_GemmOperand if spec.groups == 1 and mn > 1 else gluon.Parameter)
             self.D = self._param("D", shape=(cin, mn, s), init=DOConvDelta(d_init, mn, s)) if mn > 1 else None
             self.bias = self.params.get("bias", shape=(spec.out_channels,), init=bias_initializer,
                                         allow_deferred_init=True) if use_bias else None
             self.act = gluon.nn.Activation(activation, prefix=activation + "_") if activation is not None else None
 
-    def _param(self, key, shape, init) -> gluon.Parameter:
+    def _param(self, key, shape, init, kind=gluon.Parameter) -> gluon.Parameter:
         """``self.params.get(key)``, except that a layer built with ``params=other.params`` (Gluon's sharing) takes
         the other layer's parameter whatever its initializer (each layer holds its own initializer object, which
-        ``ParameterDict.get`` would refuse as a mismatch), if its shape agrees."""
+        ``ParameterDict.get`` would refuse as a mismatch), if its shape agrees. A new parameter is a ``kind``."""
         name = self.params.prefix + key
         shared = self.params._get_impl(name)
         if shared is None:
-            param = gluon.Parameter(name, shape=shape, init=init, allow_deferred_init=True)
+            param = kind(name, shape=shape, init=init, allow_deferred_init=True)
             self.params.update({name: param})
             return param
         if not _shapes_agree(shared.shape, shape):
@@ -393,6 +416,7 @@ class _DOConv(gluon.HybridBlock):
         if g == 1:
             # W as stored, its rows on axis 0 and the batch on C_in (axis 1): no reshape of the parameter, whose
             # copy a static-alloc training graph would keep for the backward, one kernel-sized buffer per layer.
+            # (Under grad_req='add' a recorded call passes a copy of W instead: see _GemmOperand.)
             # While C_in is unknown, D arrives tied to the shape probe (see _shape_probe), which pins C_in
             # before gemm2's shape check compares W with D.
             full = F.swapaxes(F.reshape(F.broadcast_add(D, eye), (-1, mn, s)), 0, 1)  # D, as (MN, C_in, S)
