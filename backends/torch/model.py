@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from doconv import DOConvConfig, standardize_flag
 from doconv.contract import (Candidate, ConversionReport, ReportRow, check_choice, check_convert_D_mul, check_D_mul,
@@ -217,7 +219,51 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
         model = _set_submodule(model, d.path, layer)
         report.append(ReportRow(d.path, _kind(module), "converted", repr(layer.config).replace(
             "DOConvConfig", layer.config.kind), size, _count(layer), layer.config.D_mul, note, d.shared_with))
+    _watch_optimizers([d.obj for d in decisions if d.action == "converted" and not d.shared_with])
     return model, report
+
+
+# ---- optimizers built before convert -------------------------------------------------------------------
+
+#: How many conversions marked replaced parameters, and torch's global optimizer-step hook (registered once).
+_WATCH = {"conversions": 0, "hook": None}
+
+
+def _grad_state(param):
+    """What identifies ``param``'s gradient as it is now: (id, version), or None with no gradient."""
+    return None if param.grad is None else (id(param.grad), param.grad._version)
+
+
+def _watch_optimizers(convs) -> None:
+    """Mark the parameters of ``convs`` (replaced by a conversion) with their gradient's state, and make every
+    optimizer check, at its first ``step`` after this conversion, whether it steps only such parameters."""
+    for conv in convs:
+        for param in conv.parameters(recurse=False):
+            param._doconv_replaced = _grad_state(param)
+    _WATCH["conversions"] += 1
+    if _WATCH["hook"] is None:
+        _WATCH["hook"] = register_optimizer_step_pre_hook(_check_optimizer)
+
+
+def _check_optimizer(optimizer, args, kwargs) -> None:
+    """Warn once when ``optimizer`` steps parameters of convolutions that ``convert`` replaced and that got no
+    gradient since: it was built before the conversion, so the DO-Conv layers' W, D and bias are not in it and
+    nothing they compute trains. Checked at an optimizer's first step after each conversion (one attribute read
+    per step otherwise)."""
+    if getattr(optimizer, "_doconv_checked", 0) == _WATCH["conversions"]:
+        return
+    optimizer._doconv_checked = _WATCH["conversions"]
+    missing = object()
+    stale = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            then = getattr(param, "_doconv_replaced", missing)
+            stale += then is not missing and (param.grad is None or _grad_state(param) == then)
+    if stale:
+        warnings.warn(f"this {type(optimizer).__name__} steps {stale} parameter(s) of convolutions that "
+                      f"doconv.torch.convert replaced, which got no gradient since: it was built before convert, so "
+                      f"the DO-Conv layers' W, D and bias are not in it and do not train. Build the optimizer after "
+                      f"convert, from the converted model's parameters()", UserWarning, stacklevel=3)
 
 
 def _shared_note(decision, reason: str = "") -> str:

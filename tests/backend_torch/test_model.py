@@ -482,3 +482,46 @@ def test_whole_1d_and_3d_models_convert_train_fold_and_export(name, shape, tmp_p
     torch.onnx.export(folded, (x,), str(path), input_names=["x"], output_names=["y"])
     (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _stale_warnings(record):
+    return [w for w in record if "built before convert" in str(w.message)]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("optimizer", ["SGD", "Adam"])
+def test_an_optimizer_built_before_convert_warns_at_its_first_step(optimizer, inplace):
+    """It holds the replaced convs' weights, which no longer run: the DO-Conv layers would not train, silently.
+    It warns once, naming itself and what to do; the weights it holds stay as they were (nothing trained)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(4, 4, 1))
+    stale = getattr(torch.optim, optimizer)(model.parameters(), lr=0.1)
+    converted, _ = convert(model, inplace=inplace)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning) as record:
+        for _ in range(3):
+            stale.zero_grad()
+            converted(x).square().mean().backward()
+            stale.step()
+    warned = _stale_warnings(record)
+    assert len(warned) == 1, [str(w.message) for w in record]
+    # the two 3x3 convs' weight and bias were replaced; the 1x1 conv was kept (it runs and trains)
+    assert f"this {optimizer} steps 4 parameter(s) of convolutions that doconv.torch.convert replaced" in str(
+        warned[0].message) and "Build the optimizer after convert" in str(warned[0].message)
+
+
+def test_optimizers_built_after_convert_and_the_original_still_trained_do_not_warn(recwarn):
+    """An optimizer over the converted model's parameters, and one over the original model that keeps training
+    beside its converted copy (a teacher): neither is stale."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    original = torch.optim.SGD(model.parameters(), lr=0.1)
+    converted, _ = convert(model)
+    fresh = torch.optim.SGD(converted.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 8, 8)
+    before = [p.detach().clone() for p in converted.parameters()]
+    for _ in range(2):
+        for net, opt in ((converted, fresh), (model, original)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    assert not _stale_warnings(recwarn.list)
+    assert all(not torch.equal(b, p) for b, p in zip(before, converted.parameters()))  # W, D and bias trained
