@@ -145,6 +145,9 @@ def _checked(arrays: Mapping[str, np.ndarray], shapes: dict, flavour: str) -> di
         value = np.asarray(arrays[key])
         if value.shape != tuple(shape):
             raise ValueError(f"official {flavour} checkpoint: {key!r} has shape {value.shape}, expected {shape}")
+        if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():  # as interchange files refuse
+            raise ValueError(f"official {flavour} checkpoint: {key!r} holds {np.size(value) - np.isfinite(value).sum()}"
+                             f" NaN or infinite value(s) of {np.size(value)} (a damaged or diverged checkpoint)")
         out[key] = value
     extra = sorted(set(arrays) - set(shapes))
     if extra:

@@ -92,6 +92,11 @@ def test_official_checkpoint_errors_name_the_entry():
         layouts.from_official({**a, "extra": np.zeros(1)}, c, "tf")
     with pytest.raises(ValueError, match="flavour must be one of"):
         layouts.from_official(a, c, "caffe")
+    for bad in (np.nan, np.inf, -np.inf):  # refused as interchange files refuse them, naming the entry
+        damaged = a["D"].copy()
+        damaged.flat[[3, 7]] = bad
+        with pytest.raises(ValueError, match=r"'D' holds 2 NaN or infinite value\(s\) of 324"):
+            layouts.from_official({**a, "D": damaged}, c, "tf")
 
 
 def test_kernel_and_input_layouts_round_trip():
