@@ -113,7 +113,10 @@ def _slots(layer, prefix: str) -> list:
                 container[index] = new
         return put
 
-    for key, value in list(vars(layer).items()):
+    attributes = list(vars(layer).items())
+    # Keras on torch: a layer is a torch.nn.Module, whose __setattr__ keeps a sublayer in _modules, not in vars
+    attributes += [(k, v) for k, v in getattr(layer, "_modules", {}).items() if isinstance(v, keras.layers.Layer)]
+    for key, value in attributes:
         if not _own_attribute(key):
             continue
         if isinstance(value, keras.layers.Layer):
