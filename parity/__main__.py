@@ -92,6 +92,14 @@ def run_tasks(tasks: List[checks.Task], description: str, show: bool) -> List[ch
     return results
 
 
+def fresh_results(data: dict, exports: dict) -> List[dict]:
+    """A report's results without its cross checks of artifacts that were exported again after it read them
+    (``exports``: each framework's export_id in DIR now; a report records the ones it read)."""
+    read = data.get("read", {})
+    stale = {fw for fw, export_id in read.items() if exports.get(fw) != export_id}
+    return [r for r in data["results"] if not (r["check"] == "cross" and r["framework"].split("→")[0] in stale)]
+
+
 def result_files(folder: str) -> List[str]:
     return sorted(glob.glob(os.path.join(folder, "results", "*.json")))
 
@@ -195,12 +203,15 @@ def main(argv: Sequence[str] = None) -> int:
             for fw, done in trained:
                 checks.write_manifest(root, fw, done, args.seed)
         manifests = checks.read_manifests(root)
+        exports = {m["framework"]: m.get("export_id") for m in manifests}  # the artifacts in DIR now
         done_pairs = set()
         if args.command == "check":
             local = {fw.name for fw in frameworks}
             manifests = [m for m in manifests if m["framework"] not in local]
-            # a pair an earlier run in DIR checked (an export reads what was there before it) is not run twice
-            done_pairs = {r["framework"] for data in previous for r in data["results"] if r["check"] == "cross"}
+            # a pair an earlier run in DIR checked (an export reads what was there before it) is not run twice,
+            # unless its source exported again since
+            done_pairs = {r["framework"] for data in previous for r in fresh_results(data, exports)
+                          if r["check"] == "cross"}
         cross = [t for fw in frameworks for t in checks.cross_tasks(
             fw, [m for m in manifests if f"{m['framework']}→{fw.name}" not in done_pairs], cases, dtypes)]
         results += run_tasks(cross, "across frameworks", show)
@@ -208,7 +219,7 @@ def main(argv: Sequence[str] = None) -> int:
     elapsed = time.perf_counter() - start
     meta = {"command": args.command, "seed": args.seed, "dtypes": list(dtypes), "cases": [c.id for c in cases],
             "frameworks": [fw.name for fw in frameworks], "tolerances": TOLERANCES, "elapsed_s": round(elapsed, 1),
-            "doconv": __version__}
+            "doconv": __version__, "read": exports}
     mine = report.to_json(results, missing=missing, skipped=skipped, meta=meta)
     writes = []  # (what, path, data): written after the table is printed, so that a failure loses nothing
     if args.dir:
@@ -220,7 +231,14 @@ def main(argv: Sequence[str] = None) -> int:
         by_path = dict(zip(result_files(args.dir), previous))  # read (and validated) before the run
         by_path[own] = json.loads(json.dumps(mine))  # this run, as it will read back from its file
         everything = [by_path[path] for path in sorted(by_path)]
-        results = [checks.Result.from_dict(r) for data in everything for r in data["results"]]
+        results = [checks.Result.from_dict(r) for data in everything for r in fresh_results(data, exports)]
+        rerun = {r.framework for r in results if r.check == "cross"}
+        dropped = sorted({r["framework"] for data in everything for r in data["results"]
+                          if r["check"] == "cross" and r["framework"] not in rerun})
+        if dropped:
+            warnings.warn(f"left out {', '.join(dropped)}: checked against artifacts exported again since; run "
+                          f"`doconv-parity check {args.dir}` in the target framework's environment again",
+                          stacklevel=1)
         ran = {fw.family for fw in frameworks} | {family_of(side) for r in results
                                                    for side in r.framework.split("→")}
         missing = [m for data in everything for m in data["missing"] if m["name"] not in ran]

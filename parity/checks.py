@@ -37,6 +37,7 @@ import math
 import os
 import re
 import traceback
+import uuid
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -357,8 +358,9 @@ def write_manifest(root: str, fw: Framework, done: Dict[str, List[str]], seed: i
     folder = os.path.join(root, dirname(fw.name))
     os.makedirs(folder, exist_ok=True)
     cases = {c.id: {"config": c.config.to_dict(), "input_shape": list(c.input_shape)} for c in CASES}
+    # export_id: a report that read these artifacts records it, so a later export over them shows its results stale
     manifest = {"format": "doconv-parity-artifacts", "version": 1, "framework": fw.name, "family": fw.family,
-                "seed": seed, "sgd": {"lr": SGD_LR, "steps": SGD_STEPS}, "trained": done,
+                "export_id": uuid.uuid4().hex, "seed": seed, "sgd": {"lr": SGD_LR, "steps": SGD_STEPS}, "trained": done,
                 "cases": {i: cases[i] for ids in done.values() for i in ids}}
     with replacing(os.path.join(folder, "manifest.json")) as tmp, open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)

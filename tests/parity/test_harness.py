@@ -234,3 +234,23 @@ def test_sgd_moves_D_away_from_identity():
     ctx = checks.Context(case("g3-k3"), "float64", 0)
     trained = checks.core_sgd(ctx)
     assert np.max(np.abs(trained.D - ctx.p64.D)) > 1e-2
+
+
+def test_a_source_exported_again_makes_its_earlier_cross_results_stale(tmp_path, use_frameworks):
+    """beta checked alpha's artifacts in its export; alpha then exports again (new artifacts). A check must not
+    report beta's old alpha→beta rows as if they were about the new artifacts: left out with a warning naming
+    the pair when beta is not in the check, run again when it is (once, and then reported once)."""
+    exchange = str(tmp_path / "exchange")
+    args = ["-f", "torch", "-k", "g3-k3-s2-same-2MN", "--dtype", "float64", "--no-progress"]
+    for fw in (Alpha, Beta, Alpha):  # alpha, beta (runs alpha→beta), alpha again (runs beta→alpha)
+        use_frameworks(fw())
+        assert main(["export", exchange, *args]) == 0
+    out = tmp_path / "all.json"
+    use_frameworks(Alpha())
+    with pytest.warns(UserWarning, match=r"left out alpha→beta: checked against artifacts exported again since"):
+        assert main(["check", exchange, *args, "--json", str(out)]) == 0
+    assert {r["framework"] for r in json.loads(out.read_text())["results"] if r["check"] == "cross"} == {"beta→alpha"}
+    use_frameworks(Beta())
+    assert main(["check", exchange, *args, "--json", str(out)]) == 0  # beta runs alpha→beta on the new artifacts
+    cross = [r["framework"] for r in json.loads(out.read_text())["results"] if r["check"] == "cross"]
+    assert sorted(cross) == ["alpha→beta", "beta→alpha"]
