@@ -313,8 +313,9 @@ def convert(model: gluon.Block, *, D_mul=None, d_init="identity", include=None, 
     check_choice(d_init, "d_init", D_INITS)
     check_choice(composition, "composition", COMPOSITIONS)
     check_D_mul(D_mul)
-    decisions = plan([_candidate(path, block) for path, block in _paths(model, CONVOLUTIONS + (_DOConv,))], include=include,
-                     exclude=exclude, names=[path for path, _, _, _ in named_blocks(model)], noun="block path")
+    decisions = plan([_candidate(path, block) for path, block in _paths(model, CONVOLUTIONS + (_DOConv,))],
+                     include=include, exclude=exclude, names=[path for path, _, _, _ in named_blocks(model)],
+                     noun="block path")
     work = model if inplace else _copy(model)
     places = _places(work)
     report, made, tied, swaps = ConversionReport(), {}, {}, []

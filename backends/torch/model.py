@@ -185,8 +185,8 @@ def convert(model: nn.Module, *, D_mul: Optional[int] = None, d_init: str = "ide
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, but got {type(model).__name__}")
     _check_options(D_mul, d_init, composition, W_storage)
-    decisions = plan([_candidate(name, m) for name, m in _paths(model, CONVS + TRANSPOSED + (_DOConvNd,))], include=include,
-                     exclude=exclude,
+    decisions = plan([_candidate(name, m) for name, m in _paths(model, CONVS + TRANSPOSED + (_DOConvNd,))],
+                     include=include, exclude=exclude,
                      names=[name for name, _ in model.named_modules(remove_duplicate=False)], noun="module path")
     model = _start(model, inplace)
     modules = dict(model.named_modules(remove_duplicate=False))  # the copy's modules at the decided paths
