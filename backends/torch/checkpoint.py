@@ -33,6 +33,11 @@ def translate(state_dict: dict, prefix: str, config: DOConvConfig, error_msgs: L
             f"tensors by name computes another kernel. Load it with doconv.torch.import_official(model, state_dict)")
         return False
     if prefix + "weight" in state_dict and prefix + "W" not in state_dict:
+        if prefix + "D" in state_dict:  # reading it as a plain conv's would set D' = 0 over the file's D
+            error_msgs.append(f"{prefix.rstrip('.') or 'the layer'}: the checkpoint holds a plain convolution's "
+                              f"{prefix + 'weight'!r} beside a DO-Conv layer's {prefix + 'D'!r} but no "
+                              f"{prefix + 'W'!r}: a mixed or damaged checkpoint, which loads neither way")
+            return False
         return _plain_to_params(state_dict, prefix, config, error_msgs)
     return True
 

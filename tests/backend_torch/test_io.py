@@ -190,6 +190,19 @@ def _official_outputs(model, state, x):
 
 
 @pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_refuses_a_plain_weight_beside_a_D(strict):
+    """A file with a plain conv's 'weight' and a DO-Conv layer's 'D' but no 'W' is neither: read as a plain
+    checkpoint it would set D' = 0 over the file's D. Refused, naming the keys; the layer keeps its state."""
+    layer = DOConv2d(4, 6, 3, padding=1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    mixed = {"weight": torch.randn(6, 4, 3, 3), "D": torch.randn(4, 9, 9), "bias": torch.randn(6)}
+    with pytest.raises(RuntimeError, match=r"plain convolution's 'weight' beside a DO-Conv layer's 'D' but no 'W'"):
+        layer.load_state_dict(mixed, strict=strict)
+    for key, value in layer.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("strict", [True, False])
 def test_load_state_dict_refuses_an_official_checkpoint(strict):
     model = _grouped_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
