@@ -135,7 +135,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, models: Sequence[str], sc
 
 
 def plan(parser: argparse.ArgumentParser, args: argparse.Namespace, models: Sequence[str],
-         scenarios: Sequence[str], quick: str, *, empty_scenarios: bool = False) -> Tuple[List[str], List[str], int, int]:
+         scenarios: Sequence[str], quick: str, *,
+         empty_scenarios: bool = False) -> Tuple[List[str], List[str], int, int]:
     """``(models, scenarios, reps, warmup)`` of a run from the flags of :func:`add_run_arguments`.
 
     ``--quick`` runs the model ``quick`` alone unless ``--models`` names others, and 5 rounds; ``--tiny`` 2

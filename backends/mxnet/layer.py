@@ -176,8 +176,9 @@ class ComposedWeight:
 class _GemmOperand(gluon.Parameter):
     """W of a ``groups=1`` layer, whose composition hands it straight to ``linalg.gemm2`` (see
     :meth:`_DOConv.compose`). MXNet 1.9.1's ``linalg.gemm2`` backward writes its operands' gradients where it
-    is asked to add them (``grad_req='add'``, gradient accumulation), and W's summed gradient comes out wrong. So under ``grad_req='add'`` a recorded call reads W through a copy
-    (``identity``, whose backward adds): gemm2 then writes the copy's gradient and the copy adds it to W's.
+    is asked to add them (``grad_req='add'``, gradient accumulation), and W's summed gradient comes out wrong.
+    So under ``grad_req='add'`` a recorded call reads W through a copy (``identity``, whose backward adds):
+    gemm2 then writes the copy's gradient and the copy adds it to W's.
 
     The choice is made at each read, not in a graph: Gluon's CachedOp (the layer's, or a hybridized
     parent's) reads every Parameter's ``data()`` at each call and takes the requests from the arrays, so one
