@@ -25,16 +25,17 @@ OFFICIAL_KEYS = ("d_diag", "D_diag")
 def translate(state_dict: dict, prefix: str, config: DOConvConfig, error_msgs: List[str]) -> bool:
     """Rewrite ``state_dict`` (the entries under ``prefix``) into this layer's keys; False, with a message in
     ``error_msgs`` (torch raises them all after loading), where the layer must not load from it."""
+    where = prefix.rstrip(".") or "the layer"
     official = [prefix + k for k in OFFICIAL_KEYS if prefix + k in state_dict]
     if official:
         error_msgs.append(
-            f"{prefix.rstrip('.') or 'the layer'}: the checkpoint holds the official DO-Conv layer's "
+            f"{where}: the checkpoint holds the official DO-Conv layer's "
             f"{', '.join(map(repr, official))}; its D pairs channels differently for 1 < groups, so loading its "
             f"tensors by name computes another kernel. Load it with doconv.torch.import_official(model, state_dict)")
         return False
     if prefix + "weight" in state_dict and prefix + "W" not in state_dict:
         if prefix + "D" in state_dict:  # reading it as a plain conv's would set D' = 0 over the file's D
-            error_msgs.append(f"{prefix.rstrip('.') or 'the layer'}: the checkpoint holds a plain convolution's "
+            error_msgs.append(f"{where}: the checkpoint holds a plain convolution's "
                               f"{prefix + 'weight'!r} beside a DO-Conv layer's {prefix + 'D'!r} but no "
                               f"{prefix + 'W'!r}: a mixed or damaged checkpoint, which loads neither way")
             return False
