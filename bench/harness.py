@@ -33,12 +33,11 @@ def _seconds(task: Callable[[], None]) -> float:
 
 
 def interleaved(tasks: Dict[str, Callable[[], None]], reps: int, warmup: int, seed: int = 0,
-                timed: Optional[Callable[[Callable[[], None]], float]] = None) -> Dict[str, List[float]]:
+                timed: Callable[[Callable[[], None]], float] = _seconds) -> Dict[str, List[float]]:
     """Seconds per call of each task over ``reps`` rounds (after ``warmup``), order shuffled per round.
 
     ``timed(task)`` runs a task and returns its seconds; the default reads the wall clock around one call, and
     the GPU script passes CUDA events over several calls."""
-    timed = timed or _seconds
     times = {k: [] for k in tasks}
     order, rng = list(tasks), random.Random(seed)
     for r in range(warmup + reps):
